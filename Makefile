@@ -1,0 +1,49 @@
+# The README's commands. `make test` and `make demo` work on a fresh machine:
+# they create .venv, install the project, and (where apt exists and we are root)
+# the Debian packages the tests use: Fashion-MNIST and kubectl.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := dataset-fashion-mnist kubectl
+
+.PHONY: test demo demo-retrain lint format bench test-kind image system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+system-deps:
+	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v kubectl >/dev/null; then \
+	  echo "system packages present: $(APT_PACKAGES)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	else \
+	  echo "note: cannot apt-get install $(APT_PACKAGES) (not root or no apt); tests needing them say so"; \
+	fi
+
+test: $(STAMP) system-deps
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+test-kind: $(STAMP)
+	$(BIN)/python -m pytest -q -m kind tests/e2e --run-kind
+
+demo: $(STAMP) system-deps
+	$(BIN)/python -m pipeline.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+image:
+	docker build -t graft:dev .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

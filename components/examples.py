@@ -1,0 +1,126 @@
+"""The examples format: what augment writes and the training/evaluation steps read.
+
+An examples directory holds TFRecord shards per split plus two small files:
+
+    <examples>/train-00000-of-00002.tfrecord   original + K augmented views
+    <examples>/val-00000-of-00001.tfrecord     originals only
+    <examples>/test-00000-of-00001.tfrecord    originals only
+    <examples>/labels.txt                      one class name per line; line i is class id i
+    <examples>/spec.json                       image_size, channels, views, counts per split
+
+Each record is a tf.train.Example with ``image`` (raw uint8 bytes, HxWxC, already
+resized), ``label`` (int64 class id), ``view`` (0 = the original image, 1..K =
+augmented copies) and ``sha256`` (of the source file, so a record can be traced
+back to the image it came from).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+LABELS_FILE = "labels.txt"
+SPEC_FILE = "spec.json"
+
+
+def _example(image: np.ndarray, label: int, view: int, sha256: str) -> bytes:
+    import tensorflow as tf
+
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        "view": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(view)])),
+        "sha256": tf.train.Feature(bytes_list=tf.train.BytesList(value=[sha256.encode()])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_split(
+    examples_dir: str | Path,
+    split: str,
+    records: Iterable[tuple[np.ndarray, int, int, str]],
+    *,
+    per_shard: int = 2000,
+) -> int:
+    """Write ``(image uint8 HxWxC, label, view, sha256)`` records as shards; return the count."""
+    import tensorflow as tf
+
+    if split not in SPLITS:
+        raise ValueError(f"Received `split={split!r}`: expected one of {SPLITS}")
+    examples_dir = Path(examples_dir)
+    examples_dir.mkdir(parents=True, exist_ok=True)
+    serialized = [_example(*r) for r in records]
+    shards = max(1, -(-len(serialized) // per_shard))
+    for index in range(shards):
+        path = examples_dir / f"{split}-{index:05d}-of-{shards:05d}.tfrecord"
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for record in serialized[index * per_shard : (index + 1) * per_shard]:
+                writer.write(record)
+    return len(serialized)
+
+
+def write_metadata(examples_dir: str | Path, labels: list[str], spec: dict) -> None:
+    examples_dir = Path(examples_dir)
+    (examples_dir / LABELS_FILE).write_text("".join(f"{name}\n" for name in labels))
+    (examples_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
+
+
+def read_labels(examples_dir: str | Path) -> list[str]:
+    path = Path(examples_dir) / LABELS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: is {examples_dir} an augment output?")
+    return [line for line in path.read_text().splitlines() if line]
+
+
+def read_spec(examples_dir: str | Path) -> dict:
+    return json.loads((Path(examples_dir) / SPEC_FILE).read_text())
+
+
+def shard_paths(examples_dir: str | Path, split: str) -> list[str]:
+    paths = sorted(str(p) for p in Path(examples_dir).glob(f"{split}-*.tfrecord"))
+    if not paths:
+        raise FileNotFoundError(f"No {split} shards in {examples_dir}")
+    return paths
+
+
+def dataset(examples_dir: str | Path, split: str, *, originals_only: bool = False):
+    """A tf.data.Dataset of ``(image uint8 HxWxC, label int64)`` for one split."""
+    import tensorflow as tf
+
+    spec = read_spec(examples_dir)
+    shape = (spec["image_size"], spec["image_size"], spec["channels"])
+    features = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "view": tf.io.FixedLenFeature([], tf.int64),
+    }
+
+    def parse(record):
+        parsed = tf.io.parse_single_example(record, features)
+        image = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), shape)
+        return image, parsed["label"], parsed["view"]
+
+    ds = tf.data.TFRecordDataset(shard_paths(examples_dir, split)).map(parse)
+    if originals_only:
+        ds = ds.filter(lambda image, label, view: tf.equal(view, 0))
+    return ds.map(lambda image, label, view: (image, label))
+
+
+def load_arrays(
+    examples_dir: str | Path, split: str, *, originals_only: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """One split as numpy arrays ``(images uint8 [N,H,W,C], labels int64 [N])``."""
+    images, labels = [], []
+    for image, label in dataset(examples_dir, split, originals_only=originals_only):
+        images.append(image.numpy())
+        labels.append(int(label))
+    spec = read_spec(examples_dir)
+    empty = (0, spec["image_size"], spec["image_size"], spec["channels"])
+    return (
+        np.stack(images) if images else np.zeros(empty, np.uint8),
+        np.asarray(labels, dtype=np.int64),
+    )

@@ -1,0 +1,307 @@
+"""One storage layer for local paths and ``gs://bucket/prefix`` URIs.
+
+Every step reads and writes through these functions, so a dataset, a model
+repository or an artifact can live on a laptop or in GCS without the caller
+knowing. GCS goes through google-cloud-storage, which honours
+``STORAGE_EMULATOR_HOST``: the tests point it at a local emulator server.
+
+    from components import storage
+    for f in storage.list_files("gs://my-bucket/flowers"):
+        print(f.relpath, f.size, f.checksum)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+GCS_SCHEME = "gs://"
+
+
+class StorageError(RuntimeError):
+    """A URI could not be read or written; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One object under a prefix: where it is, its size and a content checksum."""
+
+    uri: str
+    relpath: str  # path below the listed prefix, always with "/" separators
+    size: int
+    checksum: str  # "sha256:<hex>" locally; "md5:<b64>" or "crc32c:<b64>" plus generation on GCS
+
+
+def is_gcs(uri: str) -> bool:
+    return str(uri).startswith(GCS_SCHEME)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or a gs:// URI."""
+    uri = str(uri)
+    if is_gcs(uri):
+        out = uri.rstrip("/")
+        for part in parts:
+            out = f"{out}/{str(part).strip('/')}"
+        return out
+    return str(Path(uri, *parts))
+
+
+def split_gcs(uri: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_gcs(uri):
+        raise StorageError(f"Not a gs:// URI: {uri!r}")
+    rest = uri[len(GCS_SCHEME) :]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"Received `uri={uri!r}`: expected gs://<bucket>/<prefix>")
+    return bucket, prefix.strip("/")
+
+
+@functools.lru_cache(maxsize=4)
+def _client(emulator_host: str | None):
+    from google.cloud import storage as gcs
+
+    if emulator_host:
+        from google.auth.credentials import AnonymousCredentials
+
+        return gcs.Client(project="graft-local", credentials=AnonymousCredentials())
+    return gcs.Client()
+
+
+def gcs_client():
+    """A cached google-cloud-storage client (anonymous against an emulator)."""
+    return _client(os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+def _bucket(uri: str):
+    bucket_name, prefix = split_gcs(uri)
+    return gcs_client().bucket(bucket_name), prefix
+
+
+def _retry():
+    """Retry 429/5xx/connection resets with exponential backoff, uploads included:
+    every write here replaces a whole object, so repeating it is safe."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY
+
+
+def exists(uri: str) -> bool:
+    """True when ``uri`` is a file/object, or a directory/prefix holding at least one object."""
+    if is_gcs(uri):
+        bucket, name = _bucket(uri)
+        if name and bucket.blob(name).exists(retry=_retry()):
+            return True
+        prefix = f"{name}/" if name else ""
+        return any(True for _ in bucket.list_blobs(prefix=prefix, max_results=1, retry=_retry()))
+    return Path(uri).exists()
+
+
+def is_dir(uri: str) -> bool:
+    if is_gcs(uri):
+        bucket, name = _bucket(uri)
+        prefix = f"{name}/" if name else ""
+        return any(True for _ in bucket.list_blobs(prefix=prefix, max_results=1, retry=_retry()))
+    return Path(uri).is_dir()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_files(uri: str, *, checksums: bool = True) -> list[FileInfo]:
+    """Every file below ``uri`` (recursive), sorted by relative path.
+
+    Raises StorageError when ``uri`` does not exist, so a typo never looks like
+    an empty dataset.
+    """
+    uri = str(uri)
+    if is_gcs(uri):
+        bucket, name = _bucket(uri)
+        prefix = f"{name}/" if name else ""
+        out = []
+        for blob in bucket.list_blobs(prefix=prefix, retry=_retry()):
+            if blob.name.endswith("/"):
+                continue  # zero-byte "folder" placeholder objects
+            rel = blob.name[len(prefix) :]
+            checksum = (
+                f"md5:{blob.md5_hash}" if blob.md5_hash else f"crc32c:{blob.crc32c}"
+            ) + f"@{blob.generation}"
+            out.append(
+                FileInfo(f"gs://{bucket.name}/{blob.name}", rel, int(blob.size or 0), checksum)
+            )
+        if not out and not exists(uri):
+            raise StorageError(f"Nothing found at {uri}: check the bucket and prefix")
+        return sorted(out, key=lambda f: f.relpath)
+    root = Path(uri)
+    if not root.exists():
+        raise StorageError(f"No such file or directory: {uri}")
+    if root.is_file():
+        files = [root]
+        root = root.parent
+    else:
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+    return [
+        FileInfo(
+            str(p),
+            p.relative_to(root).as_posix(),
+            p.stat().st_size,
+            f"sha256:{sha256_file(p)}" if checksums else "",
+        )
+        for p in files
+    ]
+
+
+def read_bytes(uri: str) -> bytes:
+    uri = str(uri)
+    if is_gcs(uri):
+        from google.api_core import exceptions
+
+        bucket, name = _bucket(uri)
+        try:
+            return bucket.blob(name).download_as_bytes(retry=_retry())
+        except exceptions.NotFound as err:
+            raise StorageError(f"No such object: {uri}") from err
+    try:
+        return Path(uri).read_bytes()
+    except FileNotFoundError as err:
+        raise StorageError(f"No such file: {uri}") from err
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file. Readers see the old content or the new, never half.
+
+    Locally the data goes to a temp file in the same directory and is renamed
+    over the target; a GCS object upload is atomic by itself.
+    """
+    uri = str(uri)
+    if is_gcs(uri):
+        bucket, name = _bucket(uri)
+        bucket.blob(name).upload_from_string(data, retry=_retry())
+        return
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def upload_file(local_path: str | Path, uri: str) -> None:
+    """Copy one local file to ``uri`` (local or gs://), atomically per file."""
+    uri = str(uri)
+    if is_gcs(uri):
+        bucket, name = _bucket(uri)
+        bucket.blob(name).upload_from_filename(str(local_path), retry=_retry())
+        return
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download_file(uri: str, local_path: str | Path) -> Path:
+    local_path = Path(local_path)
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    if is_gcs(uri):
+        from google.api_core import exceptions
+
+        bucket, name = _bucket(uri)
+        try:
+            bucket.blob(name).download_to_filename(str(local_path), retry=_retry())
+        except exceptions.NotFound as err:
+            local_path.unlink(missing_ok=True)
+            raise StorageError(f"No such object: {uri}") from err
+        return local_path
+    shutil.copyfile(uri, local_path)
+    return local_path
+
+
+def copy_tree(src: str, dst: str, *, last: tuple[str, ...] = ()) -> list[str]:
+    """Copy every file under ``src`` to ``dst`` (any mix of local and gs://).
+
+    Files whose relative path is in ``last`` are copied after all others: TF
+    Serving treats ``saved_model.pb`` as the sign a version is complete.
+    Returns the relative paths in the order copied.
+    """
+    files = list_files(src, checksums=False)
+    ordered = [f for f in files if f.relpath not in last] + [
+        f for name in last for f in files if f.relpath == name
+    ]
+    for info in ordered:
+        target = join(dst, info.relpath)
+        if is_gcs(info.uri):
+            if is_gcs(target):
+                src_bucket, src_name = _bucket(info.uri)
+                dst_bucket, dst_name = _bucket(target)
+                src_bucket.copy_blob(
+                    src_bucket.blob(src_name), dst_bucket, dst_name, retry=_retry()
+                )
+            else:
+                download_file(info.uri, target)
+        else:
+            upload_file(info.uri, target)
+    return [f.relpath for f in ordered]
+
+
+def download_tree(uri: str, local_dir: str | Path) -> Path:
+    """Make ``uri`` available as a local directory (a no-op path for local URIs)."""
+    if not is_gcs(uri):
+        return Path(uri)
+    copy_tree(uri, str(local_dir))
+    return Path(local_dir)
+
+
+def delete_tree(uri: str) -> None:
+    """Remove a directory or prefix and everything below it (missing is fine)."""
+    if is_gcs(uri):
+        bucket, name = _bucket(uri)
+        for blob in bucket.list_blobs(prefix=f"{name}/", retry=_retry()):
+            blob.delete(retry=_retry())
+        return
+    shutil.rmtree(uri, ignore_errors=True)
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the immediate sub-directories (or sub-prefixes) of ``uri``."""
+    if is_gcs(uri):
+        bucket, name = _bucket(uri)
+        prefix = f"{name}/" if name else ""
+        iterator = bucket.list_blobs(prefix=prefix, delimiter="/", retry=_retry())
+        for _ in iterator:  # prefixes are filled in while pages are consumed
+            pass
+        return sorted(p[len(prefix) :].strip("/") for p in iterator.prefixes)
+    root = Path(uri)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir())
