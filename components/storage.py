@@ -89,7 +89,7 @@ def _retry():
     every write here replaces a whole object, so repeating it is safe."""
     from google.cloud.storage.retry import DEFAULT_RETRY
 
-    return DEFAULT_RETRY
+    return DEFAULT_RETRY.with_delay(initial=0.25, multiplier=2.0, maximum=16.0)
 
 
 def exists(uri: str) -> bool:

@@ -1,0 +1,187 @@
+"""Run the graft pipeline on this machine with kfp.local, and summarise what happened.
+
+    graft run --data /tmp/bucket/fm --model-name fm --model-repo /tmp/models --base /tmp/base.keras
+
+Every component runs as a subprocess of this Python (kfp.local's SubprocessRunner), so a
+laptop without Docker runs the same DAG, the same gates and the same artifacts as the
+cluster. Outputs land under ``pipeline_root/<run>/<task>/``; tasks a gate skipped have no
+directory, which is how the summary tells what ran.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from components.config import GraftConfig
+
+# Task names as kfp.local writes them (component function names, dashed).
+STEP_ORDER = (
+    "check-data",
+    "validate-data",
+    "augment",
+    "train-head",
+    "fine-tune",
+    "evaluate",
+    "push",
+)
+
+
+@dataclass
+class TaskResult:
+    name: str
+    succeeded: bool
+    outputs: dict = field(default_factory=dict)  # parameter outputs ("Output" = return value)
+    artifacts: dict = field(default_factory=dict)  # artifact name -> local path
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    tasks: dict[str, TaskResult]
+    pushed_version: str | None  # the version push returned (new, or the existing identical one)
+    outcome: str  # one sentence: what the run decided and why
+
+    def ran(self) -> list[str]:
+        return [name for name in STEP_ORDER if name in self.tasks]
+
+    def to_json(self) -> dict:
+        return {
+            "run_dir": self.run_dir,
+            "ran": self.ran(),
+            "pushed_version": self.pushed_version,
+            "outcome": self.outcome,
+            "tasks": {name: asdict(task) for name, task in self.tasks.items()},
+        }
+
+
+def pipeline_arguments(
+    config: GraftConfig, *, data_uri: str, model_repo: str, model_name: str, **extra
+) -> dict:
+    """The config fields the pipeline takes as parameters, plus the run's own arguments."""
+    from pipeline.pipeline import build_pipeline
+
+    accepted = set(inspect.signature(build_pipeline().pipeline_func).parameters)
+    arguments = {k: v for k, v in asdict(config).items() if k in accepted}
+    arguments.update(data_uri=data_uri, model_repo=model_repo, model_name=model_name, **extra)
+    unknown = set(arguments) - accepted
+    if unknown:
+        raise ValueError(f"The pipeline has no parameter(s) {sorted(unknown)}")
+    return arguments
+
+
+def run_local(
+    data_uri: str,
+    model_repo: str,
+    model_name: str,
+    config: GraftConfig,
+    *,
+    pipeline_root: str | Path,
+    force: bool = False,
+    min_new_images: int = 0,
+) -> RunSummary:
+    """Run the whole pipeline with kfp.local and return which steps ran and what they decided."""
+    from kfp import local
+
+    from pipeline.pipeline import build_pipeline
+
+    pipeline_root = Path(pipeline_root).resolve()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    before = set(pipeline_root.iterdir())
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root),
+        raise_on_error=False,  # a failed step is reported in the summary, with its name
+    )
+    arguments = pipeline_arguments(
+        config,
+        data_uri=data_uri,
+        model_repo=model_repo,
+        model_name=model_name,
+        force=force,
+        min_new_images=min_new_images,
+    )
+    build_pipeline(gpu=None)(**arguments)
+    new_dirs = sorted(set(pipeline_root.iterdir()) - before)
+    if not new_dirs:
+        raise RuntimeError(f"kfp.local wrote no run directory under {pipeline_root}")
+    return summarize(new_dirs[-1])
+
+
+def _read_task(task_dir: Path) -> TaskResult:
+    output_file = task_dir / "executor_output.json"
+    if not output_file.exists():
+        return TaskResult(task_dir.name, succeeded=False)
+    executor_output = json.loads(output_file.read_text())
+    artifacts = {
+        name: entry["artifacts"][0]["uri"]
+        for name, entry in executor_output.get("artifacts", {}).items()
+        if entry.get("artifacts")
+    }
+    return TaskResult(task_dir.name, True, executor_output.get("parameterValues", {}), artifacts)
+
+
+def _json_in(path: str | None, name: str) -> dict:
+    """Read ``name`` from an artifact path that is either the JSON file or a directory holding it."""
+    if not path:
+        return {}
+    candidate = Path(path)
+    if candidate.is_dir():
+        candidate = candidate / name
+    try:
+        return json.loads(candidate.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def summarize(run_dir: str | Path) -> RunSummary:
+    """Rebuild a RunSummary from a kfp.local run directory."""
+    run_dir = Path(run_dir)
+    tasks = {d.name: _read_task(d) for d in sorted(run_dir.iterdir()) if d.is_dir()}
+    pushed = tasks.get("push")
+    pushed_version = str(pushed.outputs.get("Output")) if pushed and pushed.succeeded else None
+    return RunSummary(str(run_dir), tasks, pushed_version, _outcome(tasks, pushed_version))
+
+
+def _outcome(tasks: dict[str, TaskResult], pushed_version: str | None) -> str:
+    failed = [name for name in STEP_ORDER if name in tasks and not tasks[name].succeeded]
+    if failed:
+        return f"step {failed[0]} FAILED (see its log above)"
+    check = tasks.get("check-data")
+    if check and check.outputs.get("Output") is False:
+        state = _json_in(check.artifacts.get("data_state"), "data_state.json")
+        return f"skipped training: {state.get('reason', 'data unchanged')}"
+    head = tasks.get("train-head")
+    if head and head.outputs.get("Output") is False:
+        return "stopped: the head did not converge within head_max_epochs (raise it, or check the data)"
+    evaluated = tasks.get("evaluate")
+    if evaluated and evaluated.outputs.get("Output") is False:
+        evaluation = _json_in(evaluated.artifacts.get("evaluation"), "evaluation.json")
+        return f"not pushed: candidate not blessed ({evaluation.get('reason', 'see the evaluation report')})"
+    if pushed_version:
+        return f"pushed version {pushed_version}"
+    return "finished without pushing"
+
+
+def print_summary(summary: RunSummary) -> None:
+    """A per-step table on stderr: what ran, what each step returned, where its outputs are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="graft run")
+    table.add_column("step")
+    table.add_column("status")
+    table.add_column("returned")
+    for name in STEP_ORDER:
+        task = summary.tasks.get(name)
+        if task is None:
+            table.add_row(name, "[dim]skipped by a gate[/]", "")
+        else:
+            status = "[green]ok[/]" if task.succeeded else "[red]FAILED[/]"
+            table.add_row(name, status, str(task.outputs.get("Output", "")))
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(f"outcome: {summary.outcome}")
+    console.print(f"artifacts: {summary.run_dir}")

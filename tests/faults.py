@@ -1,0 +1,87 @@
+"""A fault-injecting HTTP proxy for the GCS emulator: every Nth request fails.
+
+Point STORAGE_EMULATOR_HOST at the proxy and the google-cloud-storage client sees a
+flaky GCS: 503s and dropped connections, deterministically, so a test can assert that
+every storage call retried and the work still completed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler
+from urllib.parse import urlsplit
+
+
+class FlakyProxy:
+    """Forward to ``upstream`` (http://host:port); fail request k when k % every == 0.
+
+    Failures alternate between a 503 answer and a connection closed with no answer.
+    """
+
+    def __init__(self, upstream: str, every: int = 3):
+        self.upstream = urlsplit(upstream)
+        self.every = every
+        self.requests = 0
+        self.failures = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                with proxy._lock:
+                    proxy.requests += 1
+                    fail = proxy.every and proxy.requests % proxy.every == 0
+                    if fail:
+                        proxy.failures += 1
+                        kind = proxy.failures % 2
+                if fail and kind == 1:
+                    self.send_response(503, "Service Unavailable (injected)")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if fail:
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                conn = http.client.HTTPConnection(
+                    proxy.upstream.hostname, proxy.upstream.port, timeout=30
+                )
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status, response.reason)
+                for key, value in response.getheaders():
+                    if key.lower() not in {"transfer-encoding", "content-length", "connection"}:
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+        class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FlakyProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
