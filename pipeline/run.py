@@ -103,7 +103,7 @@ def run_local(
         force=force,
         min_new_images=min_new_images,
     )
-    build_pipeline(gpu=None)(**arguments)
+    build_pipeline(gpu=None, retries=False)(**arguments)
     new_dirs = sorted(set(pipeline_root.iterdir()) - before)
     if not new_dirs:
         raise RuntimeError(f"kfp.local wrote no run directory under {pipeline_root}")

@@ -1,0 +1,97 @@
+"""check_data: has the dataset changed since the served version was trained?
+
+The fingerprint is a digest of every object's (path, size, checksum) from the bucket
+listing (GCS md5/crc32c + generation; local sha256), sorted so listing order never
+matters. The push step records it in the version's metadata; on the next run this first
+step compares, and unchanged data ends the run before anything expensive happens.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from kfp.dsl import Artifact, Output
+
+from components import storage
+from components.component import step_component
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    digest: str
+    count: int  # image files counted into the digest
+
+
+def dataset_fingerprint(files: list[storage.FileInfo]) -> Fingerprint:
+    """Order-independent digest over (relpath, size, checksum) of the image files."""
+    images = sorted(
+        (f.relpath, f.size, f.checksum) for f in files if f.relpath.lower().endswith(IMAGE_SUFFIXES)
+    )
+    digest = hashlib.sha256()
+    for relpath, size, checksum in images:
+        digest.update(f"{relpath}\0{size}\0{checksum}\n".encode())
+    return Fingerprint(digest.hexdigest(), len(images))
+
+
+def fingerprint_uri(data_uri: str) -> Fingerprint:
+    return dataset_fingerprint(storage.list_files(data_uri))
+
+
+def served_metadata(model_repo: str, model_name: str) -> dict | None:
+    """graft_metadata.json of the version being served, or None when nothing is served."""
+    from components.evaluate import served_version
+    from components.push import METADATA_FILE
+
+    version = served_version(model_repo, model_name)
+    if version is None:
+        return None
+    uri = storage.join(model_repo, model_name, str(version), METADATA_FILE)
+    metadata = json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+    return {**metadata, "version": version}
+
+
+def should_train(
+    current: Fingerprint, served: dict | None, *, force: bool = False, min_new_images: int = 0
+) -> tuple[bool, str]:
+    """Train or skip, and why, in one sentence."""
+    if force:
+        return True, "forced"
+    if served is None:
+        return True, "no version is served yet"
+    version = served.get("version", "?")
+    if served.get("data_fingerprint") == current.digest:
+        return False, f"data unchanged since version {version} ({current.count} images)"
+    recorded = served.get("data_image_count")
+    if min_new_images and recorded is not None and current.count - int(recorded) < min_new_images:
+        return False, (
+            f"only {current.count - int(recorded)} new images since version {version}; "
+            f"min_new_images={min_new_images}"
+        )
+    return True, f"data changed since version {version} ({current.count} images now)"
+
+
+@step_component
+def check_data(
+    data_uri: str,
+    model_repo: str,
+    model_name: str,
+    data_state: Output[Artifact],
+    force: bool = False,
+    min_new_images: int = 0,
+) -> bool:
+    """Fingerprint the dataset; return whether to train (the gate for everything after)."""
+    import json
+
+    from components.check_data import fingerprint_uri, served_metadata, should_train
+
+    current = fingerprint_uri(data_uri)
+    served = served_metadata(model_repo, model_name)
+    train, reason = should_train(current, served, force=force, min_new_images=min_new_images)
+    state = {"fingerprint": current.digest, "image_count": current.count, "reason": reason,
+             "served_version": (served or {}).get("version"), "train": train}  # fmt: skip
+    with open(data_state.path, "w") as fh:
+        json.dump(state, fh, indent=2)
+    print(f"check_data: {'train' if train else 'skip'}: {reason}")
+    return train

@@ -1,0 +1,253 @@
+"""evaluate: test metrics for the candidate, and a champion/challenger blessing.
+
+The champion is the version being served (the highest complete version under
+``<model_repo>/<model_name>/``). It is evaluated on the same test images through its own
+``predict_pixels`` signature, and the candidate is blessed only if it clears an absolute
+floor and is not worse than the champion beyond a tolerance, overall and per class.
+Classes are compared by name, so a champion with other labels is still comparable.
+"""
+
+import html
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+from components import examples, storage
+from components.component import step_component
+from components.config import GraftConfig
+
+log = logging.getLogger(__name__)
+EVALUATION_FILE = "evaluation.json"
+
+
+def classification_metrics(
+    y_true: np.ndarray, probabilities: np.ndarray, labels: list[str], top_k: int
+) -> dict:
+    """Accuracy, top-k accuracy, per-class precision/recall/F1 and the confusion matrix."""
+    predicted = probabilities.argmax(axis=1)
+    k = min(top_k, probabilities.shape[1])
+    top = np.argsort(-probabilities, axis=1)[:, :k]
+    matrix = np.zeros((len(labels), len(labels)), dtype=int)
+    for truth, guess in zip(y_true, predicted, strict=True):
+        matrix[truth, guess] += 1
+    per_class = {}
+    for i, name in enumerate(labels):
+        tp, predicted_i, actual_i = matrix[i, i], matrix[:, i].sum(), matrix[i, :].sum()
+        precision = tp / predicted_i if predicted_i else 0.0
+        recall = tp / actual_i if actual_i else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "support": int(actual_i),
+        }
+    return {
+        "accuracy": float((predicted == y_true).mean()) if len(y_true) else 0.0,
+        f"top_{k}_accuracy": float((top == y_true[:, None]).any(axis=1).mean())
+        if len(y_true)
+        else 0.0,
+        "examples": int(len(y_true)),
+        "per_class": per_class,
+        "labels": labels,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def is_blessed(
+    candidate: dict,
+    champion: dict | None,
+    *,
+    min_accuracy: float,
+    tolerance: float,
+    class_tolerance: float,
+) -> tuple[bool, str]:
+    """Whether the candidate may replace the champion, and why, in one sentence.
+
+    ``candidate``/``champion`` hold ``accuracy`` and ``per_class`` {label: {"recall": r}}.
+    """
+    accuracy = candidate["accuracy"]
+    if accuracy < min_accuracy:
+        return False, f"test accuracy {accuracy:.4f} is below the floor {min_accuracy:.4f}"
+    if champion is None:
+        return (
+            True,
+            f"no champion; test accuracy {accuracy:.4f} clears the floor {min_accuracy:.4f}",
+        )
+    version = champion.get("version", "?")
+    if accuracy < champion["accuracy"] - tolerance:
+        return False, (
+            f"test accuracy {accuracy:.4f} is worse than champion version {version} "
+            f"({champion['accuracy']:.4f}) by more than {tolerance}"
+        )
+    regressed = [
+        f"{name} {candidate['per_class'][name]['recall']:.3f} < {stats['recall']:.3f}"
+        for name, stats in champion["per_class"].items()
+        if name in candidate["per_class"]
+        and candidate["per_class"][name]["recall"] < stats["recall"] - class_tolerance
+    ]
+    if regressed:
+        return (
+            False,
+            f"per-class recall regressed vs champion version {version} beyond {class_tolerance}: {'; '.join(regressed)}",
+        )
+    return (
+        True,
+        f"test accuracy {accuracy:.4f} vs champion version {version} {champion['accuracy']:.4f}; no class regressed",
+    )
+
+
+def served_version(model_repo: str, model_name: str) -> int | None:
+    """The highest version under the model's folder that is complete (has saved_model.pb)."""
+    root = storage.join(model_repo, model_name)
+    for name in sorted((d for d in storage.list_dirs(root) if d.isdigit()), key=int, reverse=True):
+        if storage.exists(storage.join(root, name, "saved_model.pb")):
+            return int(name)
+    return None
+
+
+def champion_metrics(
+    model_repo: str, model_name: str, images: np.ndarray, truth: list[str]
+) -> dict | None:
+    """Evaluate the served version on the test images, by label name; None if nothing is served."""
+    import tensorflow as tf
+
+    version = served_version(model_repo, model_name)
+    if version is None:
+        return None
+    local = storage.download_tree(storage.join(model_repo, model_name, str(version)),
+                                  Path(tempfile.mkdtemp(prefix="graft-champion-")))  # fmt: skip
+    signature = tf.saved_model.load(str(local)).signatures["predict_pixels"]
+    predicted = []
+    for start in range(0, len(images), 256):
+        out = signature(pixels=tf.constant(images[start : start + 256], tf.float32))
+        predicted += [row[0].decode() for row in out["labels"].numpy()]
+    names = sorted(set(truth))
+    per_class = {}
+    for name in names:
+        rows = [p for p, t in zip(predicted, truth, strict=True) if t == name]
+        per_class[name] = {"recall": float(np.mean([p == name for p in rows])) if rows else 0.0}
+    accuracy = (
+        float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)])) if truth else 0.0
+    )
+    return {"version": version, "accuracy": accuracy, "per_class": per_class}
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    champion: dict | None
+    blessed: bool
+    reason: str
+
+
+def evaluate_model(
+    examples_dir: str | Path, model_dir: str | Path, out_dir: str | Path, config: GraftConfig,
+    *, model_repo: str | None = None, model_name: str | None = None,
+) -> Evaluation:  # fmt: skip
+    """Evaluate on the test split, compare with the champion, write evaluation.json + reports."""
+    import keras
+
+    labels = examples.read_labels(examples_dir)
+    x, y = examples.load_arrays(examples_dir, "test")
+    if not len(y):
+        raise ValueError(
+            f"The test split in {examples_dir} is empty: raise test_fraction or add images"
+        )
+    model = keras.models.load_model(Path(model_dir) / "model.keras")
+    probabilities = model.predict(x.astype("float32"), batch_size=256, verbose=0)
+    metrics = classification_metrics(y, probabilities, labels, config.top_k)
+    champion = None
+    if model_repo and model_name:
+        champion = champion_metrics(model_repo, model_name, x, [labels[i] for i in y])
+    blessed, reason = is_blessed(
+        metrics, champion, min_accuracy=config.bless_min_accuracy,
+        tolerance=config.bless_tolerance, class_tolerance=config.bless_class_tolerance,
+    )  # fmt: skip
+    log.info("evaluate: accuracy %.4f on %d test images; %s: %s",
+             metrics["accuracy"], len(y), "BLESSED" if blessed else "not blessed", reason)  # fmt: skip
+    evaluation = Evaluation(metrics, champion, blessed, reason)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EVALUATION_FILE).write_text(json.dumps(asdict(evaluation), indent=2))
+    (out_dir / "report.md").write_text(render_markdown(evaluation))
+    (out_dir / "report.html").write_text(render_html(evaluation))
+    return evaluation
+
+
+def render_markdown(evaluation: Evaluation) -> str:
+    m = evaluation.metrics
+    lines = [f"# Evaluation: {'blessed' if evaluation.blessed else 'NOT blessed'}", "", evaluation.reason, "",
+             f"accuracy {m['accuracy']:.4f} on {m['examples']} test images", "",
+             "| class | precision | recall | f1 | support |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines += [f"| {n} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']} |"
+              for n, s in m["per_class"].items()]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def render_html(evaluation: Evaluation) -> str:
+    """The report with the confusion matrix as a shaded table (no plotting library needed)."""
+    m = evaluation.metrics
+    matrix = np.asarray(m["confusion_matrix"])
+    peak = max(int(matrix.max()), 1)
+    header = "".join(f"<th>{html.escape(n)}</th>" for n in m["labels"])
+    body = "".join(
+        f"<tr><th>{html.escape(name)}</th>"
+        + "".join(f"<td style='background:rgba(30,90,200,{v / peak:.2f})'>{v}</td>" for v in row)
+        + "</tr>"
+        for name, row in zip(m["labels"], matrix.tolist(), strict=True)
+    )
+    return (
+        "<!doctype html><meta charset=utf-8><title>graft evaluation</title>"
+        f"<h1>{'Blessed' if evaluation.blessed else 'NOT blessed'}</h1><p>{html.escape(evaluation.reason)}</p>"
+        f"<p>accuracy {m['accuracy']:.4f} on {m['examples']} test images</p>"
+        f"<h2>Confusion matrix (rows: true, columns: predicted)</h2><table><tr><th></th>{header}</tr>{body}</table>"
+        f"<pre>{html.escape(render_markdown(evaluation))}</pre>"
+    )
+
+
+@step_component
+def evaluate(
+    examples: Input[Dataset],
+    model: Input[Model],
+    eval_metrics: Output[Metrics],
+    classification_metrics: Output[ClassificationMetrics],
+    eval_report: Output[HTML],
+    evaluation: Output[Artifact],
+    model_repo: str,
+    model_name: str,
+    top_k: int = 3,
+    bless_min_accuracy: float = 0.5,
+    bless_tolerance: float = 0.01,
+    bless_class_tolerance: float = 0.05,
+) -> bool:
+    """Evaluate on the test split and decide the blessing (the push gate)."""
+    import logging
+    import shutil
+    from pathlib import Path
+
+    from components.config import GraftConfig
+    from components.evaluate import evaluate_model
+
+    logging.basicConfig(level=logging.INFO)
+    config = GraftConfig(top_k=top_k, bless_min_accuracy=bless_min_accuracy,
+                         bless_tolerance=bless_tolerance, bless_class_tolerance=bless_class_tolerance)  # fmt: skip
+    result = evaluate_model(examples.path, model.path, evaluation.path, config,
+                            model_repo=model_repo, model_name=model_name)  # fmt: skip
+    for key, value in result.metrics.items():
+        if isinstance(value, float):
+            eval_metrics.log_metric(key, value)
+    if result.champion:
+        eval_metrics.log_metric("champion_accuracy", result.champion["accuracy"])
+        eval_metrics.log_metric("champion_version", result.champion["version"])
+    classification_metrics.log_confusion_matrix(
+        result.metrics["labels"], result.metrics["confusion_matrix"]
+    )
+    shutil.copyfile(Path(evaluation.path) / "report.html", eval_report.path)
+    evaluation.metadata.update({"blessed": result.blessed, "reason": result.reason})
+    return result.blessed

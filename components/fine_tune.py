@@ -1,0 +1,170 @@
+"""fine_tune: unfreeze the top of the base, train gently, keep it only if it helps.
+
+Runs only from a converged head (the pipeline gates on it and this step checks again).
+BatchNorm layers stay frozen, so their moving statistics are never rewritten by a few
+small batches. The result is compared with the head-only model on validation: on small
+data fine-tuning often loses (the Keras guide's own run does), and then the head-only
+model is what this step outputs, saying so.
+"""
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import examples
+from components.component import step_component
+from components.config import GraftConfig
+from components.train_head import MODEL_FILE, TRAINING_FILE
+
+log = logging.getLogger(__name__)
+
+
+class HeadNotConvergedError(ValueError):
+    """Fine-tuning from a head that has not converged would wreck the pretrained features."""
+
+
+@dataclass
+class FineTuneResult:
+    chosen: str  # "fine_tuned" or "head"
+    reason: str
+    head_val_accuracy: float
+    tuned_val_accuracy: float
+    unfrozen_layers: list[str]
+    epochs: int
+
+
+def unfreeze_top(base, *, layers: int, from_layer: str = "") -> list[str]:
+    """Make the top ``layers`` weighted layers (or those from ``from_layer`` up) trainable.
+    BatchNorm stays frozen. Returns the names of the layers now trainable."""
+    import keras
+
+    from components.backbones import leaf_layers
+
+    leaves = [layer for layer in leaf_layers(base) if layer.weights]
+    if from_layer:
+        names = [layer.name for layer in leaves]
+        if from_layer not in names:
+            raise ValueError(
+                f"Received `fine_tune_from_layer={from_layer!r}`: no such layer in {base.name}"
+            )
+        start = names.index(from_layer)
+    else:
+        start = max(0, len(leaves) - layers)
+    base.trainable = True
+    unfrozen = []
+    for layer in leaf_layers(base):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = (not is_bn) and layer in leaves[start:]
+        if layer.trainable and layer.weights:
+            unfrozen.append(layer.name)
+    return unfrozen
+
+
+def fine_tune_model(
+    examples_dir: str | Path, head_model_dir: str | Path, out_dir: str | Path, config: GraftConfig
+) -> FineTuneResult:
+    """Fine-tune the head model; write the CHOSEN model (tuned or head) to ``out_dir``."""
+    import keras
+    import tensorflow as tf
+
+    from components.augment import augmenter
+    from components.backbones import find_base
+
+    head_model_dir, out_dir = Path(head_model_dir), Path(out_dir)
+    head_record = json.loads((head_model_dir / TRAINING_FILE).read_text())
+    if not head_record.get("converged"):
+        raise HeadNotConvergedError(
+            f"The head in {head_model_dir} did not converge ({head_record.get('epochs')} epochs): "
+            "fine-tuning needs a converged head; raise head_max_epochs or check the data"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(config.seed)
+    model = keras.models.load_model(head_model_dir / MODEL_FILE)
+    x_val, y_val = examples.load_arrays(examples_dir, "val")
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    head_accuracy = float(model.evaluate(x_val.astype("float32"), y_val, verbose=0)[1])
+
+    unfrozen = unfreeze_top(
+        find_base(model), layers=config.fine_tune_layers, from_layer=config.fine_tune_from_layer
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    augmentation = augmenter(config.seed)
+    train = (
+        examples.dataset(examples_dir, "train", originals_only=True)
+        .shuffle(4096, seed=config.seed)
+        .batch(config.batch_size)
+        .map(lambda x, y: (augmentation(tf.cast(x, tf.float32), training=True), y))
+        .prefetch(2)
+    )
+    history = model.fit(
+        train, validation_data=(x_val.astype("float32"), y_val), epochs=config.fine_tune_max_epochs, verbose=2,
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
+            keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
+        ],
+    ).history  # fmt: skip
+    tuned_accuracy = float(model.evaluate(x_val.astype("float32"), y_val, verbose=0)[1])
+
+    if tuned_accuracy > head_accuracy:
+        chosen, reason = (
+            "fine_tuned",
+            f"val accuracy {tuned_accuracy:.4f} > head-only {head_accuracy:.4f}",
+        )
+        model.save(out_dir / MODEL_FILE)
+    else:
+        chosen = "head"
+        reason = f"fine-tuning did not beat the head on validation ({tuned_accuracy:.4f} <= {head_accuracy:.4f}); kept the head-only model"
+        shutil.copyfile(head_model_dir / MODEL_FILE, out_dir / MODEL_FILE)
+    log.info("fine_tune: chose %s: %s", chosen, reason)
+    shutil.copyfile(head_model_dir / examples.LABELS_FILE, out_dir / examples.LABELS_FILE)
+    result = FineTuneResult(
+        chosen, reason, head_accuracy, tuned_accuracy, unfrozen, len(history["val_loss"])
+    )
+    record = {**head_record, "step": "fine_tune", **asdict(result),
+              "fine_tune_history": {k: [float(v) for v in vs] for k, vs in history.items()}}  # fmt: skip
+    (out_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str))
+    return result
+
+
+@step_component
+def fine_tune(
+    examples: Input[Dataset],
+    head_model: Input[Model],
+    finetuned_model: Output[Model],
+    finetune_metrics: Output[Metrics],
+    fine_tune_layers: int = 20,
+    fine_tune_from_layer: str = "",
+    fine_tune_learning_rate: float = 1e-5,
+    fine_tune_max_epochs: int = 10,
+    patience: int = 3,
+    batch_size: int = 32,
+    seed: int = 0,
+):
+    """Fine-tune the top of the base; output whichever of tuned/head-only validates better."""
+    import logging
+
+    from components.config import GraftConfig
+    from components.fine_tune import fine_tune_model
+
+    logging.basicConfig(level=logging.INFO)
+    config = GraftConfig(
+        fine_tune_layers=fine_tune_layers, fine_tune_from_layer=fine_tune_from_layer,
+        fine_tune_learning_rate=fine_tune_learning_rate, fine_tune_max_epochs=fine_tune_max_epochs,
+        patience=patience, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+    result = fine_tune_model(examples.path, head_model.path, finetuned_model.path, config)
+    finetune_metrics.log_metric("head_val_accuracy", result.head_val_accuracy)
+    finetune_metrics.log_metric("tuned_val_accuracy", result.tuned_val_accuracy)
+    finetuned_model.metadata.update({"chosen": result.chosen, "reason": result.reason})

@@ -1,0 +1,246 @@
+"""train_head: a new classifier on a frozen pretrained base, trained on cached features.
+
+The base is frozen (``trainable=False``, called with ``training=False``), so its output for
+an image never changes during head training. The tutorials recompute it every epoch
+anyway; here every training view and the validation set go through the base ONCE, in
+batched inference, and the head trains on those features (benchmarks/head_training.py).
+The step reports whether the head converged: fine-tuning only starts from a head that did.
+"""
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import examples
+from components.component import step_component
+from components.config import GraftConfig
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.keras"
+TRAINING_FILE = "training.json"
+
+
+def head_converged(
+    val_losses: list[float], *, patience: int, min_delta: float, max_epochs: int
+) -> bool:
+    """True when val loss stopped improving by ``min_delta`` for ``patience`` epochs within
+    ``max_epochs``. A head still improving when the budget ran out has not converged."""
+    if patience < 1:
+        raise ValueError(f"Received `patience={patience}`: expected >= 1")
+    best, wait = float("inf"), 0
+    for epoch, loss in enumerate(val_losses[:max_epochs], start=1):
+        if loss < best - min_delta:
+            best, wait = loss, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return epoch <= max_epochs
+    return False
+
+
+@dataclass
+class HeadResult:
+    converged: bool
+    epochs: int
+    val_loss: float
+    val_accuracy: float
+    history: dict
+    feature_seconds: float  # the one pass of the base over every example
+    head_seconds: float
+    scratch: dict = field(default_factory=dict)  # the from-random-init baseline, if asked for
+
+
+def strategy_and_precision():
+    """MirroredStrategy + mixed precision when GPUs are present; the default strategy otherwise."""
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return tf.distribute.get_strategy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    log.info("training on %d GPU(s) with mixed precision", len(gpus))
+    return tf.distribute.MirroredStrategy()
+
+
+def pooled_features(base, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The base's features for ``images``, one batched pass, spatially averaged if 4D."""
+    features = base.predict(images.astype("float32"), batch_size=batch_size, verbose=0)
+    return features.mean(axis=(1, 2)) if features.ndim == 4 else features
+
+
+def build_head(feature_dim: int, num_classes: int, config: GraftConfig):
+    import keras
+
+    inputs = keras.Input((feature_dim,), name="features")
+    x = keras.layers.Dropout(config.dropout, name="head_dropout")(inputs)
+    if config.head_hidden_units:
+        x = keras.layers.Dense(config.head_hidden_units, activation="relu", name="head_hidden")(x)
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name="probabilities"
+    )(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def assemble(base, head, image_shape: tuple[int, int, int]):
+    """pixels -> frozen base (inference mode) -> pooling -> head: the model that is exported."""
+    import keras
+
+    inputs = keras.Input(image_shape, name="pixels")
+    features = base(inputs, training=False)
+    if len(features.shape) == 4:
+        features = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    return keras.Model(inputs, head(features), name="graft_classifier")
+
+
+def _fit(
+    model, x, y, x_val, y_val, config: GraftConfig, epochs: int, out_dir: Path, monitor="val_loss"
+):
+    import keras
+
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor=monitor,
+            patience=config.patience,
+            min_delta=config.min_delta,
+            restore_best_weights=True,
+        ),
+        keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
+    ]
+    return model.fit(
+        x, y, validation_data=(x_val, y_val), epochs=epochs, batch_size=config.batch_size,
+        callbacks=callbacks, verbose=2, shuffle=True,
+    ).history  # fmt: skip
+
+
+def scratch_baseline(
+    base, x, y, x_val, y_val, num_classes: int, config: GraftConfig, out_dir: Path
+) -> dict:
+    """The same architecture from random init, same data and epoch budget: is transfer helping?"""
+    import keras
+
+    fresh_base = keras.models.clone_model(base)  # same layers, re-initialised weights
+    model = assemble(
+        fresh_base, build_head(base.output_shape[-1], num_classes, config), x.shape[1:]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.head_learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    history = _fit(model, x, y, x_val, y_val, config, config.head_max_epochs, out_dir / "scratch")
+    return {"val_accuracy": float(max(history["val_accuracy"])), "epochs": len(history["val_loss"])}
+
+
+def train_head_model(
+    examples_dir: str | Path, out_dir: str | Path, config: GraftConfig
+) -> HeadResult:
+    """Train the head on cached base features; write model.keras, labels.txt, training.json."""
+    import keras
+
+    from components.backbones import build_base
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(config.seed)
+    spec, labels = examples.read_spec(examples_dir), examples.read_labels(examples_dir)
+    x, y = examples.load_arrays(examples_dir, "train")
+    x_val, y_val = examples.load_arrays(examples_dir, "val")
+    image_shape = (spec["image_size"], spec["image_size"], spec["channels"])
+
+    strategy = strategy_and_precision()
+    with strategy.scope():
+        base = build_base(
+            config.base,
+            image_size=spec["image_size"],
+            channels=spec["channels"],
+            weights=config.weights,
+        )
+        base.trainable = False
+        started = time.perf_counter()
+        features, val_features = pooled_features(base, x, 256), pooled_features(base, x_val, 256)
+        feature_seconds = time.perf_counter() - started
+        log.info("feature cache: %d train + %d val examples through the base once in %.1fs",
+                 len(x), len(x_val), feature_seconds)  # fmt: skip
+        head = build_head(features.shape[-1], len(labels), config)
+        head.compile(
+            optimizer=keras.optimizers.Adam(config.head_learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+    started = time.perf_counter()
+    history = _fit(head, features, y, val_features, y_val, config, config.head_max_epochs, out_dir)
+    head_seconds = time.perf_counter() - started
+
+    converged = head_converged(
+        history["val_loss"],
+        patience=config.patience,
+        min_delta=config.min_delta,
+        max_epochs=config.head_max_epochs,
+    )
+    best = int(np.argmin(history["val_loss"]))
+    result = HeadResult(
+        converged, len(history["val_loss"]), float(history["val_loss"][best]),
+        float(history["val_accuracy"][best]), {k: [float(v) for v in vs] for k, vs in history.items()},
+        feature_seconds, head_seconds,
+    )  # fmt: skip
+    log.info("head %s after %d epochs: val_loss %.4f, val_accuracy %.4f",
+             "converged" if converged else "DID NOT converge", result.epochs, result.val_loss, result.val_accuracy)  # fmt: skip
+
+    if config.scratch_baseline:
+        result.scratch = scratch_baseline(base, x, y, x_val, y_val, len(labels), config, out_dir)
+        if result.scratch["val_accuracy"] > result.val_accuracy:
+            log.warning("NEGATIVE TRANSFER: scratch val_accuracy %.4f beats the transferred head %.4f",
+                        result.scratch["val_accuracy"], result.val_accuracy)  # fmt: skip
+
+    assemble(base, head, image_shape).save(out_dir / MODEL_FILE)
+    shutil.copyfile(Path(examples_dir) / examples.LABELS_FILE, out_dir / examples.LABELS_FILE)
+    record = {"step": "train_head", "chosen": "head", "base": config.base, "weights": config.weights,
+              "params": asdict(config), **asdict(result)}  # fmt: skip
+    (out_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str))
+    return result
+
+
+@step_component
+def train_head(
+    examples: Input[Dataset],
+    head_model: Output[Model],
+    head_metrics: Output[Metrics],
+    base: str = "mobilenet_v2",
+    weights: str = "imagenet",
+    head_hidden_units: int = 0,
+    dropout: float = 0.2,
+    batch_size: int = 32,
+    head_learning_rate: float = 1e-3,
+    head_max_epochs: int = 50,
+    patience: int = 3,
+    min_delta: float = 1e-3,
+    seed: int = 0,
+    scratch_baseline: bool = False,
+) -> bool:
+    """Train the head on a frozen base; return whether it converged (the fine-tune gate)."""
+    import logging
+
+    from components.config import GraftConfig
+    from components.train_head import train_head_model
+
+    logging.basicConfig(level=logging.INFO)
+    config = GraftConfig(
+        base=base, weights=weights, head_hidden_units=head_hidden_units, dropout=dropout,
+        batch_size=batch_size, head_learning_rate=head_learning_rate, head_max_epochs=head_max_epochs,
+        patience=patience, min_delta=min_delta, seed=seed, scratch_baseline=scratch_baseline,
+    )  # fmt: skip
+    result = train_head_model(examples.path, head_model.path, config)
+    head_metrics.log_metric("val_accuracy", result.val_accuracy)
+    head_metrics.log_metric("val_loss", result.val_loss)
+    head_metrics.log_metric("epochs", result.epochs)
+    if result.scratch:
+        head_metrics.log_metric("scratch_val_accuracy", result.scratch["val_accuracy"])
+    head_model.metadata.update({"converged": result.converged, "base": base})
+    return result.converged

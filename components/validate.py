@@ -1,0 +1,334 @@
+"""validate: a manifest of every file in the dataset, checked by a Great Expectations suite.
+
+    graft validate --data gs://bucket/flowers --report /tmp/report
+
+The dataset contract is class folders ``<uri>/<label>/<image>`` (JPEG/PNG), or pre-split
+``<uri>/{train,val,test}/<label>/<image>``. Each file is opened once: its header gives
+the declared size (so a decompression bomb is caught before any pixel is decoded), then
+it is decoded fully to prove it is usable. The manifest (JSON Lines) feeds augment; the
+report (JSON + HTML) names each failed expectation and the files that broke it.
+"""
+
+import hashlib
+import html
+import io
+import json
+import logging
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kfp.dsl import HTML, Dataset, Output
+
+from components import storage
+from components.component import step_component
+from components.config import GraftConfig
+
+log = logging.getLogger(__name__)
+
+SPLIT_FOLDERS = ("train", "val", "test")
+REPORT_JSON = "validation_report.json"
+REPORT_HTML = "validation_report.html"
+MAX_FILES_NAMED = 20  # offending files listed per failed expectation
+
+
+class DataValidationError(ValueError):
+    """The dataset broke at least one expectation; the message names them and the files."""
+
+
+@dataclass
+class Failure:
+    expectation: str
+    description: str
+    files: list[str]  # relative paths, first MAX_FILES_NAMED
+    count: int  # how many rows broke it (files may be truncated)
+
+
+@dataclass
+class ValidationResult:
+    ok: bool
+    files: int
+    per_label: dict[str, int]
+    failures: list[Failure] = field(default_factory=list)
+    expectations: list[dict] = field(default_factory=list)  # every expectation, pass or fail
+    rows: list[dict] = field(default_factory=list, repr=False)  # the manifest itself
+
+    def summary(self) -> str:
+        lines = [f"{f.expectation}: {f.description}; {f.count} file(s): " + ", ".join(f.files)
+                 for f in self.failures]  # fmt: skip
+        return "dataset failed validation:\n  " + "\n  ".join(lines)
+
+
+# --- manifest -----------------------------------------------------------------------------
+
+
+def _place(relpath: str) -> tuple[str | None, str | None]:
+    """(split, label) from a relative path, or (None, None) when it is at the wrong depth."""
+    parts = relpath.split("/")
+    if len(parts) == 3 and parts[0] in SPLIT_FOLDERS:
+        return parts[0], parts[1]
+    if len(parts) == 2 and parts[0] not in SPLIT_FOLDERS:
+        return None, parts[0]
+    return None, None
+
+
+def inspect_image(data: bytes, config: GraftConfig) -> dict:
+    """Header facts, then a full decode; never raises for bad bytes (the row says why)."""
+    from PIL import Image
+
+    facts = {"width": None, "height": None, "channels": None, "format": None,
+             "decodable": False, "error": None}  # fmt: skip
+    if not data:
+        facts["error"] = "zero-byte file"
+        return facts
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            facts.update(width=image.width, height=image.height, format=image.format)
+            facts["channels"] = len(image.getbands())
+            if image.width * image.height > config.max_pixels:
+                facts["error"] = (
+                    f"declares {image.width}x{image.height} pixels, over max_pixels="
+                    f"{config.max_pixels} (not decoded)"
+                )
+                return facts
+            image.load()
+        facts["decodable"] = True
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        facts["error"] = f"decompression bomb: {err}"
+    except (OSError, SyntaxError, ValueError) as err:
+        facts["error"] = f"cannot decode: {err}"
+    return facts
+
+
+def build_manifest(data_uri: str, config: GraftConfig) -> list[dict]:
+    """One row per file under ``data_uri``; raises StorageError/ValueError when there is none."""
+    files = storage.list_files(data_uri, checksums=False)
+    if not files:
+        raise storage.StorageError(f"{data_uri} holds no files: expected <label>/<image> folders")
+    rows = []
+    for index, info in enumerate(files, start=1):
+        split, label = _place(info.relpath)
+        data = storage.read_bytes(info.uri) if info.size <= config.max_file_bytes else b""
+        row = {"uri": info.uri, "relpath": info.relpath, "label": label, "split": split,
+               "bytes": info.size, "sha256": hashlib.sha256(data).hexdigest() if data else None}  # fmt: skip
+        if info.size > config.max_file_bytes:
+            row.update(width=None, height=None, channels=None, format=None, decodable=False,
+                       error=f"{info.size} bytes, over max_file_bytes={config.max_file_bytes}")  # fmt: skip
+        else:
+            row.update(inspect_image(data, config))
+        rows.append(row)
+        if index % 500 == 0:
+            log.info("manifest: %d/%d files inspected", index, len(files))
+    return rows
+
+
+def empty_class_folders(data_uri: str) -> list[str]:
+    """Label folders with no files (only visible on local disks: object stores have no folders)."""
+    if storage.is_gcs(data_uri):
+        return []
+    root = Path(data_uri)
+    candidates = [p for p in root.iterdir() if p.is_dir()]
+    for split in SPLIT_FOLDERS:
+        if (root / split).is_dir():
+            candidates.remove(root / split)
+            candidates += [p for p in (root / split).iterdir() if p.is_dir()]
+    return sorted(p.relative_to(root).as_posix() for p in candidates if not any(p.rglob("*.*")))
+
+
+def write_manifest(path: str | Path, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+# --- the expectation suite ----------------------------------------------------------------
+
+
+def _derived_frame(rows: list[dict]):
+    """The manifest as a DataFrame plus the per-row columns the set-level rules need."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    frame["label"] = frame["label"].astype(object)
+    counts = frame.groupby("label")["relpath"].transform("count")
+    frame["label_count"] = counts.fillna(0).astype(int)
+    biggest = int(frame["label_count"].max() or 0)
+    frame["imbalance_ratio"] = biggest / frame["label_count"].clip(lower=1)
+    hashed = frame.dropna(subset=["sha256"])
+    labels_per_hash = hashed.groupby("sha256")["label"].nunique()
+    splits_per_hash = hashed.fillna({"split": "unsplit"}).groupby("sha256")["split"].nunique()
+    frame["labels_for_content"] = frame["sha256"].map(labels_per_hash).fillna(1).astype(int)
+    frame["splits_for_content"] = frame["sha256"].map(splits_per_hash).fillna(1).astype(int)
+    frame["min_side"] = frame[["width", "height"]].min(axis=1)
+    frame["max_side"] = frame[["width", "height"]].max(axis=1)
+    frame["pixels"] = frame["width"] * frame["height"]
+    return frame
+
+
+def _suite(config: GraftConfig):
+    """(expectation, plain-English description) pairs: the rules a trainable dataset obeys."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    decoded = {"row_condition": "decodable==True", "condition_parser": "pandas"}
+    return [
+        (E.ExpectColumnValuesToNotBeNull(column="label"),
+         "every file sits in a <label>/ folder (or <split>/<label>/)"),
+        (E.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True]),
+         "every file decodes as an image"),
+        (E.ExpectColumnValuesToBeInSet(column="format", value_set=list(config.allowed_formats), **decoded),
+         f"formats are {', '.join(config.allowed_formats)}"),
+        (E.ExpectColumnValuesToBeBetween(column="bytes", min_value=1, max_value=config.max_file_bytes),
+         f"files are 1..{config.max_file_bytes} bytes"),
+        (E.ExpectColumnValuesToBeBetween(column="pixels", max_value=config.max_pixels),
+         f"images have at most {config.max_pixels} pixels"),
+        (E.ExpectColumnValuesToBeBetween(column="min_side", min_value=config.min_side, **decoded),
+         f"image sides are at least {config.min_side}px"),
+        (E.ExpectColumnValuesToBeBetween(column="max_side", max_value=config.max_side, **decoded),
+         f"image sides are at most {config.max_side}px"),
+        (E.ExpectColumnValuesToBeBetween(column="label_count", min_value=config.min_images_per_class),
+         f"every class has at least {config.min_images_per_class} images"),
+        (E.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=config.min_classes),
+         f"there are at least {config.min_classes} classes"),
+        (E.ExpectColumnValuesToBeBetween(column="labels_for_content", max_value=1),
+         "no identical image under two labels"),
+        (E.ExpectColumnValuesToBeBetween(column="splits_for_content", max_value=1),
+         "no identical image in two splits"),
+        (E.ExpectColumnValuesToBeBetween(column="imbalance_ratio", max_value=config.max_imbalance_ratio),
+         f"largest/smallest class is at most {config.max_imbalance_ratio}"),
+    ]  # fmt: skip
+
+
+def run_suite(rows: list[dict], config: GraftConfig) -> tuple[list[dict], list[Failure]]:
+    """Validate the manifest with GX; return every expectation's outcome and the failures."""
+    import great_expectations as gx
+
+    frame = _derived_frame(rows)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = {"globally": False}
+    batch = (
+        context.data_sources.add_pandas("manifest")
+        .add_dataframe_asset("files")
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": frame})
+    )
+    suite = gx.ExpectationSuite(name="graft_dataset")
+    described = _suite(config)
+    for expectation, _ in described:
+        suite.add_expectation(expectation)
+    result = batch.validate(
+        suite,
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["relpath"]},
+    )
+    descriptions = {e.expectation_type + str(e.column): d for e, d in described}
+    outcomes, failures = [], []
+    for item in result.results:
+        config_ = item.expectation_config
+        key = config_.type + str(config_.kwargs.get("column"))
+        description = descriptions.get(key, config_.type)
+        offenders = [entry["relpath"] for entry in item.result.get("unexpected_index_list") or []]
+        if item.expectation_config.type == "expect_column_unique_value_count_to_be_between":
+            labels = sorted({str(r["label"]) for r in rows if r["label"]})
+            offenders = [f"labels found: {labels or 'none'}"] if not item.success else []
+        outcomes.append({"expectation": config_.type, "column": config_.kwargs.get("column"),
+                         "description": description, "success": bool(item.success),
+                         "unexpected": offenders[:MAX_FILES_NAMED]})  # fmt: skip
+        if not item.success:
+            failures.append(
+                Failure(config_.type, description, offenders[:MAX_FILES_NAMED], len(offenders))
+            )
+    return outcomes, failures
+
+
+def validate_dataset(
+    data_uri: str, report_dir: str | Path | None, config: GraftConfig, *, raise_on_failure=True
+) -> ValidationResult:
+    """Build the manifest, run the suite, write the report; raise DataValidationError on failure."""
+    rows = build_manifest(data_uri, config)
+    outcomes, failures = run_suite(rows, config)
+    empty = empty_class_folders(data_uri)
+    if empty:
+        failures.append(Failure("expect_class_folders_not_empty",
+                                "every class folder holds images", empty, len(empty)))  # fmt: skip
+        outcomes.append({"expectation": "expect_class_folders_not_empty", "column": None,
+                         "description": "every class folder holds images", "success": False,
+                         "unexpected": empty})  # fmt: skip
+    per_label = dict(sorted(Counter(str(r["label"]) for r in rows if r["label"]).items()))
+    result = ValidationResult(not failures, len(rows), per_label, failures, outcomes, rows)
+    if report_dir is not None:
+        write_report(report_dir, result)
+        write_manifest(Path(report_dir) / "manifest.jsonl", rows)
+    if failures and raise_on_failure:
+        raise DataValidationError(result.summary())
+    return result
+
+
+def write_report(report_dir: str | Path, result: ValidationResult) -> None:
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    payload = {k: v for k, v in asdict(result).items() if k != "rows"}
+    (report_dir / REPORT_JSON).write_text(json.dumps(payload, indent=2))
+    (report_dir / REPORT_HTML).write_text(render_html(result))
+
+
+def render_html(result: ValidationResult) -> str:
+    """A self-contained page from GX's validation outcome (no data-docs site needed)."""
+    rows = "".join(
+        f"<tr class={'ok' if o['success'] else 'bad'}><td>{'pass' if o['success'] else 'FAIL'}</td>"
+        f"<td>{html.escape(o['description'])}</td><td><code>{html.escape(o['expectation'])}</code></td>"
+        f"<td>{html.escape(', '.join(o['unexpected']))}</td></tr>"
+        for o in result.expectations
+    )
+    labels = "".join(f"<li>{html.escape(k)}: {v}</li>" for k, v in result.per_label.items())
+    verdict = "valid" if result.ok else "INVALID"
+    return (
+        "<!doctype html><meta charset=utf-8><title>graft validation</title>"
+        "<style>body{font-family:sans-serif}.bad{background:#fdd}.ok{background:#dfd}"
+        "td{padding:4px 8px;vertical-align:top}</style>"
+        f"<h1>Dataset {verdict}: {result.files} files</h1><ul>{labels}</ul>"
+        f"<table><tr><th></th><th>rule</th><th>expectation</th><th>offending files</th></tr>{rows}</table>"
+    )
+
+
+# --- KFP component ------------------------------------------------------------------------
+
+
+@step_component
+def validate_data(
+    data_uri: str,
+    manifest: Output[Dataset],
+    validation_report: Output[HTML],
+    min_images_per_class: int = 5,
+    max_imbalance_ratio: float = 20.0,
+    min_side: int = 16,
+):
+    """Fail the run, with a report naming the files, unless the dataset is trainable."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from components.config import GraftConfig
+    from components.validate import REPORT_HTML, validate_dataset, write_manifest
+
+    config = GraftConfig(
+        min_images_per_class=min_images_per_class,
+        max_imbalance_ratio=max_imbalance_ratio,
+        min_side=min_side,
+    )
+    report_dir = Path(tempfile.mkdtemp(prefix="graft-validate-"))
+    try:
+        result = validate_dataset(data_uri, report_dir, config, raise_on_failure=False)
+        shutil.copyfile(report_dir / REPORT_HTML, validation_report.path)
+        print((report_dir / "validation_report.json").read_text())
+        if not result.ok:
+            raise RuntimeError(result.summary())
+        write_manifest(manifest.path, result.rows)
+        manifest.metadata.update({"files": result.files, "labels": result.per_label})
+    finally:
+        shutil.rmtree(report_dir, ignore_errors=True)

@@ -1,0 +1,176 @@
+"""SavedModel export for TF Serving: bytes in, named outputs out, warmup included.
+
+    export_saved_model("model_dir", "export_dir", warmup_images=[png_bytes, ...], top_k=3)
+
+Signatures (the contract the dev server, the client and TF Serving share):
+
+- ``serving_default``: ``images`` tf.string [N] of encoded JPEG/PNG. Decoding, the center
+  crop, resizing and the base's preprocessing all happen inside the graph, as augment did
+  them in training, so a client sends file bytes and nothing can skew.
+- ``predict_pixels``: ``pixels`` float32 [N, H, W, C] (0..255), for callers that decoded.
+
+Both return ``probabilities`` float32 [N, classes], ``classes`` int32 [N, k] (top-k ids)
+and ``labels`` string [N, k]. Warmup requests go to
+``assets.extra/tf_serving_warmup_requests`` so the first real request is not slow.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+IMAGES_INPUT, PIXELS_INPUT = "images", "pixels"
+PIXELS_SIGNATURE = "predict_pixels"
+OUTPUTS = ("probabilities", "classes", "labels")
+
+
+class InfraValidationError(RuntimeError):
+    """The exported SavedModel did not load or did not answer like the model it came from."""
+
+
+def _serving_module(model, labels: list[str], image_size: int, channels: int, top_k: int):
+    import tensorflow as tf
+
+    k = min(top_k, len(labels))
+
+    class ServingModule(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.label_table = tf.constant(labels)
+
+        def _answer(self, pixels):
+            probabilities = tf.cast(self.model(pixels, training=False), tf.float32)
+            top = tf.math.top_k(probabilities, k=k)
+            classes = tf.cast(top.indices, tf.int32)
+            return {"probabilities": probabilities, "classes": classes,
+                    "labels": tf.gather(self.label_table, classes)}  # fmt: skip
+
+        def _decode(self, encoded):
+            image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+            shape = tf.shape(image)
+            side = tf.minimum(shape[0], shape[1])
+            image = tf.image.crop_to_bounding_box(
+                image, (shape[0] - side) // 2, (shape[1] - side) // 2, side, side
+            )
+            image = tf.image.resize(image, (image_size, image_size), antialias=True)
+            return tf.ensure_shape(image, (image_size, image_size, channels))
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)])
+        def serve_images(self, images):
+            pixels = tf.map_fn(
+                self._decode,
+                images,
+                fn_output_signature=tf.TensorSpec((image_size, image_size, channels), tf.float32),
+            )
+            return self._answer(pixels)
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec(
+                    [None, image_size, image_size, channels], tf.float32, name=PIXELS_INPUT
+                )
+            ]
+        )
+        def serve_pixels(self, pixels):
+            return self._answer(pixels)
+
+    return ServingModule()
+
+
+def write_warmup(export_dir: str | Path, images: list[bytes], model_name: str = "graft") -> Path:
+    """PredictionLog records TF Serving (and graft serve) replay when loading a version."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    path = Path(export_dir) / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for image in images:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
+            )
+            request.inputs[IMAGES_INPUT].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(log.SerializeToString())
+    return path
+
+
+def read_warmup(export_dir: str | Path) -> list:
+    """The PredictRequests in a version's warmup file."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    requests = []
+    for record in tf.data.TFRecordDataset(str(Path(export_dir) / WARMUP_FILE)):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        requests.append(log.predict_log.request)
+    return requests
+
+
+def export_saved_model(
+    model_dir: str | Path, export_dir: str | Path, *, warmup_images: list[bytes], top_k: int = 3
+) -> Path:
+    """Export ``<model_dir>/model.keras`` + labels.txt as a TF Serving SavedModel."""
+    import keras
+    import tensorflow as tf
+
+    model_dir, export_dir = Path(model_dir), Path(export_dir)
+    model = keras.models.load_model(model_dir / "model.keras")
+    labels = [line for line in (model_dir / "labels.txt").read_text().splitlines() if line]
+    _, image_size, _, channels = model.input_shape
+    module = _serving_module(model, labels, image_size, channels, top_k)
+    tf.saved_model.save(
+        module,
+        str(export_dir),
+        signatures={
+            "serving_default": module.serve_images.get_concrete_function(),
+            PIXELS_SIGNATURE: module.serve_pixels.get_concrete_function(),
+        },
+    )
+    if warmup_images:
+        write_warmup(export_dir, warmup_images)
+    return export_dir
+
+
+def infra_validate(
+    export_dir: str | Path, model_dir: str | Path, pixels: np.ndarray, *, atol: float = 1e-4
+) -> dict:
+    """Load the export as a server would, replay its warmup, and check that it answers like
+    the Keras model on the same pixels. Raises InfraValidationError with the reason."""
+    import keras
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(export_dir))
+        signatures = loaded.signatures
+        missing = {"serving_default", PIXELS_SIGNATURE} - set(signatures)
+        if missing:
+            raise InfraValidationError(f"{export_dir} lacks signature(s) {sorted(missing)}")
+        warmup = read_warmup(export_dir) if (Path(export_dir) / WARMUP_FILE).exists() else []
+        for request in warmup:
+            answer = signatures["serving_default"](
+                images=tf.make_ndarray(request.inputs[IMAGES_INPUT])
+            )
+            if set(answer) != set(OUTPUTS):
+                raise InfraValidationError(f"warmup answered {sorted(answer)}, expected {OUTPUTS}")
+        served = signatures[PIXELS_SIGNATURE](pixels=tf.constant(pixels, tf.float32))[
+            "probabilities"
+        ].numpy()
+    except (tf.errors.OpError, ValueError, OSError) as err:
+        raise InfraValidationError(f"{export_dir} failed to load or answer: {err}") from err
+    expected = keras.models.load_model(Path(model_dir) / "model.keras").predict(
+        pixels.astype("float32"), verbose=0
+    )
+    difference = float(np.max(np.abs(served - expected))) if len(pixels) else 0.0
+    if difference > atol:
+        raise InfraValidationError(
+            f"the export disagrees with the trained model by {difference:.2e} (> {atol}) on {len(pixels)} images"
+        )
+    return {
+        "warmup_requests": len(warmup),
+        "images_checked": int(len(pixels)),
+        "max_abs_difference": difference,
+    }

@@ -1,0 +1,123 @@
+"""The whole DAG under kfp.local on tiny data: which gates opened, what reached the repo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components import datasets, storage
+from components.config import GraftConfig, with_overrides
+from pipeline.run import run_local
+
+pytestmark = pytest.mark.slow
+
+# Tiny but learnable: 3 synthetic classes, 32px, a small conv base trained for nothing.
+TINY = [
+    "image_size=32",
+    "views=1",
+    "batch_size=16",
+    "head_max_epochs=40",
+    "patience=2",
+    "head_learning_rate=0.01",
+    "fine_tune_max_epochs=2",
+    "fine_tune_layers=2",
+    "bless_min_accuracy=0.3",
+    "min_images_per_class=5",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> str:
+    """A small conv base pretrained for a few epochs on other synthetic images, saved as .keras."""
+    import keras
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("base") / "base.keras"
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
+    x = keras.layers.BatchNormalization(momentum=0.8)(x)
+    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
+    base = keras.Model(inputs, x, name="tiny_base")
+    source = datasets.synthetic_images(num_classes=3, per_class=60, size=32, seed=99)
+    images = np.stack([img for imgs in source.values() for img in imgs]).astype("float32")
+    labels = np.repeat(np.arange(3), 60)
+    pooled = keras.layers.GlobalAveragePooling2D()(base.output)
+    classifier = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(pooled))
+    classifier.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    classifier.fit(images, labels, epochs=8, batch_size=16, verbose=0, shuffle=True)
+    base.save(path)
+    return str(path)
+
+
+@pytest.fixture
+def bucket(tmp_path) -> str:
+    uri = str(tmp_path / "bucket")
+    datasets.write_synthetic_dataset(uri, num_classes=3, per_class=20, size=32, seed=0)
+    return uri
+
+
+def _config(tiny_base, *extra) -> GraftConfig:
+    return with_overrides(GraftConfig(), [*TINY, f"base={tiny_base}", *extra])
+
+
+def _versions(repo: str, name: str) -> list[str]:
+    return storage.list_dirs(storage.join(repo, name))
+
+
+def test_converging_head_runs_every_step_and_pushes_a_version(tmp_path, bucket, tiny_base):
+    repo = str(tmp_path / "models")
+    summary = run_local(bucket, repo, "tiny", _config(tiny_base), pipeline_root=tmp_path / "runs")
+
+    assert summary.ran() == [
+        "check-data", "validate-data", "augment", "train-head", "fine-tune", "evaluate", "push",
+    ]  # fmt: skip
+    assert summary.pushed_version is not None
+    assert _versions(repo, "tiny") == [summary.pushed_version]
+    version_dir = Path(repo, "tiny", summary.pushed_version)
+    assert (version_dir / "saved_model.pb").exists()
+    assert (version_dir / "assets.extra" / "tf_serving_warmup_requests").exists()
+    metadata = json.loads((version_dir / "graft_metadata.json").read_text())
+    assert metadata["data_fingerprint"]
+
+    # Same data again: the first step sees the fingerprint of the served version and stops.
+    again = run_local(bucket, repo, "tiny", _config(tiny_base), pipeline_root=tmp_path / "runs")
+    assert again.ran() == ["check-data"]
+    assert "unchanged" in again.outcome
+    assert _versions(repo, "tiny") == [summary.pushed_version]
+
+
+def test_head_that_cannot_converge_skips_fine_tune_evaluate_and_push(tmp_path, bucket, tiny_base):
+    repo = str(tmp_path / "models")
+    config = _config(tiny_base, "head_max_epochs=1")
+    summary = run_local(bucket, repo, "tiny", config, pipeline_root=tmp_path / "runs")
+
+    assert summary.ran() == ["check-data", "validate-data", "augment", "train-head"]
+    assert summary.tasks["train-head"].outputs["Output"] is False
+    assert "did not converge" in summary.outcome
+    assert not storage.exists(storage.join(repo, "tiny"))
+
+
+def test_impossible_blessing_floor_skips_push(tmp_path, bucket, tiny_base):
+    repo = str(tmp_path / "models")
+    config = _config(tiny_base, "bless_min_accuracy=1.01")
+    summary = run_local(bucket, repo, "tiny", config, pipeline_root=tmp_path / "runs")
+
+    assert summary.ran()[-1] == "evaluate"
+    assert summary.tasks["evaluate"].outputs["Output"] is False
+    assert "not blessed" in summary.outcome
+    assert not storage.exists(storage.join(repo, "tiny"))
+
+
+def test_invalid_data_stops_the_run_at_validation(tmp_path, bucket, tiny_base):
+    Path(bucket, "class_0", "broken.png").write_bytes(b"not a png")
+    repo = str(tmp_path / "models")
+    summary = run_local(bucket, repo, "tiny", _config(tiny_base), pipeline_root=tmp_path / "runs")
+
+    assert summary.ran() == ["check-data", "validate-data"]
+    assert not summary.tasks["validate-data"].succeeded
+    assert "validate-data FAILED" in summary.outcome
+    assert not storage.exists(storage.join(repo, "tiny"))

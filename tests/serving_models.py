@@ -1,0 +1,51 @@
+"""Tiny real models for serving tests: a Keras classifier exported by graft's own exporter."""
+
+from pathlib import Path
+
+import numpy as np
+
+from components import datasets
+
+LABELS = ("cat", "dog", "owl")
+SIZE = 8
+
+
+def make_model_dir(path: Path, seed: int) -> Path:
+    """model.keras (8x8 gray pixels -> 3 softmax probabilities) + labels.txt."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((SIZE, SIZE, 1))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(len(LABELS), activation="softmax")(x)
+    path.mkdir(parents=True, exist_ok=True)
+    keras.Model(inputs, outputs).save(path / "model.keras")
+    (path / "labels.txt").write_text("".join(f"{label}\n" for label in LABELS))
+    return path
+
+
+def sample_images(count: int = 4, seed: int = 0) -> tuple[np.ndarray, list[bytes]]:
+    """Random 8x8 gray images as uint8 pixels and as PNG bytes."""
+    pixels = np.random.default_rng(seed).integers(
+        0, 256, size=(count, SIZE, SIZE, 1), dtype=np.uint8
+    )
+    return pixels, [datasets.encode_png(image[..., 0]) for image in pixels]
+
+
+def export_version(repo: Path, name: str, version: int, seed: int, work: Path) -> Path:
+    """Export a tiny model as ``<repo>/<name>/<version>`` with warmup requests."""
+    from serving.export import export_saved_model
+
+    model_dir = make_model_dir(work / f"model-{version}-{seed}", seed)
+    _, pngs = sample_images(2)
+    target = repo / name / str(version)
+    export_saved_model(model_dir, target, warmup_images=pngs, top_k=2)
+    return target
+
+
+def keras_probabilities(work: Path, version: int, seed: int, pixels: np.ndarray) -> np.ndarray:
+    import keras
+
+    model = keras.models.load_model(work / f"model-{version}-{seed}" / "model.keras")
+    return model.predict(pixels.astype("float32"), verbose=0)
