@@ -34,6 +34,9 @@ test-kind: $(STAMP)
 demo: $(STAMP) system-deps
 	$(BIN)/python -m pipeline.demo
 
+demo-retrain: $(STAMP) system-deps
+	$(BIN)/python -m pipeline.demo --retrain
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -21,6 +21,7 @@ from components.config import GraftConfig
 from components.train_head import MODEL_FILE, TRAINING_FILE
 
 log = logging.getLogger(__name__)
+CANDIDATE_FILE = "finetuned_candidate.keras"  # the fine-tuned model, whether chosen or not
 
 
 class HeadNotConvergedError(ValueError):
@@ -116,13 +117,14 @@ def fine_tune_model(
         ],
     ).history  # fmt: skip
     tuned_accuracy = float(model.evaluate(x_val.astype("float32"), y_val, verbose=0)[1])
+    model.save(out_dir / CANDIDATE_FILE)  # kept either way, so the comparison can be inspected
 
     if tuned_accuracy > head_accuracy:
         chosen, reason = (
             "fine_tuned",
             f"val accuracy {tuned_accuracy:.4f} > head-only {head_accuracy:.4f}",
         )
-        model.save(out_dir / MODEL_FILE)
+        shutil.copyfile(out_dir / CANDIDATE_FILE, out_dir / MODEL_FILE)
     else:
         chosen = "head"
         reason = f"fine-tuning did not beat the head on validation ({tuned_accuracy:.4f} <= {head_accuracy:.4f}); kept the head-only model"

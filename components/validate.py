@@ -9,11 +9,13 @@ it is decoded fully to prove it is usable. The manifest (JSON Lines) feeds augme
 report (JSON + HTML) names each failed expectation and the files that broke it.
 """
 
+import contextlib
 import hashlib
 import html
 import io
 import json
 import logging
+import threading
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -73,6 +75,23 @@ def _place(relpath: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _header_only_limits():
+    """Let PIL report a huge declared size instead of refusing to open the file, so the
+    max_pixels rule (checked before any decode) names it like any other violation."""
+    from PIL import Image
+
+    with _PIL_LIMIT_LOCK:
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
 def inspect_image(data: bytes, config: GraftConfig) -> dict:
     """Header facts, then a full decode; never raises for bad bytes (the row says why)."""
     from PIL import Image
@@ -83,9 +102,9 @@ def inspect_image(data: bytes, config: GraftConfig) -> dict:
         facts["error"] = "zero-byte file"
         return facts
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        with _header_only_limits(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header: declared size, no pixels
             facts.update(width=image.width, height=image.height, format=image.format)
             facts["channels"] = len(image.getbands())
             if image.width * image.height > config.max_pixels:
@@ -96,8 +115,6 @@ def inspect_image(data: bytes, config: GraftConfig) -> dict:
                 return facts
             image.load()
         facts["decodable"] = True
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        facts["error"] = f"decompression bomb: {err}"
     except (OSError, SyntaxError, ValueError) as err:
         facts["error"] = f"cannot decode: {err}"
     return facts

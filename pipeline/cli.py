@@ -34,10 +34,11 @@ def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one clear line and exit code 2."""
     from components.datasets import DatasetError
     from components.storage import StorageError
+    from serving.client import ServingError
 
     try:
         yield
-    except (StorageError, DatasetError, FileNotFoundError, ValueError) as err:
+    except (StorageError, DatasetError, ServingError, FileNotFoundError, ValueError) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
@@ -170,6 +171,251 @@ def compile_(
         compile_pipeline(build_pipeline(gpu), output, image=image)
     where = "no GPUs" if gpu is None else f"training on {gpu_node_selector} x{gpus}"
     typer.echo(f"wrote {output} (image {image}, {where})")
+
+
+# --- validate / pretrain --------------------------------------------------------------------
+
+
+@app.command("validate")
+def validate(
+    data: str = typer.Option(
+        ..., help="Dataset: local dir or gs://bucket/prefix of class folders."
+    ),
+    report: str = typer.Option(None, help="Directory for the JSON + HTML report and the manifest."),
+    set_: list[str] = typer.Option(None, "--set", help="Config override key=value (repeatable)."),
+) -> None:
+    """Check a dataset against the validation suite; exit 0 when it is trainable."""
+    from rich.table import Table
+
+    from components.validate import validate_dataset
+
+    with user_errors():
+        result = validate_dataset(data, report, _config(None, set_), raise_on_failure=False)
+    table = Table(title=f"{data}: {result.files} files")
+    table.add_column("rule")
+    table.add_column("result")
+    for outcome in result.expectations:
+        mark = (
+            "[green]pass[/]"
+            if outcome["success"]
+            else "[red]FAIL[/] " + ", ".join(outcome["unexpected"][:5])
+        )
+        table.add_row(outcome["description"], mark)
+    console.print(table)
+    console.print("per label: " + ", ".join(f"{k}={v}" for k, v in result.per_label.items()))
+    if report:
+        console.print(f"report: {report}/validation_report.html")
+    if not result.ok:
+        console.print(f"[bold red]error:[/] {result.summary()}", highlight=False)
+        raise typer.Exit(2)
+
+
+@app.command("pretrain")
+def pretrain(
+    out: str = typer.Option(..., help="Where to save the base (.keras), local or gs://."),
+    classes: str = typer.Option("0,2,4,6,8", help="Fashion-MNIST source classes."),
+    per_class: int = typer.Option(2000, help="Training images per class."),
+    epochs: int = typer.Option(3, help="Training epochs."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train a small CNN base on Fashion-MNIST source classes, to transfer from offline."""
+    from components.pretrain import pretrain_base
+
+    if not out.endswith(".keras"):
+        console.print(
+            f"[bold red]error:[/] Received `--out {out}`: the base is saved as a .keras file"
+        )
+        raise typer.Exit(2)
+    with user_errors():
+        summary = pretrain_base(
+            out, classes=_int_list(classes), per_class=per_class, epochs=epochs, seed=seed
+        )
+    typer.echo(f"saved base to {out} (source val accuracy {summary['val_accuracy']:.3f})")
+
+
+# --- serve / predict ----------------------------------------------------------------------
+
+
+@app.command("serve")
+def serve(
+    model_repo: str = typer.Option(..., help="Model repository (local dir or gs://)."),
+    model_name: str = typer.Option(..., help="Model name (folder under the repository)."),
+    port: int = typer.Option(8500, help="gRPC port."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind; 0.0.0.0 to accept remote clients."
+    ),
+    versions: str = typer.Option("latest:1", help="Version policy: latest:N or specific:V1,V2."),
+    poll_seconds: float = typer.Option(2.0, help="How often to look for new versions."),
+    max_message_mb: int = typer.Option(64, help="Largest request/response in MB."),
+) -> None:
+    """Serve a model repository over TF Serving's gRPC API until SIGTERM/Ctrl-C."""
+    import logging
+
+    from serving.server import ModelServer
+
+    logging.basicConfig(level=logging.INFO)
+    with user_errors():
+        server = ModelServer(model_repo, model_name, host=host, versions=versions,
+                             poll_seconds=poll_seconds, max_message_mb=max_message_mb)  # fmt: skip
+    server.serve_forever(port)
+
+
+@app.command("predict")
+def predict(
+    images: list[str] = typer.Argument(..., help="JPEG/PNG files (local or gs://)."),
+    target: str = typer.Option("127.0.0.1:8500", help="host:port of TF Serving or graft serve."),
+    model: str = typer.Option(..., help="Model name."),
+    version: int = typer.Option(None, help="A specific version (default: the latest served)."),
+    timeout: float = typer.Option(10.0, help="Deadline per request in seconds."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Classify images over gRPC and print the top-k labels with probabilities."""
+    import json
+
+    from components import storage
+    from serving.client import PredictClient
+
+    with user_errors():
+        payloads = [storage.read_bytes(path) for path in images]
+        predictions = PredictClient(target, timeout=timeout).predict_images(
+            model, payloads, version=version
+        )
+    if json_out:
+        rows = [{"image": path, "version": p.version, "labels": p.labels, "probabilities": p.probabilities}
+                for path, p in zip(images, predictions, strict=True)]  # fmt: skip
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for path, p in zip(images, predictions, strict=True):
+        top = ", ".join(
+            f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probabilities, strict=True)
+        )
+        typer.echo(f"{path}: {top}  (version {p.version})")
+
+
+# --- submit / schedule / watch --------------------------------------------------------------
+
+schedule_app = typer.Typer(help="Recurring runs on a KFP API server.", no_args_is_help=True)
+app.add_typer(schedule_app, name="schedule")
+
+
+def _package(package: str | None, image: str | None) -> str:
+    """A compiled pipeline: the one given, or one compiled now with ``image``."""
+    if package:
+        return package
+    import tempfile
+
+    from pipeline.kfp_api import compile_pipeline
+    from pipeline.pipeline import GpuPool, build_pipeline
+
+    if not image:
+        raise ValueError(
+            "Give --package pipeline.yaml (from `graft compile`) or --image to compile one now"
+        )
+    path = f"{tempfile.mkdtemp(prefix='graft-')}/pipeline.yaml"
+    compile_pipeline(build_pipeline(GpuPool()), path, image=image)
+    return path
+
+
+@app.command("submit")
+def submit(
+    host: str = typer.Option(..., help="KFP API server URL."),
+    package: str = typer.Option(None, help="Compiled pipeline (graft compile)."),
+    image: str = typer.Option(None, help="Compile now with this image instead of --package."),
+    param: list[str] = typer.Option(None, help="Pipeline parameter key=value (repeatable)."),
+    experiment: str = typer.Option("graft"),
+    run_name: str = typer.Option(None),
+) -> None:
+    """Start one pipeline run on a Kubeflow Pipelines cluster."""
+    from pipeline.kfp_api import parse_params
+    from pipeline.kfp_api import submit as submit_run
+
+    with user_errors():
+        run_id = submit_run(host, _package(package, image), params=parse_params(param),
+                            experiment=experiment, run_name=run_name)  # fmt: skip
+    typer.echo(f"submitted run {run_id}")
+
+
+@schedule_app.command("create")
+def schedule_create(
+    host: str = typer.Option(..., help="KFP API server URL."),
+    cron: str = typer.Option("0 0 3 * * *", help="6-field KFP cron (sec min hour dom month dow)."),
+    package: str = typer.Option(None, help="Compiled pipeline (graft compile)."),
+    image: str = typer.Option(None, help="Compile now with this image instead of --package."),
+    param: list[str] = typer.Option(None, help="Pipeline parameter key=value (repeatable)."),
+    name: str = typer.Option("graft-retrain"),
+    experiment: str = typer.Option("graft"),
+) -> None:
+    """Create a recurring run (one at a time, no catch-up). Unchanged data makes it cheap."""
+    from pipeline.kfp_api import create_schedule, parse_params, validate_cron
+
+    with user_errors():
+        validate_cron(cron)
+        schedule_id = create_schedule(host, _package(package, image), cron=cron, params=parse_params(param),
+                                      name=name, experiment=experiment)  # fmt: skip
+    typer.echo(f"created recurring run {schedule_id} ({cron})")
+
+
+@schedule_app.command("list")
+def schedule_list(host: str = typer.Option(..., help="KFP API server URL.")) -> None:
+    """List recurring runs."""
+    from pipeline.kfp_api import list_schedules
+
+    with user_errors():
+        for row in list_schedules(host):
+            typer.echo(f"{row['id']}  {row['name']}  {row['cron']}  {row['status']}")
+
+
+@schedule_app.command("delete")
+def schedule_delete(
+    schedule_id: str = typer.Argument(..., help="Recurring run id."),
+    host: str = typer.Option(..., help="KFP API server URL."),
+) -> None:
+    """Delete a recurring run."""
+    from pipeline.kfp_api import delete_schedule
+
+    with user_errors():
+        delete_schedule(host, schedule_id)
+    typer.echo(f"deleted recurring run {schedule_id}")
+
+
+@app.command("watch")
+def watch(
+    data: str = typer.Option(..., help="Dataset prefix to watch (local dir or gs://)."),
+    every: str = typer.Option("10m", help="Poll interval: 30s, 10m, 1h."),
+    model_name: str = typer.Option("graft"),
+    model_repo: str = typer.Option(None, help="Model repository (local runs)."),
+    host: str = typer.Option(
+        None, help="Submit runs to this KFP API server instead of running locally."
+    ),
+    package: str = typer.Option(None, help="Compiled pipeline for --host."),
+    set_: list[str] = typer.Option(None, "--set", help="Config override key=value (local runs)."),
+    stable_checks: int = typer.Option(2, help="Identical listings needed before a change counts."),
+    max_polls: int = typer.Option(None, help="Stop after this many polls (default: run forever)."),
+) -> None:
+    """Poll the data; when its fingerprint changes and settles, start a run."""
+    import logging
+
+    from pipeline.watch import local_trigger, parse_duration, submit_trigger
+    from pipeline.watch import watch as watch_loop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    with user_errors():
+        seconds = parse_duration(every)
+        if host:
+            trigger = submit_trigger(host, _package(package, None), data, model_name, model_repo)
+        else:
+            if not model_repo:
+                raise ValueError(
+                    "Give --model-repo for local runs (or --host to submit to a cluster)"
+                )
+            trigger = local_trigger(data, model_repo, model_name, _config(None, set_))
+        watch_loop(
+            data,
+            every_seconds=seconds,
+            trigger=trigger,
+            stable_checks=stable_checks,
+            max_polls=max_polls,
+        )
 
 
 if __name__ == "__main__":

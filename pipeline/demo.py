@@ -28,11 +28,13 @@ SOURCE_CLASSES = [0, 2, 4, 6, 8]
 MODEL_NAME = "fashion"
 # Small images and few views keep the demo to minutes on two CPU cores.
 DEMO_SETTINGS = [
-    "image_size=32",
+    "image_size=28",  # Fashion-MNIST's own size: the base was pretrained on it
     "channels=1",
     "views=2",
     "batch_size=32",
-    "head_learning_rate=0.003",
+    "head_learning_rate=0.01",
+    "head_max_epochs=100",
+    "min_delta=0.005",
     "patience=3",
     "fine_tune_max_epochs=4",
     "fine_tune_layers=4",

@@ -1,0 +1,184 @@
+"""The pure decisions the pipeline's gates show: convergence, blessing, skip-or-train."""
+
+import pytest
+
+from components.check_data import Fingerprint, dataset_fingerprint, should_train
+from components.evaluate import classification_metrics, is_blessed
+from components.storage import FileInfo
+from components.train_head import head_converged
+
+# --- head_converged: scripted val-loss histories -------------------------------------------
+
+
+def test_head_converges_when_val_loss_plateaus_for_patience_epochs():
+    losses = [1.0, 0.6, 0.4, 0.35, 0.351, 0.352, 0.353]
+    assert head_converged(losses, patience=3, min_delta=0.01, max_epochs=50)
+
+
+def test_head_still_improving_at_max_epochs_has_not_converged():
+    losses = [1.0 - 0.05 * i for i in range(10)]
+    assert not head_converged(losses, patience=3, min_delta=0.01, max_epochs=10)
+
+
+def test_noisy_plateau_counts_improvements_smaller_than_min_delta_as_none():
+    losses = [1.0, 0.5, 0.499, 0.502, 0.4985, 0.5]  # wiggles under min_delta
+    assert head_converged(losses, patience=3, min_delta=0.01, max_epochs=50)
+    assert not head_converged(losses, patience=3, min_delta=0.0001, max_epochs=50)
+
+
+def test_plateau_reached_exactly_at_the_budget_counts_and_one_epoch_never_does():
+    assert head_converged([1.0, 0.5, 0.5, 0.5], patience=2, min_delta=0.01, max_epochs=4)
+    assert not head_converged([1.0], patience=1, min_delta=0.01, max_epochs=1)
+    with pytest.raises(ValueError, match="patience=0"):
+        head_converged([1.0], patience=0, min_delta=0.0, max_epochs=3)
+
+
+# --- is_blessed: the decision table --------------------------------------------------------
+
+THRESHOLDS = {"min_accuracy": 0.7, "tolerance": 0.01, "class_tolerance": 0.05}
+
+
+def model(accuracy, **recalls):
+    return {
+        "accuracy": accuracy,
+        "version": 7,
+        "per_class": {k: {"recall": v} for k, v in recalls.items()},
+    }
+
+
+@pytest.mark.parametrize(
+    "candidate, champion, blessed, phrase",
+    [
+        (model(0.69, a=0.7), None, False, "below the floor"),
+        (model(0.70, a=0.7), None, True, "no champion"),  # exactly at the floor passes
+        (
+            model(0.80, a=0.8, b=0.8),
+            model(0.82, a=0.8, b=0.8),
+            False,
+            "worse than champion version 7",
+        ),
+        (
+            model(0.81, a=0.8, b=0.8),
+            model(0.82, a=0.8, b=0.8),
+            True,
+            "no class regressed",
+        ),  # within tolerance
+        (model(0.90, a=0.99, b=0.70), model(0.85, a=0.80, b=0.80), False, "b 0.700 < 0.800"),
+        (
+            model(0.90, a=0.95, b=0.75),
+            model(0.85, a=0.80, b=0.80),
+            True,
+            "vs champion",
+        ),  # b exactly at tolerance
+        (
+            model(0.90, a=0.9, new=0.1),
+            model(0.85, a=0.8, gone=1.0),
+            True,
+            "vs champion",
+        ),  # only shared classes
+    ],
+)
+def test_blessing_decision_table(candidate, champion, blessed, phrase):
+    decision, reason = is_blessed(candidate, champion, **THRESHOLDS)
+    assert decision is blessed
+    assert phrase in reason
+
+
+def test_classification_metrics_on_hand_made_predictions():
+    import numpy as np
+
+    y = np.array([0, 0, 1, 1, 2])
+    probabilities = np.array(
+        [[0.9, 0.1, 0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0, 0.4, 0.6]]
+    )
+    metrics = classification_metrics(y, probabilities, ["a", "b", "c"], top_k=2)
+    assert metrics["accuracy"] == pytest.approx(3 / 5)
+    assert metrics["top_2_accuracy"] == pytest.approx(5 / 5)
+    assert metrics["confusion_matrix"] == [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+    assert metrics["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert metrics["per_class"]["c"]["f1"] == 1.0
+
+
+# --- fingerprint + should_train ------------------------------------------------------------
+
+
+def files(*entries):
+    return [FileInfo(f"/r/{p}", p, size, checksum) for p, size, checksum in entries]
+
+
+def test_fingerprint_is_order_independent_and_ignores_non_images():
+    a = files(("x/1.png", 10, "sha256:aa"), ("y/2.jpg", 20, "sha256:bb"))
+    b = list(reversed(a)) + files(("README.txt", 5, "sha256:cc"))
+    assert dataset_fingerprint(a) == dataset_fingerprint(b)
+    assert dataset_fingerprint(a).count == 2
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        files(
+            ("x/1.png", 10, "sha256:ab"), ("y/2.jpg", 20, "sha256:bb")
+        ),  # one byte changed -> checksum
+        files(
+            ("x/1.png", 10, "sha256:aa"), ("y/2.jpg", 20, "sha256:bb"), ("y/3.png", 1, "sha256:dd")
+        ),
+        files(("z/1.png", 10, "sha256:aa"), ("y/2.jpg", 20, "sha256:bb")),  # relabelled (moved)
+    ],
+    ids=["content", "added", "moved"],
+)
+def test_fingerprint_changes_with_content_additions_and_moves(change):
+    base = files(("x/1.png", 10, "sha256:aa"), ("y/2.jpg", 20, "sha256:bb"))
+    assert dataset_fingerprint(change).digest != dataset_fingerprint(base).digest
+
+
+def test_fingerprint_of_real_files_changes_when_one_byte_changes(tmp_path):
+    from components.check_data import fingerprint_uri
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.png").write_bytes(b"\x89PNG....")
+    before = fingerprint_uri(str(tmp_path))
+    (tmp_path / "a" / "1.png").write_bytes(b"\x89PNG...!")
+    assert fingerprint_uri(str(tmp_path)).digest != before.digest
+
+
+@pytest.mark.parametrize(
+    "served, force, min_new, train, phrase",
+    [
+        (None, False, 0, True, "no version is served"),
+        (
+            {"version": 3, "data_fingerprint": "d1", "data_image_count": 10},
+            False,
+            0,
+            False,
+            "unchanged since version 3",
+        ),
+        ({"version": 3, "data_fingerprint": "d1", "data_image_count": 10}, True, 0, True, "forced"),
+        (
+            {"version": 3, "data_fingerprint": "old", "data_image_count": 10},
+            False,
+            0,
+            True,
+            "changed since version 3",
+        ),
+        (
+            {"version": 3, "data_fingerprint": "old", "data_image_count": 8},
+            False,
+            5,
+            False,
+            "only 2 new images",
+        ),
+        (
+            {"version": 3, "data_fingerprint": "old", "data_image_count": 5},
+            False,
+            5,
+            True,
+            "changed",
+        ),
+    ],
+)
+def test_should_train_decision_table(served, force, min_new, train, phrase):
+    decision, reason = should_train(
+        Fingerprint("d1", 10), served, force=force, min_new_images=min_new
+    )
+    assert decision is train
+    assert phrase in reason

@@ -1,0 +1,145 @@
+"""train_head and fine_tune on tiny real data: feature cache, frozen weights, the guard."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from components import datasets, examples, storage
+from components.augment import augment_dataset
+from components.backbones import build_base
+from components.config import GraftConfig
+from components.fine_tune import HeadNotConvergedError, fine_tune_model
+from components.train_head import train_head_model
+
+CONFIG = GraftConfig(
+    image_size=16, channels=3, views=1, batch_size=16, head_learning_rate=0.01, head_max_epochs=30,
+    patience=2, fine_tune_layers=2, fine_tune_max_epochs=2, fine_tune_learning_rate=1e-3,
+)  # fmt: skip
+
+
+@keras.saving.register_keras_serializable(package="graft_tests")
+class CountingLayer(keras.layers.Layer):
+    """Identity that counts how many examples flowed through it (in graph mode too)."""
+
+    def build(self, input_shape):
+        self.seen = self.add_weight(shape=(), initializer="zeros", trainable=False, name="seen")
+
+    def call(self, x):
+        self.seen.assign_add(keras.ops.cast(keras.ops.shape(x)[0], "float32"))
+        return x
+
+
+def tiny_base(path: Path, counting: bool = False) -> str:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, None, 3))
+    x = CountingLayer(name="counter")(inputs) if counting else inputs
+    x = keras.layers.Rescaling(1 / 255.0)(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv_a")(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv_b")(x)
+    keras.Model(inputs, x, name="tiny").save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def examples_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ex")
+    datasets.write_synthetic_dataset(
+        str(root / "data"), num_classes=3, per_class=12, size=16, seed=0
+    )
+    augment_dataset(str(root / "data"), root / "examples", CONFIG)
+    return root / "examples"
+
+
+def test_feature_cache_runs_the_base_once_per_example(examples_dir, tmp_path):
+    base = tiny_base(tmp_path / "counting.keras", counting=True)
+    result = train_head_model(examples_dir, tmp_path / "head", replace(CONFIG, base=base))
+    spec = examples.read_spec(examples_dir)
+    model = keras.models.load_model(tmp_path / "head" / "model.keras")
+    seen = float(model.get_layer("tiny").get_layer("counter").seen.numpy())
+    assert result.epochs >= 3  # many epochs of head training ...
+    assert seen == spec["counts"]["train"] + spec["counts"]["val"]  # ... one pass of the base
+
+
+def test_frozen_base_weights_are_bit_identical_after_head_training(examples_dir, tmp_path):
+    base_path = tiny_base(tmp_path / "base.keras")
+    before = [w.numpy().copy() for w in keras.models.load_model(base_path).weights]
+    train_head_model(examples_dir, tmp_path / "head", replace(CONFIG, base=base_path))
+    after = keras.models.load_model(tmp_path / "head" / "model.keras").get_layer("tiny").weights
+    assert len(before) == len(after)
+    assert all(np.array_equal(b, a.numpy()) for b, a in zip(before, after, strict=True))
+    record = json.loads((tmp_path / "head" / "training.json").read_text())
+    assert record["converged"] is True and (tmp_path / "head" / "tensorboard").is_dir()
+
+
+def test_fine_tune_keeps_frozen_layers_and_all_batchnorm_statistics(examples_dir, tmp_path):
+    base_path = tiny_base(tmp_path / "base.keras")
+    config = replace(CONFIG, base=base_path, fine_tune_layers=1)
+    train_head_model(examples_dir, tmp_path / "head", config)
+    head_base = keras.models.load_model(tmp_path / "head" / "model.keras").get_layer("tiny")
+    result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
+    assert result.unfrozen_layers == ["conv_b"]
+    # The fine-tuned candidate is saved whether or not it was chosen.
+    tuned = keras.models.load_model(tmp_path / "tuned" / "finetuned_candidate.keras").get_layer(
+        "tiny"
+    )
+    changed = (
+        tuned.get_layer("conv_b").weights[0].numpy()
+        - head_base.get_layer("conv_b").weights[0].numpy()
+    )
+    assert np.abs(changed).max() > 0  # the unfrozen layer did train
+    for name in ("conv_a", "bn"):
+        for b, a in zip(
+            head_base.get_layer(name).weights, tuned.get_layer(name).weights, strict=True
+        ):
+            assert np.array_equal(b.numpy(), a.numpy()), f"{name}/{b.path} changed"
+
+
+def test_fine_tune_guard_returns_the_head_when_validation_does_not_improve(examples_dir, tmp_path):
+    base_path = tiny_base(tmp_path / "base.keras")
+    config = replace(CONFIG, base=base_path, fine_tune_learning_rate=0.0)  # a step that cannot help
+    train_head_model(examples_dir, tmp_path / "head", config)
+    result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
+    assert result.chosen == "head" and "did not beat the head" in result.reason
+    head = keras.models.load_model(tmp_path / "head" / "model.keras")
+    chosen = keras.models.load_model(tmp_path / "tuned" / "model.keras")
+    assert all(
+        np.array_equal(a.numpy(), b.numpy())
+        for a, b in zip(head.weights, chosen.weights, strict=True)
+    )
+    assert json.loads((tmp_path / "tuned" / "training.json").read_text())["chosen"] == "head"
+
+
+def test_fine_tune_refuses_a_head_that_did_not_converge(examples_dir, tmp_path):
+    config = replace(CONFIG, base=tiny_base(tmp_path / "base.keras"), head_max_epochs=1)
+    result = train_head_model(examples_dir, tmp_path / "head", config)
+    assert result.converged is False
+    with pytest.raises(HeadNotConvergedError, match="did not converge"):
+        fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
+
+
+def test_keras_base_loads_from_gcs(gcs, tmp_path):
+    local = tiny_base(tmp_path / "base.keras")
+    storage.upload_file(local, f"{gcs}/bases/tiny.keras")
+    base = build_base(f"{gcs}/bases/tiny.keras", image_size=16, channels=3, weights="none")
+    assert (
+        base.name == "tiny" and base.count_params() == keras.models.load_model(local).count_params()
+    )
+    with pytest.raises(ValueError, match="channels=1"):
+        build_base(f"{gcs}/bases/tiny.keras", image_size=16, channels=1, weights="none")
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50", "vgg16", "efficientnet_b0"])
+def test_application_bases_build_offline_with_preprocessing_inside(name):
+    base = build_base(name, image_size=32, channels=1, weights="none")
+    assert base.input_shape == (None, 32, 32, 1)
+    assert base.predict(np.full((1, 32, 32, 1), 128.0, "float32"), verbose=0).ndim == 4
+
+
+def test_unknown_base_name_is_rejected_with_the_value():
+    with pytest.raises(ValueError, match="base='resnet9000'"):
+        build_base("resnet9000", image_size=32, channels=3, weights="none")
