@@ -8,49 +8,11 @@ from pathlib import Path
 import pytest
 
 from components import datasets, storage
-from components.config import GraftConfig, with_overrides
+from components.config import GraftConfig
 from pipeline.run import run_local
+from tests.integration.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
-
-# Tiny but learnable: 3 synthetic classes, 32px, a small conv base trained for nothing.
-TINY = [
-    "image_size=32",
-    "views=1",
-    "batch_size=16",
-    "head_max_epochs=40",
-    "patience=2",
-    "head_learning_rate=0.01",
-    "fine_tune_max_epochs=2",
-    "fine_tune_layers=2",
-    "bless_min_accuracy=0.3",
-    "min_images_per_class=5",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> str:
-    """A small conv base pretrained for a few epochs on other synthetic images, saved as .keras."""
-    import keras
-    import numpy as np
-
-    path = tmp_path_factory.mktemp("base") / "base.keras"
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((None, None, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
-    x = keras.layers.BatchNormalization(momentum=0.8)(x)
-    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
-    base = keras.Model(inputs, x, name="tiny_base")
-    source = datasets.synthetic_images(num_classes=3, per_class=60, size=32, seed=99)
-    images = np.stack([img for imgs in source.values() for img in imgs]).astype("float32")
-    labels = np.repeat(np.arange(3), 60)
-    pooled = keras.layers.GlobalAveragePooling2D()(base.output)
-    classifier = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(pooled))
-    classifier.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    classifier.fit(images, labels, epochs=8, batch_size=16, verbose=0, shuffle=True)
-    base.save(path)
-    return str(path)
 
 
 @pytest.fixture
@@ -61,7 +23,7 @@ def bucket(tmp_path) -> str:
 
 
 def _config(tiny_base, *extra) -> GraftConfig:
-    return with_overrides(GraftConfig(), [*TINY, f"base={tiny_base}", *extra])
+    return tiny_config(tiny_base, *extra)
 
 
 def _versions(repo: str, name: str) -> list[str]:

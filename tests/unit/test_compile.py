@@ -1,0 +1,89 @@
+"""The compiled KFP spec: tasks, gates, GPUs only on training, one image, retries, caching."""
+
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+TASKS = {"check-data", "validate-data", "augment", "train-head", "fine-tune", "evaluate", "push"}
+
+
+def compile_spec(tmp_path, *flags) -> tuple[dict, dict]:
+    out = tmp_path / "pipeline.yaml"
+    result = CliRunner().invoke(
+        app, ["compile", "--image", "registry.example/graft:1.2", "-o", str(out), *flags]
+    )
+    assert result.exit_code == 0, result.output
+    documents = list(yaml.safe_load_all(out.read_text()))
+    return documents[0], (documents[1] if len(documents) > 1 else {})
+
+
+def all_tasks(spec: dict) -> dict:
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
+
+
+def test_compiled_pipeline_has_every_step_behind_three_gates(tmp_path):
+    spec, _ = compile_spec(tmp_path)
+    tasks = all_tasks(spec)
+    assert TASKS <= set(tasks)
+    conditions = sorted(
+        t["triggerPolicy"]["condition"] for t in tasks.values() if "triggerPolicy" in t
+    )
+    assert len(conditions) == 3
+    for producer in ("check-data", "train-head", "evaluate"):
+        assert any(
+            f"pipelinechannel--{producer}-Output" in c and "== true" in c for c in conditions
+        )
+
+
+def test_gpu_settings_are_on_training_steps_only_and_one_image_everywhere(tmp_path):
+    spec, platform = compile_spec(
+        tmp_path, "--gpu-node-selector", "pool=gpu-a", "--gpu-toleration", "gpu-taint"
+    )
+    executors = spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {"registry.example/graft:1.2"}
+    gpu_steps = {
+        name
+        for name, e in executors.items()
+        if "accelerator" in e["container"].get("resources", {})
+    }
+    assert gpu_steps == {"exec-train-head", "exec-fine-tune"}
+    assert (
+        executors["exec-train-head"]["container"]["resources"]["accelerator"]["resourceCount"]
+        == "1"
+    )
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == {"exec-train-head", "exec-fine-tune"}
+    for executor in k8s.values():
+        assert executor["nodeSelector"]["labels"] == {"pool": "gpu-a"}
+        assert executor["tolerations"] == [
+            {"effect": "NoSchedule", "key": "gpu-taint", "operator": "Exists"}
+        ]
+
+
+def test_no_gpu_drops_every_gpu_setting(tmp_path):
+    spec, platform = compile_spec(tmp_path, "--no-gpu")
+    executors = spec["deploymentSpec"]["executors"]
+    assert not any("accelerator" in e["container"].get("resources", {}) for e in executors.values())
+    assert "kubernetes" not in platform.get("platforms", {})
+
+
+def test_bucket_reading_steps_skip_cache_and_io_steps_retry(tmp_path):
+    spec, _ = compile_spec(tmp_path)
+    tasks = all_tasks(spec)
+    for name in ("check-data", "validate-data", "augment"):
+        assert tasks[name]["cachingOptions"].get("enableCache", False) is False
+    assert tasks["train-head"]["cachingOptions"]["enableCache"] is True
+    for name in ("check-data", "validate-data", "augment", "push"):
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] == 3
+
+
+def test_bad_node_selector_is_one_clear_error(tmp_path):
+    result = CliRunner().invoke(
+        app, ["compile", "--image", "x:1", "--gpu-node-selector", "nonsense"]
+    )
+    assert result.exit_code == 2
+    assert "expected key=value" in result.output
