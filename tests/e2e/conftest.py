@@ -1,0 +1,12 @@
+"""The kind suite fails (never skips) when it was asked for and cannot run."""
+
+import pytest
+
+from tests.conftest import KIND_HOW_TO, kind_prerequisites
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kind_tools_present(request):
+    problems = kind_prerequisites()
+    if problems:
+        pytest.fail(f"kind e2e suite cannot run: {'; '.join(problems)}. {KIND_HOW_TO}")
