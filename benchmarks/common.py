@@ -40,3 +40,40 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def export_tiny_model(repo: Path, name: str, size: int, channels: int = 3) -> Path:
+    """A small conv classifier at ``size`` px exported the way push does, as version 1."""
+    import keras
+
+    from serving.export import export_saved_model
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((size, size, channels))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
+    x = keras.layers.Conv2D(32, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5, activation="softmax")(x)
+    model_dir = repo.parent / f"{name}-keras"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    keras.Model(inputs, outputs).save(model_dir / "model.keras")
+    (model_dir / "labels.txt").write_text("a\nb\nc\nd\ne\n")
+    return export_saved_model(model_dir, repo / name / "1", warmup_images=[], top_k=3)
+
+
+def photo_like(size: int, seed: int = 0):
+    """A smooth colour image with texture (uint8 HxWx3): compresses like a photo, not like noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    image = np.stack([np.sin(6 * xx + 2 * yy), np.cos(5 * yy - 3 * xx), np.sin(4 * (xx + yy))], -1)
+    image = (image + 1) * 110 + rng.normal(0, 6, size=(size, size, 3))
+    return np.clip(image, 0, 255).astype("uint8")
+
+
+def percentile_ms(values, q) -> float:
+    import numpy as np
+
+    return float(np.percentile(values, q) * 1000)

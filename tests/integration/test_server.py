@@ -189,3 +189,30 @@ def test_no_failed_requests_while_a_new_version_rolls_in(server, repo, tmp_path)
           f"p99 {np.percentile(latencies, 99) * 1e3:.1f} ms")  # fmt: skip
     assert failures == []
     assert {1, 2} <= set(versions)
+
+
+def test_graft_predict_cli_prints_json_top_k_from_the_server(server, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    pixels, pngs = sample_images(2)
+    paths = []
+    for i, png in enumerate(pngs):
+        paths.append(tmp_path / f"img {i}.png")
+        paths[-1].write_bytes(png)
+    result = CliRunner().invoke(
+        app, ["predict", "--target", server.target, "--model", NAME, "--json", *map(str, paths)]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    expected = keras_probabilities(tmp_path, 1, 1, pixels)
+    assert [row["labels"][0] for row in rows] == [LABELS[int(i)] for i in expected.argmax(axis=1)]
+    assert all(row["version"] == 1 and len(row["probabilities"]) == 2 for row in rows)
+
+    unknown = CliRunner().invoke(
+        app, ["predict", "--target", server.target, "--model", "nope", str(paths[0])]
+    )
+    assert unknown.exit_code == 2 and "NOT_FOUND" in unknown.output

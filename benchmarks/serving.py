@@ -1,0 +1,105 @@
+"""Serving overhead and throughput of `graft serve`, one run, loopback only.
+
+    .venv/bin/python -m benchmarks.serving [--requests 300] [--clients 16] [--seconds 5]
+
+1. p50/p99 latency of one-image requests through gRPC vs calling the same SavedModel
+   signature in-process (the ratio is the server's overhead).
+2. Throughput with 16 concurrent clients for a fixed time. Dynamic batching is NOT
+   implemented in the dev server (TF Serving's batching is configured in k8s/base), so
+   no batching on/off ratio is claimed here.
+The last line is JSON.
+"""
+
+import argparse
+import io
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.common import export_tiny_model, percentile_ms, photo_like
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--size", type=int, default=96)
+    args = parser.parse_args()
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from serving.client import PredictClient
+    from serving.server import ModelServer
+
+    work = Path(tempfile.mkdtemp(prefix="graft-bench-"))
+    export_dir = export_tiny_model(work / "repo", "bench", args.size)
+    buffer = io.BytesIO()
+    Image.fromarray(photo_like(args.size)).save(buffer, "PNG")
+    image = buffer.getvalue()
+
+    signature = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    signature(images=tf.constant([image]))
+    in_process = []
+    for _ in range(args.requests):
+        started = time.perf_counter()
+        signature(images=tf.constant([image]))
+        in_process.append(time.perf_counter() - started)
+
+    server = ModelServer(str(work / "repo"), "bench", max_workers=args.clients)
+    target = f"127.0.0.1:{server.start(0)}"
+    client = PredictClient(target)
+    client.predict_images("bench", [image])
+    over_grpc = []
+    for _ in range(args.requests):
+        started = time.perf_counter()
+        client.predict_images("bench", [image])
+        over_grpc.append(time.perf_counter() - started)
+
+    done, failures, stop = [], [], threading.Event()
+
+    def worker():
+        own = PredictClient(target)
+        while not stop.is_set():
+            try:
+                own.predict_images("bench", [image])
+                done.append(1)
+            except Exception as err:  # counted: the figure is only honest with its failures
+                failures.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(args.clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(args.seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    server.stop(1)
+
+    p50_ratio = percentile_ms(over_grpc, 50) / percentile_ms(in_process, 50)
+    p99_ratio = percentile_ms(over_grpc, 99) / percentile_ms(in_process, 99)
+    throughput = len(done) / elapsed
+    print(
+        f"batch 1, {args.size}px PNG: in-process p50 {percentile_ms(in_process, 50):.2f} ms p99 {percentile_ms(in_process, 99):.2f} ms"
+    )
+    print(
+        f"                 over gRPC  p50 {percentile_ms(over_grpc, 50):.2f} ms p99 {percentile_ms(over_grpc, 99):.2f} ms"
+    )
+    print(f"gRPC/in-process: p50 {p50_ratio:.2f}x, p99 {p99_ratio:.2f}x")
+    print(
+        f"{args.clients} clients x {args.seconds:.0f}s: {throughput:.0f} requests/s, {len(failures)} failed"
+    )
+    print(json.dumps({"p50_ratio": round(p50_ratio, 2), "p99_ratio": round(p99_ratio, 2),
+                      "grpc_p50_ms": round(percentile_ms(over_grpc, 50), 2), "grpc_p99_ms": round(percentile_ms(over_grpc, 99), 2),
+                      "inproc_p50_ms": round(percentile_ms(in_process, 50), 2), "inproc_p99_ms": round(percentile_ms(in_process, 99), 2),
+                      "throughput_rps": round(throughput, 1), "clients": args.clients, "failed": len(failures),
+                      "batching": "not implemented"}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
