@@ -4,9 +4,7 @@
 
 1. p50/p99 latency of one-image requests through gRPC vs calling the same SavedModel
    signature in-process (the ratio is the server's overhead).
-2. Throughput with 16 concurrent clients for a fixed time. Dynamic batching is NOT
-   implemented in the dev server (TF Serving's batching is configured in k8s/base), so
-   no batching on/off ratio is claimed here.
+2. Throughput with 16 concurrent clients for a fixed time, dynamic batching off vs on.
 The last line is JSON.
 """
 
@@ -59,6 +57,41 @@ def main() -> None:
         client.predict_images("bench", [image])
         over_grpc.append(time.perf_counter() - started)
 
+    server.stop(1)
+    unbatched = throughput(work, image, args, batching=False)
+    batched = throughput(work, image, args, batching=True)
+
+    p50_ratio = percentile_ms(over_grpc, 50) / percentile_ms(in_process, 50)
+    p99_ratio = percentile_ms(over_grpc, 99) / percentile_ms(in_process, 99)
+    print(
+        f"batch 1, {args.size}px PNG: in-process p50 {percentile_ms(in_process, 50):.2f} ms p99 {percentile_ms(in_process, 99):.2f} ms"
+    )
+    print(
+        f"                 over gRPC  p50 {percentile_ms(over_grpc, 50):.2f} ms p99 {percentile_ms(over_grpc, 99):.2f} ms"
+    )
+    print(f"gRPC/in-process: p50 {p50_ratio:.2f}x, p99 {p99_ratio:.2f}x")
+    batching_ratio = batched["rps"] / unbatched["rps"]
+    for label, run in (("batching off", unbatched), ("batching on", batched)):
+        print(f"{args.clients} clients x {args.seconds:.0f}s, {label}: {run['rps']:.0f} requests/s, "
+              f"{run['failed']} failed, {run['calls']} model calls")  # fmt: skip
+    print(f"throughput batching on/off: {batching_ratio:.2f}x")
+    print(json.dumps({"p50_ratio": round(p50_ratio, 2), "p99_ratio": round(p99_ratio, 2),
+                      "grpc_p50_ms": round(percentile_ms(over_grpc, 50), 2), "grpc_p99_ms": round(percentile_ms(over_grpc, 99), 2),
+                      "inproc_p50_ms": round(percentile_ms(in_process, 50), 2), "inproc_p99_ms": round(percentile_ms(in_process, 99), 2),
+                      "rps_batching_off": round(unbatched["rps"], 1), "rps_batching_on": round(batched["rps"], 1),
+                      "batching_ratio": round(batching_ratio, 2), "clients": args.clients,
+                      "failed": unbatched["failed"] + batched["failed"]}))  # fmt: skip
+
+
+def throughput(work: Path, image: bytes, args, *, batching: bool) -> dict:
+    """Requests/s from ``args.clients`` threads for ``args.seconds`` against a fresh server."""
+    from serving.client import PredictClient
+    from serving.server import ModelServer
+
+    server = ModelServer(str(work / "repo"), "bench", max_workers=args.clients, batching=batching,
+                         max_batch_size=args.clients, batch_timeout_ms=2.0)  # fmt: skip
+    target = f"127.0.0.1:{server.start(0)}"
+    PredictClient(target).predict_images("bench", [image])
     done, failures, stop = [], [], threading.Event()
 
     def worker():
@@ -79,26 +112,9 @@ def main() -> None:
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - started
+    calls = server.batcher.calls if server.batcher else len(done)
     server.stop(1)
-
-    p50_ratio = percentile_ms(over_grpc, 50) / percentile_ms(in_process, 50)
-    p99_ratio = percentile_ms(over_grpc, 99) / percentile_ms(in_process, 99)
-    throughput = len(done) / elapsed
-    print(
-        f"batch 1, {args.size}px PNG: in-process p50 {percentile_ms(in_process, 50):.2f} ms p99 {percentile_ms(in_process, 99):.2f} ms"
-    )
-    print(
-        f"                 over gRPC  p50 {percentile_ms(over_grpc, 50):.2f} ms p99 {percentile_ms(over_grpc, 99):.2f} ms"
-    )
-    print(f"gRPC/in-process: p50 {p50_ratio:.2f}x, p99 {p99_ratio:.2f}x")
-    print(
-        f"{args.clients} clients x {args.seconds:.0f}s: {throughput:.0f} requests/s, {len(failures)} failed"
-    )
-    print(json.dumps({"p50_ratio": round(p50_ratio, 2), "p99_ratio": round(p99_ratio, 2),
-                      "grpc_p50_ms": round(percentile_ms(over_grpc, 50), 2), "grpc_p99_ms": round(percentile_ms(over_grpc, 99), 2),
-                      "inproc_p50_ms": round(percentile_ms(in_process, 50), 2), "inproc_p99_ms": round(percentile_ms(in_process, 99), 2),
-                      "throughput_rps": round(throughput, 1), "clients": args.clients, "failed": len(failures),
-                      "batching": "not implemented"}))  # fmt: skip
+    return {"rps": len(done) / elapsed, "failed": len(failures), "calls": calls}
 
 
 if __name__ == "__main__":

@@ -247,6 +247,15 @@ def serve(
     versions: str = typer.Option("latest:1", help="Version policy: latest:N or specific:V1,V2."),
     poll_seconds: float = typer.Option(2.0, help="How often to look for new versions."),
     max_message_mb: int = typer.Option(64, help="Largest request/response in MB."),
+    batching: bool = typer.Option(
+        False, help="Merge concurrent small requests into one model call."
+    ),
+    max_batch_size: int = typer.Option(32, help="With --batching: rows per merged call."),
+    batch_timeout_ms: float = typer.Option(
+        2.0, help="With --batching: how long a request waits for company."
+    ),
+    tls_cert: str = typer.Option(None, help="PEM certificate: serve TLS (with --tls-key)."),
+    tls_key: str = typer.Option(None, help="PEM private key for --tls-cert."),
 ) -> None:
     """Serve a model repository over TF Serving's gRPC API until SIGTERM/Ctrl-C."""
     import logging
@@ -255,8 +264,9 @@ def serve(
 
     logging.basicConfig(level=logging.INFO)
     with user_errors():
-        server = ModelServer(model_repo, model_name, host=host, versions=versions,
-                             poll_seconds=poll_seconds, max_message_mb=max_message_mb)  # fmt: skip
+        server = ModelServer(model_repo, model_name, host=host, versions=versions, poll_seconds=poll_seconds,
+                             max_message_mb=max_message_mb, batching=batching, max_batch_size=max_batch_size,
+                             batch_timeout_ms=batch_timeout_ms, tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
     server.serve_forever(port)
 
 

@@ -80,6 +80,9 @@ class ModelServer:
         max_workers: int = 8,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        batching: bool = False,
+        max_batch_size: int = 32,
+        batch_timeout_ms: float = 2.0,
     ):
         self.model_repo, self.model_name, self.host = model_repo, model_name, host
         self.policy = parse_policy(versions)
@@ -94,6 +97,11 @@ class ModelServer:
         self._server = None
         self._health = None
         self._cache = Path(tempfile.mkdtemp(prefix="graft-serve-"))
+        self.batcher = None
+        if batching:
+            from serving.batching import DynamicBatcher
+
+            self.batcher = DynamicBatcher(max_batch_size, batch_timeout_ms)
 
     # --- versions ------------------------------------------------------------------------
 
@@ -281,10 +289,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--versions", default="latest:1")
     parser.add_argument("--poll-seconds", type=float, default=2.0)
+    parser.add_argument("--batching", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     ModelServer(args.model_repo, args.model_name, host=args.host, versions=args.versions,
-                poll_seconds=args.poll_seconds).serve_forever(args.port)  # fmt: skip
+                poll_seconds=args.poll_seconds, batching=args.batching).serve_forever(args.port)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -102,7 +102,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             signature = loaded.signatures[name]
             tensors = check_inputs(signature, dict(request.inputs), self.server.max_batch)
             try:
-                outputs = signature(**tensors)
+                if self.server.batcher is not None:
+                    arrays = {k: v.numpy() for k, v in tensors.items()}
+                    outputs = self.server.batcher.run((loaded.version, name), signature, arrays)
+                else:
+                    outputs = signature(**tensors)
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT, err.message.splitlines()[0]
