@@ -198,6 +198,8 @@ def push(
     model_repo: str,
     model_name: str,
     top_k: int = 3,
+    verify_target: str = "",
+    verify_timeout_seconds: float = 300.0,
 ) -> str:
     """Publish the blessed model as a new version; return the version now holding it."""
     import json
@@ -210,6 +212,13 @@ def push(
     logging.basicConfig(level=logging.INFO)
     state_path = Path(data_state.path)
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    verify = None
+    if (
+        verify_target
+    ):  # e.g. tf-serving.default.svc:8500: roll back a version the server cannot load
+        from serving.client import wait_until_available
+
+        verify = wait_until_available(verify_target, model_name, timeout=verify_timeout_seconds)
     result = push_model(model.path, evaluation.path, examples.path, model_repo, model_name,
-                        GraftConfig(top_k=top_k), data_state=state)  # fmt: skip
+                        GraftConfig(top_k=top_k), data_state=state, verify=verify)  # fmt: skip
     return str(result.version)

@@ -101,6 +101,7 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
         bless_class_tolerance: float = _DEFAULTS.bless_class_tolerance,
         force: bool = False,
         min_new_images: int = 0,
+        verify_target: str = "",
     ):
         checked = _io_heavy(
             check_data(
@@ -186,6 +187,7 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
                             model_repo=model_repo,
                             model_name=model_name,
                             top_k=top_k,
+                            verify_target=verify_target,
                         )
                     )
 

@@ -136,3 +136,28 @@ class PredictClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def wait_until_available(
+    target: str, model_name: str, *, timeout: float = 120.0, poll: float = 1.0
+):
+    """A ``verify(version) -> bool`` for push: True once the server at ``target`` reports the
+    version AVAILABLE (TF Serving or graft serve), False after ``timeout`` seconds."""
+    import time
+
+    def verify(version: int) -> bool:
+        client = PredictClient(target, timeout=min(10.0, timeout))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if any(
+                    v == version and state == "AVAILABLE"
+                    for v, state, _ in client.model_status(model_name)
+                ):
+                    return True
+            except ServingError:
+                pass  # not up yet, or the model not loaded yet
+            time.sleep(poll)
+        return False
+
+    return verify

@@ -216,3 +216,45 @@ def test_graft_predict_cli_prints_json_top_k_from_the_server(server, tmp_path):
         app, ["predict", "--target", server.target, "--model", "nope", str(paths[0])]
     )
     assert unknown.exit_code == 2 and "NOT_FOUND" in unknown.output
+
+
+def test_push_verified_against_the_server_keeps_a_loaded_version_and_rolls_back_one_that_never_loads(
+    tmp_path,
+):
+    import json
+
+    from components import examples
+    from components.config import GraftConfig
+    from components.push import push_model
+    from serving.client import wait_until_available
+    from tests.serving_models import SIZE, make_model_dir
+
+    pixels, _ = sample_images(4, seed=3)
+    ex = tmp_path / "examples"
+    for split in examples.SPLITS:
+        examples.write_split(ex, split, [(p, i % 3, 0, f"s{i}") for i, p in enumerate(pixels)])
+    examples.write_metadata(ex, list(LABELS), {"image_size": SIZE, "channels": 1, "views": 0})
+    evaluation = tmp_path / "evaluation.json"
+    evaluation.write_text(
+        json.dumps({"blessed": True, "reason": "ok", "metrics": {"accuracy": 1.0}})
+    )
+    repo = tmp_path / "repo"
+
+    server = ModelServer(str(repo), NAME, poll_seconds=0.2)
+    target = f"127.0.0.1:{server.start(0)}"
+    try:
+        first = push_model(make_model_dir(tmp_path / "m1", 1), evaluation, ex, str(repo), NAME, GraftConfig(top_k=2),
+                           verify=wait_until_available(target, NAME, timeout=30, poll=0.2))  # fmt: skip
+        assert first.pushed and (repo / NAME / str(first.version) / "saved_model.pb").exists()
+    finally:
+        server.stop(1)
+
+    pinned = ModelServer(str(repo), NAME, versions=f"specific:{first.version}", poll_seconds=0.2)
+    target = f"127.0.0.1:{pinned.start(0)}"
+    try:
+        with pytest.raises(RuntimeError, match="did not become AVAILABLE"):
+            push_model(make_model_dir(tmp_path / "m2", 2), evaluation, ex, str(repo), NAME, GraftConfig(top_k=2),
+                       verify=wait_until_available(target, NAME, timeout=2, poll=0.2))  # fmt: skip
+        assert sorted(p.name for p in (repo / NAME).iterdir()) == [str(first.version)]
+    finally:
+        pinned.stop(1)
