@@ -102,15 +102,19 @@ def fine_tune_model(
         metrics=["accuracy"],
     )
     augmentation = augmenter(config.seed)
+    train = examples.dataset(examples_dir, "train", originals_only=True)
+    originals = examples.read_spec(examples_dir).get("images", {}).get("train")
+    if originals:  # the view filter hides the size; telling tf.data keeps Keras' epochs exact
+        train = train.apply(tf.data.experimental.assert_cardinality(originals))
     train = (
-        examples.dataset(examples_dir, "train", originals_only=True)
-        .shuffle(4096, seed=config.seed)
+        train.shuffle(4096, seed=config.seed)
         .batch(config.batch_size)
         .map(lambda x, y: (augmentation(tf.cast(x, tf.float32), training=True), y))
         .prefetch(2)
     )
     history = model.fit(
         train, validation_data=(x_val.astype("float32"), y_val), epochs=config.fine_tune_max_epochs, verbose=2,
+        shuffle=False,  # the dataset is shuffled above
         callbacks=[
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
             keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),

@@ -193,7 +193,9 @@ def _suite(config: GraftConfig):
     import great_expectations as gx
 
     E = gx.expectations
-    decoded = {"row_condition": "decodable==True", "condition_parser": "pandas"}
+    from great_expectations.expectations.row_conditions import Column
+
+    decoded = {"row_condition": Column("decodable") == True}  # noqa: E712  (builds a GX condition)
     return [
         (E.ExpectColumnValuesToNotBeNull(column="label"),
          "every file sits in a <label>/ folder (or <split>/<label>/)"),
