@@ -3,6 +3,7 @@
 import pytest
 
 from tests.conftest import KIND_HOW_TO, kind_prerequisites
+from tests.integration.conftest import tiny_base  # noqa: F401  (the pipeline's base fixture)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -62,13 +62,21 @@ def tf_serving(cluster):
         forward.terminate()
 
 
-def run_pipeline(tmp_path: Path, data: Path, *extra: str) -> dict:
-    """The local pipeline, pushing into the folder the cluster serves from."""
-    out = sh(*GRAFT, "run", "--data", data, "--model-name", "graft", "--model-repo", MODELS,
-             "--pipeline-root", tmp_path / "runs", "--json", "--set", "image_size=32", "--set", "views=1",
-             "--set", "weights=none", "--set", "base=mobilenet_v2", "--set", "head_learning_rate=0.01",
-             "--set", "bless_min_accuracy=0.3", *extra, capture_output=True)  # fmt: skip
-    return json.loads(out.stdout)
+def run_pipeline(tmp_path: Path, data: Path, base: str, *, force: bool = False):
+    """The local pipeline (kfp.local), pushing into the folder the cluster serves from."""
+    from pipeline.run import run_local
+    from tests.integration.conftest import tiny_config
+
+    summary = run_local(
+        str(data),
+        str(MODELS),
+        "graft",
+        tiny_config(base),
+        pipeline_root=tmp_path / "runs",
+        force=force,
+    )
+    assert summary.pushed_version, summary.outcome
+    return summary
 
 
 def wait_available(target: str, version: int, timeout: float = 300) -> None:
@@ -85,7 +93,7 @@ def wait_available(target: str, version: int, timeout: float = 300) -> None:
     raise AssertionError(f"TF Serving did not report version {version} AVAILABLE within {timeout}s")
 
 
-def test_tf_serving_serves_graft_versions_and_switches(tmp_path, tf_serving):
+def test_tf_serving_serves_graft_versions_and_switches(tmp_path, tf_serving, tiny_base):
     import keras
 
     from components import datasets
@@ -93,8 +101,8 @@ def test_tf_serving_serves_graft_versions_and_switches(tmp_path, tf_serving):
 
     data = tmp_path / "data"
     datasets.write_synthetic_dataset(str(data), num_classes=3, per_class=20, size=32, seed=0)
-    first = run_pipeline(tmp_path, data)
-    version = int(first["pushed_version"])
+    first = run_pipeline(tmp_path, data, tiny_base)
+    version = int(first.pushed_version)
     wait_available(tf_serving, version)
 
     images = datasets.synthetic_images(3, 2, 32, seed=5)
@@ -104,7 +112,7 @@ def test_tf_serving_serves_graft_versions_and_switches(tmp_path, tf_serving):
             path = tmp_path / f"{label}_{i}.png"
             path.write_bytes(datasets.encode_png(array))
             paths.append(path)
-    model_dir = Path(first["tasks"]["fine-tune"]["artifacts"]["finetuned_model"])
+    model_dir = Path(first.tasks["fine-tune"].artifacts["finetuned_model"])
     local = keras.models.load_model(model_dir / "model.keras")
     labels = (model_dir / "labels.txt").read_text().split()
     expected = [
