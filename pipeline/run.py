@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,7 +104,11 @@ def run_local(
         force=force,
         min_new_images=min_new_images,
     )
-    build_pipeline(gpu=None, retries=False)(**arguments)
+    with warnings.catch_warnings():
+        # kfp.local notes that GPU/CPU requests are ignored and that graft:latest is not a
+        # Python image; both are expected here (components run in this environment).
+        warnings.filterwarnings("ignore", module=r"kfp\.local\..*")
+        build_pipeline(gpu=None, retries=False)(**arguments)
     new_dirs = sorted(set(pipeline_root.iterdir()) - before)
     if not new_dirs:
         raise RuntimeError(f"kfp.local wrote no run directory under {pipeline_root}")
