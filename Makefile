@@ -9,10 +9,10 @@ APT_PACKAGES := dataset-fashion-mnist kubectl
 
 .PHONY: test demo demo-retrain lint format bench test-kind image system-deps clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -c constraints.txt  # the versions the image pins
 	touch $(STAMP)
 
 system-deps:

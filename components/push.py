@@ -213,9 +213,7 @@ def push(
     state_path = Path(data_state.path)
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     verify = None
-    if (
-        verify_target
-    ):  # e.g. tf-serving.default.svc:8500: roll back a version the server cannot load
+    if verify_target:  # e.g. tf-serving.graft.svc:8500: roll back a version the server cannot load
         from serving.client import wait_until_available
 
         verify = wait_until_available(verify_target, model_name, timeout=verify_timeout_seconds)

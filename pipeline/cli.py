@@ -118,7 +118,11 @@ def run(
     pipeline_root: str = typer.Option(
         ".graft/runs", help="Where kfp.local keeps each step's outputs."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
+    json_out: bool = typer.Option(
+        False,
+        "--json",
+        help="Print the run summary as JSON at the end of stdout (after the steps' logs).",
+    ),
 ) -> None:
     """Run the whole pipeline locally (kfp.local) and print what each step did."""
     import json

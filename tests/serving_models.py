@@ -1,5 +1,6 @@
 """Tiny real models for serving tests: a Keras classifier exported by graft's own exporter."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,10 @@ def export_version(repo: Path, name: str, version: int, seed: int, work: Path) -
     model_dir = make_model_dir(work / f"model-{version}-{seed}", seed)
     _, pngs = sample_images(2)
     target = repo / name / str(version)
-    export_saved_model(model_dir, target, warmup_images=pngs, top_k=2)
+    staged = work / f"export-{version}-{seed}"
+    export_saved_model(model_dir, staged, warmup_images=pngs, top_k=2)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staged), str(target))  # a polling server sees the version whole, as push does
     return target
 
 

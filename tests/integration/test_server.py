@@ -1,5 +1,6 @@
 """`graft serve` over real gRPC on loopback, against tiny SavedModels graft exported."""
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -89,9 +90,10 @@ def test_new_version_replaces_old_and_status_follows(server, repo, tmp_path):
 
 
 def test_broken_new_version_is_reported_and_old_keeps_serving(server, repo, tmp_path):
-    broken = export_version(repo, NAME, 3, seed=3, work=tmp_path / "b")
+    broken = export_version(tmp_path / "staging", NAME, 3, seed=3, work=tmp_path / "b")
     for data_file in (broken / "variables").glob("variables.data*"):
         data_file.write_bytes(b"corrupt")
+    shutil.move(str(broken), str(repo / NAME / "3"))  # appears already broken, in one step
     deadline = time.time() + 30
     while 3 not in server.failed and time.time() < deadline:
         time.sleep(0.1)
@@ -103,8 +105,9 @@ def test_broken_new_version_is_reported_and_old_keeps_serving(server, repo, tmp_
 
 
 def test_version_folder_without_saved_model_pb_is_never_loaded(server, repo, tmp_path):
-    partial = export_version(repo, NAME, 4, seed=4, work=tmp_path / "p")
-    (partial / "saved_model.pb").unlink()
+    staged = export_version(tmp_path / "staging", NAME, 4, seed=4, work=tmp_path / "p")
+    (staged / "saved_model.pb").unlink()  # made partial before the server can see it
+    shutil.move(str(staged), str(repo / NAME / "4"))
     time.sleep(1.0)
     assert 4 not in server.loaded and 4 not in server.failed
     assert [v for v, _, _ in PredictClient(server.target).model_status(NAME)] == [1]

