@@ -12,12 +12,9 @@ SOURCE, TARGET = [0, 2, 4, 6, 8], [1, 3, 5, 7, 9]
 
 def pretrained_base() -> str:
     """The small CNN pretrained on the source classes (same file the demo caches)."""
-    from components.pretrain import pretrain_base
+    from components.pretrain import cached_base
 
-    path = CACHE / "fashion-base-0-2-4-6-8.keras"
-    if not path.exists():
-        pretrain_base(str(path), classes=SOURCE)
-    return str(path)
+    return cached_base(CACHE, SOURCE)[0]
 
 
 def target_images(per_class: int, seed: int, split: str = "train"):

@@ -47,16 +47,17 @@ def main() -> None:
 
     # Tutorial style: augmentation layers in the model, the frozen base runs every step.
     keras.utils.set_random_seed(args.seed)
-    head = build_head(base.output_shape[-1], 5, config)
-    inputs = keras.Input(x.shape[1:])
-    augmented = augmenter(args.seed)(inputs)
-    tutorial = keras.Model(inputs, assemble(base, head, x.shape[1:])(augmented))
-    tutorial.compile(
-        optimizer=keras.optimizers.Adam(config.head_learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
     with Timer() as seed_time:
+        # the same head, standardised by the base's features of the un-augmented images
+        head = build_head(base.output_shape[-1], 5, config, adapt_to=pooled_features(base, x, 256))
+        inputs = keras.Input(x.shape[1:])
+        augmented = augmenter(args.seed)(inputs)
+        tutorial = keras.Model(inputs, assemble(base, head, x.shape[1:])(augmented))
+        tutorial.compile(
+            optimizer=keras.optimizers.Adam(config.head_learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
         tutorial.fit(x, y, epochs=args.epochs * (1 + args.views), batch_size=32, verbose=0)
     acc_seed = float(tutorial.evaluate(x_val, y_val, verbose=0)[1])
 
@@ -66,7 +67,7 @@ def main() -> None:
         views = np.concatenate([x, *make_views(x.astype("uint8"), args.views, args.seed)])
         labels = np.concatenate([y] * (1 + args.views))
         features = pooled_features(base, views, 256)
-        head = build_head(features.shape[-1], 5, config)
+        head = build_head(features.shape[-1], 5, config, adapt_to=features)
         head.compile(
             optimizer=keras.optimizers.Adam(config.head_learning_rate),
             loss="sparse_categorical_crossentropy",

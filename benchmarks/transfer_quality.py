@@ -69,9 +69,12 @@ def main() -> None:
 
     base = pretrained_base()
     x_test, y_test = target_images(None, 0, split="test")
+    # patience 10: on 25-100 validation images val loss is noisy, and patience 3 stopped heads
+    # after ~5 epochs, 3.6 points below patience 10 at 10/class. Fine-tuning: every layer of
+    # the small base (BatchNorm stays frozen) at the LR it was trained with.
     config = GraftConfig(base=base, image_size=28, channels=1, views=args.views, head_learning_rate=0.01,
-                         min_delta=0.005, head_max_epochs=100, patience=3, fine_tune_layers=4,
-                         fine_tune_max_epochs=8, fine_tune_learning_rate=1e-4, scratch_baseline=False)  # fmt: skip
+                         min_delta=0.005, head_max_epochs=100, patience=10, fine_tune_layers=12,
+                         fine_tune_max_epochs=20, fine_tune_learning_rate=1e-3, scratch_baseline=False)  # fmt: skip
     rows = []
     for budget in [int(b) for b in args.budgets.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -103,7 +106,7 @@ def main() -> None:
             print(f"budget {budget:>3}/class seed {seed}: head {row['head']:.4f} fine-tuned {row['fine_tuned']:.4f} "
                   f"chosen {row['chosen']:.4f} ({row['chose']}) scratch {row['scratch']:.4f}", flush=True)  # fmt: skip
 
-    summary = {}
+    summary, floor_met = {}, {}
     for budget in sorted({r["budget"] for r in rows}):
         group = [r for r in rows if r["budget"] == budget]
         means = {
@@ -111,14 +114,18 @@ def main() -> None:
             for k in ("head", "fine_tuned", "chosen", "scratch")
         }
         summary[str(budget)] = {k: round(v, 4) for k, v in means.items()}
-        ok_floor = means["chosen"] >= max(means["head"], means["scratch"]) - 0.005
+        floor_met[str(budget)] = means["chosen"] >= max(means["head"], means["scratch"]) - 0.005
         print(f"budget {budget:>3}: mean head {means['head']:.4f} fine-tuned {means['fine_tuned']:.4f} "
               f"chosen {means['chosen']:.4f} scratch {means['scratch']:.4f}; "
               f"chosen - scratch {100 * (means['chosen'] - means['scratch']):+.1f} points; "
-              f"chosen >= max(head, scratch) - 0.5 points: {ok_floor}")  # fmt: skip
-    print(
-        json.dumps({"mean_accuracy": summary, "seeds": args.seeds, "test_images": int(len(y_test))})
-    )
+              f"chosen >= max(head, scratch) - 0.5 points: {floor_met[str(budget)]}")  # fmt: skip
+    figures = {"mean_accuracy": summary, "chosen_within_half_point_of_best": floor_met}
+    if "10" in summary:
+        gain = 100 * (summary["10"]["chosen"] - summary["10"]["scratch"])
+        figures["chosen_minus_scratch_points_at_10"] = round(gain, 1)
+        print(f"at 10/class chosen - scratch = {gain:+.1f} points (goal +20; scratch "
+              f"{summary['10']['scratch']:.4f}, so +20 would need {summary['10']['scratch'] + 0.2:.4f})")  # fmt: skip
+    print(json.dumps({**figures, "seeds": args.seeds, "test_images": int(len(y_test))}))
 
 
 def accuracy_scratch(work: Path, config, x_test, y_test) -> float:

@@ -4,8 +4,13 @@
 
 Where there is no network there are no imagenet weights; this gives the demo and the tests
 a real pretrained base: Fashion-MNIST's classes 0,2,4,6,8 as the source task, the other
-five as the target. The saved base takes 0..255 grayscale pixels of any size >= 16
-(fully convolutional) and outputs a feature map; the head pools it.
+five as the target. Two choices make its features transfer (benchmarks/RESULTS.md):
+- the base is trained on two tasks at once, the source labels and which of four rotations
+  an image was turned by (Gidaris et al. 2018). Labels alone teach what tells five
+  upper-body garments apart; rotation needs the shape of the whole object.
+- its output is every block's average- and max-pooled activations, concatenated: early
+  blocks hold the generic edges and parts, the last block the source-specific ones.
+The saved base takes 0..255 grayscale pixels of any size >= 16 and outputs that vector.
 """
 
 import logging
@@ -17,14 +22,16 @@ import numpy as np
 from components import datasets, storage
 
 log = logging.getLogger(__name__)
+RECIPE = "v2"  # v2: rotation task + multi-scale pooled output; bump when the recipe changes
 
 
 def small_cnn(channels: int = 1, width: int = 32):
-    """Three conv blocks with BatchNorm; input 0..255 pixels, output a feature map."""
+    """Three conv blocks with BatchNorm; 0..255 pixels in, multi-scale pooled features out."""
     import keras
 
     inputs = keras.Input((None, None, channels), name="pixels")
     x = keras.layers.Rescaling(1 / 255.0, name="preprocess")(inputs)
+    pooled = []
     for block, filters in enumerate((width, width * 2, width * 4)):
         for conv in range(2):
             x = keras.layers.Conv2D(
@@ -32,9 +39,22 @@ def small_cnn(channels: int = 1, width: int = 32):
             )(x)
             x = keras.layers.BatchNormalization(momentum=0.9, name=f"b{block}_bn{conv}")(x)
             x = keras.layers.ReLU(name=f"b{block}_relu{conv}")(x)
+        pooled += [
+            keras.layers.GlobalAveragePooling2D(name=f"b{block}_avg")(x),
+            keras.layers.GlobalMaxPooling2D(name=f"b{block}_max")(x),
+        ]
         if block < 2:
             x = keras.layers.MaxPooling2D(name=f"b{block}_pool")(x)
-    return keras.Model(inputs, x, name="graft_small_cnn")
+    features = keras.layers.Concatenate(name="features")(pooled)
+    return keras.Model(inputs, features, name="graft_small_cnn")
+
+
+def rotations(images: np.ndarray, labels: np.ndarray, seed: int):
+    """Every image turned by 0, 90, 180 and 270 degrees, shuffled: (images, labels, turns)."""
+    turned = np.concatenate([np.rot90(images, k, axes=(1, 2)) for k in range(4)])
+    turns = np.repeat(np.arange(4), len(images))
+    order = np.random.default_rng(seed).permutation(len(turned))  # validation_split takes the tail
+    return turned[order], np.tile(labels, 4)[order], turns[order]
 
 
 def pretrain_base(
@@ -53,30 +73,45 @@ def pretrain_base(
     images, labels = datasets.load_fashion_mnist("train", data_dir=data_dir)
     picked = datasets.pick_per_class(labels, list(classes), per_class, seed)
     index = np.concatenate(list(picked.values()))
-    x = images[index][..., None].astype("float32")
-    y = np.concatenate([np.full(len(v), i) for i, v in enumerate(picked.values())])
-    order = np.random.default_rng(seed).permutation(len(x))  # validation_split takes the tail
-    x, y = x[order], y[order]
+    source_labels = np.concatenate([np.full(len(v), i) for i, v in enumerate(picked.values())])
+    x, y, turns = rotations(images[index][..., None].astype("float32"), source_labels, seed)
     base = small_cnn()
-    pooled = keras.layers.GlobalAveragePooling2D()(base.output)
     classifier = keras.Model(
-        base.input, keras.layers.Dense(len(classes), activation="softmax")(pooled)
-    )
+        base.input,
+        {
+            "source_class": keras.layers.Dense(len(classes), activation="softmax", name="source_class")(base.output),
+            "rotation": keras.layers.Dense(4, activation="softmax", name="rotation")(base.output),
+        },
+    )  # fmt: skip
     classifier.compile(
         optimizer=keras.optimizers.Adam(1e-3),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+        loss={"source_class": "sparse_categorical_crossentropy", "rotation": "sparse_categorical_crossentropy"},
+        metrics={"source_class": ["accuracy"], "rotation": ["accuracy"]},
+    )  # fmt: skip
+    log.info("pretraining on %d images x 4 rotations, classes %s", len(index), list(classes))
     history = classifier.fit(
-        x, y, epochs=epochs, batch_size=64, validation_split=0.1, verbose=2, shuffle=True
-    )
+        x, {"source_class": y, "rotation": turns}, epochs=epochs, batch_size=64,
+        validation_split=0.1, verbose=2, shuffle=True,
+    ).history  # fmt: skip
     local = Path(tempfile.mkdtemp(prefix="graft-pretrain-")) / "base.keras"
     base.save(local)
     storage.upload_file(local, out_uri)
     summary = {
         "classes": list(classes),
-        "examples": len(x),
-        "val_accuracy": float(history.history["val_accuracy"][-1]),
+        "examples": len(index),
+        "val_accuracy": float(history["val_source_class_accuracy"][-1]),
+        "val_rotation_accuracy": float(history["val_rotation_accuracy"][-1]),
     }
     log.info("pretrained base saved to %s: %s", out_uri, summary)
     return summary
+
+
+def cached_base(cache_dir: str | Path, classes: list[int] = (0, 2, 4, 6, 8)) -> tuple[str, bool]:
+    """The default base for ``classes``, pretrained once into ``cache_dir`` and then reused.
+    Returns (path, whether it was already cached). The file name carries the recipe's
+    version, so a cache made by an older recipe is not mistaken for this one."""
+    path = Path(cache_dir) / f"fashion-base-{RECIPE}-{'-'.join(map(str, classes))}.keras"
+    if path.exists():
+        return str(path), True
+    pretrain_base(str(path), classes=list(classes))
+    return str(path), False

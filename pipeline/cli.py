@@ -234,7 +234,10 @@ def pretrain(
         summary = pretrain_base(
             out, classes=_int_list(classes), per_class=per_class, epochs=epochs, seed=seed
         )
-    typer.echo(f"saved base to {out} (source val accuracy {summary['val_accuracy']:.3f})")
+    typer.echo(
+        f"saved base to {out} (source val accuracy {summary['val_accuracy']:.3f}, "
+        f"rotation val accuracy {summary['val_rotation_accuracy']:.3f})"
+    )
 
 
 # --- serve / predict ----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """train_head and fine_tune on tiny real data: feature cache, frozen weights, the guard."""
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,11 +13,12 @@ from components import datasets, examples, storage
 from components.augment import augment_dataset
 from components.backbones import build_base
 from components.config import GraftConfig
-from components.fine_tune import HeadNotConvergedError, fine_tune_model
-from components.train_head import train_head_model
+from components.fine_tune import HeadNotConvergedError, clearly_better, fine_tune_model
+from components.pretrain import rotations
+from components.train_head import pooled_features, train_head_model
 
 CONFIG = GraftConfig(
-    image_size=16, channels=3, views=1, batch_size=16, head_learning_rate=0.01, head_max_epochs=30,
+    image_size=16, channels=3, views=1, batch_size=16, head_learning_rate=0.01, head_max_epochs=60,
     patience=2, fine_tune_layers=2, fine_tune_max_epochs=2, fine_tune_learning_rate=1e-3,
 )  # fmt: skip
 
@@ -65,6 +67,18 @@ def test_feature_cache_runs_the_base_once_per_example(examples_dir, tmp_path):
     assert seen == spec["counts"]["train"] + spec["counts"]["val"]  # ... one pass of the base
 
 
+def test_head_standardises_by_the_cached_training_features(examples_dir, tmp_path):
+    base_path = tiny_base(tmp_path / "base.keras")
+    train_head_model(examples_dir, tmp_path / "head", replace(CONFIG, base=base_path))
+    x, _ = examples.load_arrays(examples_dir, "train")
+    features = pooled_features(keras.models.load_model(base_path), x, 64)
+    head = keras.models.load_model(tmp_path / "head" / "model.keras").get_layer("head")
+    standardised = head.get_layer("head_standardise")(features).numpy()
+    np.testing.assert_allclose(standardised.mean(0), 0, atol=1e-3)
+    live = features.std(0) > 1e-3  # dead ReLU channels stay at 0
+    np.testing.assert_allclose(standardised.std(0)[live], 1, atol=1e-2)
+
+
 def test_frozen_base_weights_are_bit_identical_after_head_training(examples_dir, tmp_path):
     base_path = tiny_base(tmp_path / "base.keras")
     before = [w.numpy().copy() for w in keras.models.load_model(base_path).weights]
@@ -104,7 +118,7 @@ def test_fine_tune_guard_returns_the_head_when_validation_does_not_improve(examp
     config = replace(CONFIG, base=base_path, fine_tune_learning_rate=0.0)  # a step that cannot help
     train_head_model(examples_dir, tmp_path / "head", config)
     result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
-    assert result.chosen == "head" and "did not beat the head" in result.reason
+    assert result.chosen == "head" and "did not beat the head on validation" in result.reason
     head = keras.models.load_model(tmp_path / "head" / "model.keras")
     chosen = keras.models.load_model(tmp_path / "tuned" / "model.keras")
     assert all(
@@ -143,3 +157,52 @@ def test_application_bases_build_offline_with_preprocessing_inside(name):
 def test_unknown_base_name_is_rejected_with_the_value():
     with pytest.raises(ValueError, match="base='resnet9000'"):
         build_base("resnet9000", image_size=32, channels=3, weights="none")
+
+
+def test_rotations_turn_every_image_four_ways_with_matching_labels():
+    images = np.arange(2 * 3 * 3, dtype="float32").reshape(2, 3, 3, 1)
+    turned, labels, turns = rotations(images, np.array([7, 8]), seed=0)
+    assert turned.shape == (8, 3, 3, 1) and sorted(turns.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    for image, label, k in zip(turned, labels, turns, strict=True):
+        source = images[[7, 8].index(label)]
+        np.testing.assert_array_equal(image, np.rot90(source, k, axes=(0, 1)))
+
+
+def test_graft_pretrain_saves_a_base_that_learned_labels_and_rotations(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    out = tmp_path / "base.keras"
+    result = CliRunner().invoke(app, ["pretrain", "--classes", "0,2,4", "--per-class", "150",
+                                      "--epochs", "2", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    source, rotation = (float(v) for v in re.findall(r"accuracy (\d\.\d+)", result.output))
+    assert source > 0.6 and rotation > 0.6  # chance: 1/3 and 1/4
+    base = keras.models.load_model(out)
+    features = base.predict(np.full((2, 40, 40, 1), 100.0, "float32"), verbose=0)
+    assert features.shape == (2, 2 * (32 + 64 + 128))  # avg + max pooled, three blocks
+    assert base.predict(np.zeros((1, 28, 28, 1), "float32"), verbose=0).shape == (1, 448)
+
+
+@pytest.mark.parametrize(
+    ("head", "tuned", "examples", "chosen"),
+    [
+        (0.88, 0.92, 25, False),  # one image of 25: noise
+        (0.76, 0.88, 25, True),  # three images of 25
+        (0.90, 0.91, 100, False),
+        (0.92, 0.95, 100, True),
+        (0.967, 1.0, 30, False),  # a perfect score on 30 images is not proof
+        (0.90, 0.85, 1000, False),
+        (0.90, 0.93, 1000, True),  # on many images small gains count
+    ],
+)
+def test_fine_tuned_model_must_beat_the_head_by_more_than_one_standard_error(
+    head, tuned, examples, chosen
+):
+    assert clearly_better(head, tuned, examples) is chosen
+
+
+def test_clearly_better_rejects_an_empty_validation_set():
+    with pytest.raises(ValueError, match="examples=0"):
+        clearly_better(0.5, 0.6, 0)
