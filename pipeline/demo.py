@@ -8,8 +8,9 @@ queried over gRPC with held-out test images.
     python -m pipeline.demo [--workdir .graft/demo] [--per-class 30] [--retrain]
 
 `--retrain` also shows the retraining loop: a rerun on the same data skips training, new
-images arrive, the next run pushes version 2, and the server switches without a failed
-request while a client keeps querying.
+images arrive, the next run is judged against the served version, and a blessed candidate
+is pushed as version 2 and switched in while a client keeps querying; a refused one is
+reported with the gate's reason, and the served version stays.
 """
 
 from __future__ import annotations
@@ -169,10 +170,13 @@ def retrain_loop(bucket, repo, runs, config, target, server, payloads, truth) ->
     time.sleep(1)
     stop.set()
     thread.join()
-    say(
-        f"versions in the repository: {storage.list_dirs(storage.join(repo, MODEL_NAME))}; "
-        f"{len(answered)} requests answered during the switch, {len(failures)} failed"
-    )
+    versions = storage.list_dirs(storage.join(repo, MODEL_NAME))
+    if summary.pushed_version:
+        say(f"versions in the repository: {versions}; "
+            f"{len(answered)} requests answered during the switch, {len(failures)} failed")  # fmt: skip
+    else:
+        say(f"no new version ({summary.outcome}); still serving {versions}; "
+            f"{len(answered)} requests answered meanwhile, {len(failures)} failed")  # fmt: skip
     say(f"accuracy now: {query(target, payloads, truth):.3f}")
 
 
