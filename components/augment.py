@@ -48,7 +48,7 @@ def load_image(data: bytes, image_size: int, channels: int) -> np.ndarray:
 
 
 def augmenter(seed: int):
-    """The augmentation applied to make views (and, on the fly, by fine_tune)."""
+    """The augmentation that makes the stored views (train_head and fine_tune both train on them)."""
     import keras
 
     return keras.Sequential(

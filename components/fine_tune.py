@@ -2,18 +2,17 @@
 
 Runs only from a converged head (the pipeline gates on it and this step checks again).
 BatchNorm layers stay frozen, so their moving statistics are never rewritten by a few
-small batches. The result is compared with the head-only model on validation: on small
-data fine-tuning often loses (the Keras guide's own run does), and then the head-only
-model is what this step outputs, saying so. "Beats" means by more than one standard error
-of the validation accuracy (the one-standard-error rule of model selection: keep the
-simpler model unless the complex one is clearly better). On 25 validation images one
-image is 4 points; in benchmarks/transfer_quality.py plain "higher" chose fine-tuned
-models that were worse on the test set.
+small batches. It trains on every stored record, the originals and the augmented views
+augment wrote, as the head did. The result is compared with the head-only model on
+validation: on small data fine-tuning can lose (the Keras guide's own run does), and
+unless it gets more validation images right than the head, the head-only model is what
+this step outputs, saying so. (A stricter "more than one standard error" rule kept the
+head on 18 of 27 benchmark runs, though fine-tuning won on test in 24; see
+benchmarks/RESULTS.md.)
 """
 
 import json
 import logging
-import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,16 +40,6 @@ class FineTuneResult:
     tuned_val_accuracy: float
     unfrozen_layers: list[str]
     epochs: int
-
-
-def clearly_better(head_accuracy: float, tuned_accuracy: float, examples: int) -> bool:
-    """True when the tuned model's validation accuracy exceeds the head's by more than one
-    standard error of the head's accuracy on ``examples`` images (Laplace-smoothed, so a
-    perfect score on a small set still has an error)."""
-    if examples < 1:
-        raise ValueError(f"Received `examples={examples}`: expected >= 1")
-    p = (head_accuracy * examples + 1) / (examples + 2)
-    return tuned_accuracy - head_accuracy > math.sqrt(p * (1 - p) / examples)
 
 
 def unfreeze_top(base, *, layers: int, from_layer: str = "") -> list[str]:
@@ -87,7 +76,6 @@ def fine_tune_model(
     import keras
     import tensorflow as tf
 
-    from components.augment import augmenter
     from components.backbones import find_base
 
     head_model_dir, out_dir = Path(head_model_dir), Path(out_dir)
@@ -116,15 +104,17 @@ def fine_tune_model(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    augmentation = augmenter(config.seed)
-    train = examples.dataset(examples_dir, "train", originals_only=True)
-    originals = examples.read_spec(examples_dir).get("images", {}).get("train")
-    if originals:  # the view filter hides the size; telling tf.data keeps Keras' epochs exact
-        train = train.apply(tf.data.experimental.assert_cardinality(originals))
+    # Every stored record, originals and their augmented views, as the head saw them.
+    # Originals alone with fresh augmentation each epoch (the tutorials' way) stayed 1 point
+    # under scratch at 100 labels/class; see benchmarks/RESULTS.md.
+    train = examples.dataset(examples_dir, "train")
+    records = examples.read_spec(examples_dir).get("counts", {}).get("train")
+    if records:  # TFRecords hide their size; telling tf.data keeps Keras' epochs exact
+        train = train.apply(tf.data.experimental.assert_cardinality(records))
     train = (
         train.shuffle(4096, seed=config.seed)
         .batch(config.batch_size)
-        .map(lambda x, y: (augmentation(tf.cast(x, tf.float32), training=True), y))
+        .map(lambda x, y: (tf.cast(x, tf.float32), y))
         .prefetch(2)
     )
     history = model.fit(
@@ -138,16 +128,16 @@ def fine_tune_model(
     tuned_accuracy = float(model.evaluate(x_val.astype("float32"), y_val, verbose=0)[1])
     model.save(out_dir / CANDIDATE_FILE)  # kept either way, so the comparison can be inspected
 
-    if clearly_better(head_accuracy, tuned_accuracy, len(y_val)):
+    if round(tuned_accuracy * len(y_val)) > round(head_accuracy * len(y_val)):
         chosen, reason = (
             "fine_tuned",
-            f"val accuracy {tuned_accuracy:.4f} > head-only {head_accuracy:.4f} by more than one standard error",
+            f"val accuracy {tuned_accuracy:.4f} > head-only {head_accuracy:.4f} on {len(y_val)} images",
         )
         shutil.copyfile(out_dir / CANDIDATE_FILE, out_dir / MODEL_FILE)
     else:
         chosen = "head"
         reason = (
-            f"fine-tuning did not beat the head on validation by more than one standard error "
+            f"fine-tuning did not beat the head on validation "
             f"({tuned_accuracy:.4f} vs {head_accuracy:.4f} on {len(y_val)} images); kept the head-only model"
         )
         shutil.copyfile(head_model_dir / MODEL_FILE, out_dir / MODEL_FILE)
