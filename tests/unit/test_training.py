@@ -79,6 +79,16 @@ def test_head_standardises_by_the_cached_training_features(examples_dir, tmp_pat
     np.testing.assert_allclose(standardised.std(0)[live], 1, atol=1e-2)
 
 
+def test_pooled_features_pads_the_last_batch_and_drops_the_padding(tmp_path):
+    base = keras.models.load_model(tiny_base(tmp_path / "base.keras"))
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 16, 16, 3)).astype("uint8")
+    expected = base.predict(images.astype("float32"), verbose=0).mean(axis=(1, 2))
+    for batch_size in (2, 5, 64):  # padded to 6; exact; one batch of 5
+        features = pooled_features(base, images, batch_size)
+        assert features.shape == expected.shape
+        np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_frozen_base_weights_are_bit_identical_after_head_training(examples_dir, tmp_path):
     base_path = tiny_base(tmp_path / "base.keras")
     before = [w.numpy().copy() for w in keras.models.load_model(base_path).weights]
