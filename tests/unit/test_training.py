@@ -47,6 +47,13 @@ def tiny_base(path: Path, counting: bool = False) -> str:
     return str(path)
 
 
+def assert_same_weights(saved: Path, other: Path) -> None:
+    """The two saved models hold bit-identical weights, in the same order."""
+    first, second = keras.models.load_model(saved), keras.models.load_model(other)
+    for a, b in zip(first.weights, second.weights, strict=True):
+        assert np.array_equal(a.numpy(), b.numpy()), f"{a.path} differs"
+
+
 @pytest.fixture(scope="module")
 def examples_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ex")
@@ -129,12 +136,7 @@ def test_fine_tune_guard_returns_the_head_when_validation_does_not_improve(examp
     train_head_model(examples_dir, tmp_path / "head", config)
     result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
     assert result.chosen == "head" and "did not beat the head on validation" in result.reason
-    head = keras.models.load_model(tmp_path / "head" / "model.keras")
-    chosen = keras.models.load_model(tmp_path / "tuned" / "model.keras")
-    assert all(
-        np.array_equal(a.numpy(), b.numpy())
-        for a, b in zip(head.weights, chosen.weights, strict=True)
-    )
+    assert_same_weights(tmp_path / "head" / "model.keras", tmp_path / "tuned" / "model.keras")
     assert json.loads((tmp_path / "tuned" / "training.json").read_text())["chosen"] == "head"
 
 
@@ -163,11 +165,8 @@ def test_fine_tune_guard_chooses_the_tuned_model_when_it_gets_more_validation_im
     result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
     assert result.tuned_val_accuracy > result.head_val_accuracy
     assert result.chosen == "fine_tuned" and "> head-only" in result.reason
-    chosen = keras.models.load_model(tmp_path / "tuned" / "model.keras")
-    candidate = keras.models.load_model(tmp_path / "tuned" / "finetuned_candidate.keras")
-    assert all(
-        np.array_equal(a.numpy(), b.numpy())
-        for a, b in zip(candidate.weights, chosen.weights, strict=True)
+    assert_same_weights(
+        tmp_path / "tuned" / "finetuned_candidate.keras", tmp_path / "tuned" / "model.keras"
     )
 
 
