@@ -16,6 +16,7 @@ WORKDIR /src
 COPY constraints.txt ./
 RUN pip install -r constraints.txt
 COPY pyproject.toml README.md ./
+COPY common/ common/
 COPY components/ components/
 COPY pipeline/ pipeline/
 COPY serving/ serving/

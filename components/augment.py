@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from kfp.dsl import Dataset, Input, Output
 
-from components import examples, storage
+from common import storage
+from components import examples
 from components.component import step_component
 from components.config import GraftConfig
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components import storage
+from common import storage
 
 # name -> (keras.applications constructor, preprocessing mode)
 APPLICATIONS = {

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from kfp.dsl import Artifact, Output
 
-from components import storage
+from common import storage
 from components.component import step_component
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

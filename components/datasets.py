@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components import storage
+from common import storage
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_URL = "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"

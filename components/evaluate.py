@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from components import examples, storage
+from common import storage
+from components import examples
 from components.component import step_component
 from components.config import GraftConfig
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from components import datasets, storage
+from common import storage
+from components import datasets
 
 log = logging.getLogger(__name__)
 RECIPE = "v2"  # v2: rotation task + multi-scale pooled output; bump when the recipe changes

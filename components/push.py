@@ -21,7 +21,8 @@ from pathlib import Path
 
 from kfp.dsl import Artifact, Dataset, Input, Model
 
-from components import examples, storage
+from common import storage
+from components import examples
 from components.component import step_component
 from components.config import GraftConfig
 from components.evaluate import EVALUATION_FILE, served_version

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kfp.dsl import HTML, Dataset, Output
 
-from components import storage
+from common import storage
 from components.component import step_component
 from components.config import GraftConfig
 

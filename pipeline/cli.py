@@ -32,8 +32,8 @@ console = Console(stderr=True)
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one clear line and exit code 2."""
+    from common.storage import StorageError
     from components.datasets import DatasetError
-    from components.storage import StorageError
     from serving.client import ServingError
 
     try:
@@ -289,7 +289,7 @@ def predict(
     """Classify images over gRPC and print the top-k labels with probabilities."""
     import json
 
-    from components import storage
+    from common import storage
     from serving.client import PredictClient
 
     with user_errors():

@@ -21,7 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from components import datasets, storage
+from common import storage
+from components import datasets
 from components.config import GraftConfig, with_overrides
 
 TARGET_CLASSES = [1, 3, 5, 7, 9]

@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Callable
 
-from components import storage
+from common import storage
 from components.check_data import Fingerprint, fingerprint_uri
 
 log = logging.getLogger(__name__)

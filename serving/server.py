@@ -27,7 +27,7 @@ from pathlib import Path
 
 import grpc
 
-from components import storage
+from common import storage
 
 log = logging.getLogger(__name__)
 DEFAULT_SIGNATURE = "serving_default"

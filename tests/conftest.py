@@ -35,7 +35,7 @@ def gcs_emulator():
 @pytest.fixture
 def gcs(gcs_emulator, monkeypatch):
     """A fresh bucket on the emulator; yields its gs:// URI with the client pointed at it."""
-    from components import storage
+    from common import storage
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
     bucket_name = f"graft-test-{uuid.uuid4().hex[:10]}"

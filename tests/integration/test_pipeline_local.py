@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from components import datasets, storage
+from common import storage
+from components import datasets
 from components.config import GraftConfig
 from pipeline.run import run_local
 from tests.integration.conftest import tiny_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from components import storage
+from common import storage
 from tests.faults import FlakyProxy
 
 

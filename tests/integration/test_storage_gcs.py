@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from components import storage
+from common import storage
 
 
 @pytest.fixture(params=["local", "gcs"])

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from components import datasets, storage
+from common import storage
+from components import datasets
 from components.check_data import Fingerprint, fingerprint_uri
 from pipeline.run import run_local
 from pipeline.watch import parse_duration, watch

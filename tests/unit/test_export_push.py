@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components import examples, storage
+from common import storage
+from components import examples
 from components.config import GraftConfig
 from components.push import (
     NotBlessedError,
@@ -165,7 +166,7 @@ def test_failed_verification_rolls_the_version_back(model_dir, examples_dir, tmp
 
 KILLED_PUSH = """
 import sys, time
-from components import storage
+from common import storage
 real = storage.upload_file
 def slow(local, uri):
     real(local, uri)

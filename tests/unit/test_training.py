@@ -9,7 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from components import datasets, examples, storage
+from common import storage
+from components import datasets, examples
 from components.augment import augment_dataset
 from components.backbones import build_base
 from components.config import GraftConfig

@@ -5,7 +5,7 @@ repository or an artifact can live on a laptop or in GCS without the caller
 knowing. GCS goes through google-cloud-storage, which honours
 ``STORAGE_EMULATOR_HOST``: the tests point it at a local emulator server.
 
-    from components import storage
+    from common import storage
     for f in storage.list_files("gs://my-bucket/flowers"):
         print(f.relpath, f.size, f.checksum)
 """
