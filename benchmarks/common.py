@@ -59,6 +59,27 @@ def export_tiny_model(repo: Path, name: str, size: int, channels: int = 3) -> Pa
     return export_saved_model(model_dir, repo / name / "1", warmup_images=[], top_k=3)
 
 
+def export_mobilenet_model(repo: Path, name: str, size: int = 224) -> Path:
+    """A MobileNetV2 base (random weights: cost, not accuracy, matters) with graft's head,
+    assembled and exported exactly as train_head and push do, as version 1."""
+    import keras
+
+    from components.backbones import build_base
+    from components.config import GraftConfig
+    from components.train_head import assemble, build_head
+    from serving.export import export_saved_model
+
+    keras.utils.set_random_seed(0)
+    base = build_base("mobilenet_v2", image_size=size, channels=3, weights="none")
+    base.trainable = False
+    head = build_head(base.output_shape[-1], 5, GraftConfig())
+    model_dir = repo.parent / f"{name}-keras"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    assemble(base, head, (size, size, 3)).save(model_dir / "model.keras")
+    (model_dir / "labels.txt").write_text("a\nb\nc\nd\ne\n")
+    return export_saved_model(model_dir, repo / name / "1", warmup_images=[], top_k=3)
+
+
 def photo_like(size: int, seed: int = 0):
     """A smooth colour image with texture (uint8 HxWx3): compresses like a photo, not like noise."""
     import numpy as np
