@@ -102,7 +102,9 @@ def _run_settings(base: str | None, settings: list[str] | None):
     from pipeline.settings import run_settings
 
     resolved = run_settings(settings or [], base=base)
-    console.print(describe_sources(resolved.config, resolved.sources), highlight=False)
+    console.print(
+        describe_sources(resolved.config, resolved.sources), highlight=False, soft_wrap=True
+    )
     return resolved.config
 
 
@@ -351,7 +353,9 @@ def _cluster_params(param: list[str] | None, set_: list[str] | None) -> dict:
     from pipeline.settings import cluster_parameters
 
     params, resolved = cluster_parameters([*(param or []), *(set_ or [])])
-    console.print(describe_sources(resolved.config, resolved.sources), highlight=False)
+    console.print(
+        describe_sources(resolved.config, resolved.sources), highlight=False, soft_wrap=True
+    )
     if resolved.note:
         console.print(f"note: {resolved.note}", highlight=False)
     return params

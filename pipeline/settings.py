@@ -60,6 +60,8 @@ def run_settings(
             f"could not read the base here ({err}); the run's first step checks it",
         )
     config, sources = resolve(facts.settings(), changes, override_label=label)
+    if base:
+        sources["base"] = "--base"
     check_base_settings(config, facts)
     return RunSettings(config, sources, note)
 
