@@ -136,3 +136,17 @@ def test_a_pretrained_base_runs_with_no_set_and_a_contradiction_is_refused_first
     summary = json.loads(ran.output[ran.output.rindex('{\n  "run_dir"') :])
     assert summary["pushed_version"], summary["outcome"]
     assert storage.list_dirs(storage.join(str(repo), "fm")) == [summary["pushed_version"]]
+
+
+def test_a_run_not_started_by_the_cli_is_refused_by_its_first_step(tmp_path):
+    """What a cluster run started from the KFP UI gets: check_data refuses, nothing else runs."""
+    base = _gray_base(tmp_path / "gray.keras")
+    bucket = str(tmp_path / "bucket")
+    datasets.write_synthetic_dataset(bucket, num_classes=3, per_class=6, size=32, seed=0)
+    config = with_overrides(GraftConfig(), {"base": base, "channels": 3})
+
+    summary = run_local(bucket, str(tmp_path / "models"), "m", config,
+                        pipeline_root=tmp_path / "runs")  # fmt: skip
+
+    assert summary.ran() == ["check-data"]
+    assert "check-data FAILED" in summary.outcome
