@@ -125,6 +125,12 @@ def resolve(
 
     Returns the config and, per setting, where its value came from: "default", "base" or
     ``override_label``."""
+    unknown = sorted(set(base_settings) - _SETTING_NAMES)
+    if unknown:
+        raise ValueError(
+            f"The base records settings this graft does not know: {unknown} (a base saved by a "
+            "newer graft?): upgrade graft, or use a base without them"
+        )
     from_base = with_overrides(GraftConfig(), base_settings)
     config = with_overrides(from_base, overrides)
     changed = (

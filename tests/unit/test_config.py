@@ -313,3 +313,8 @@ def test_recorded_settings_live_inside_the_keras_file(tmp_path):
 
 def test_graftconfig_settings_is_every_field():
     assert list(GraftConfig().settings()) == [f.name for f in dataclasses.fields(GraftConfig)]
+
+
+def test_a_base_recording_a_setting_this_graft_does_not_know_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"does not know: \['views_v2'\]"):
+        resolve({"views_v2": 3}, [])
