@@ -347,12 +347,14 @@ PARAM_HELP = (
 )
 
 
-def _cluster_params(param: list[str] | None, set_: list[str] | None) -> dict:
+def _cluster_params(
+    param: list[str] | None, set_: list[str] | None, *, label: str = "--param/--set"
+) -> dict:
     """--param/--set -> the run's parameters; settings start from the base's, like graft run."""
     from components.config import describe_sources
     from pipeline.settings import cluster_parameters
 
-    params, resolved = cluster_parameters([*(param or []), *(set_ or [])])
+    params, resolved = cluster_parameters([*(param or []), *(set_ or [])], label=label)
     console.print(
         describe_sources(resolved.config, resolved.sources), highlight=False, soft_wrap=True
     )
@@ -474,7 +476,7 @@ def watch(
         seconds = parse_duration(every)
         if host:
             settings = [*(set_ or []), *([f"base={base}"] if base else [])]
-            params = _cluster_params(None, settings)
+            params = _cluster_params(None, settings, label="--set")
             trigger = submit_trigger(
                 host, _package(package, None), data, model_name, model_repo, params
             )
