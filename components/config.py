@@ -148,8 +148,9 @@ def describe_sources(config: GraftConfig, sources: dict[str, str]) -> str:
     lines = []
     for source in sorted({s for s in sources.values() if s != "default"}):
         names = [n for n in SETTINGS if sources[n] == source]
-        lines.append(f"from {source}: " + ", ".join(f"{n}={getattr(config, n)}" for n in names))
-    lines.append("every other setting: GraftConfig default")
+        values = ", ".join(f"{n}={getattr(config, n)}" for n in names)
+        lines.append(f"settings from {source}: {values}")
+    lines.append("every other setting: its GraftConfig default")
     return "\n".join(lines)
 
 

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     resolved = run_settings(DEMO_CHANGES, base=base, label="the demo")
     config = resolved.config
     for line in describe_sources(config, resolved.sources).splitlines():
-        say(f"settings {line}")
+        say(line)
 
     say("running the pipeline with kfp.local")
     summary = run_local(bucket, repo, MODEL_NAME, config, pipeline_root=runs)
