@@ -63,21 +63,18 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4)
     args = parser.parse_args()
 
-    from components.config import GraftConfig, with_overrides
     from components.fine_tune import CANDIDATE_FILE, fine_tune_model
     from components.train_head import train_head_model
-    from pipeline.demo import DEMO_SETTINGS
+    from pipeline.settings import run_settings
 
     base = pretrained_base()
     x_test, y_test = target_images(None, 0, split="test")
-    # The demo's settings, so the figures are the demo's: patience 10 (on 25-100 validation
-    # images val loss is noisy; patience 3 stopped heads after ~5 epochs, 3.6 points lower at
-    # 10/class); fine-tuning every layer of the small base (BatchNorm stays frozen) at the LR
-    # it was trained with. Only the number of views differs (the demo keeps 2 for speed).
-    config = with_overrides(
-        GraftConfig(),
-        [*DEMO_SETTINGS, f"base={base}", f"views={args.views}", "scratch_baseline=false"],
-    )
+    # The settings the base carries (components/pretrain.py PRETRAINED_SETTINGS), as
+    # `graft run --base` and the demo use them; only the number of views is this script's
+    # (the demo keeps 2 for speed).
+    config = run_settings(
+        [f"views={args.views}", "scratch_baseline=false"], base=base, label="the benchmark"
+    ).config
     rows = []
     for budget in [int(b) for b in args.budgets.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:

@@ -150,11 +150,12 @@ def augment(
     import logging
 
     from components.augment import augment_dataset
-    from components.config import GraftConfig
+    from components.config import step_config
     from components.validate import read_manifest
 
+    config = step_config(locals())
     logging.basicConfig(level=logging.INFO)
-    config = GraftConfig(image_size=image_size, channels=channels, views=views,
-                         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)  # fmt: skip
     spec = augment_dataset(data_uri, examples.path, config, read_manifest(manifest.path))
-    examples.metadata.update({"counts": spec["counts"], "labels": spec["labels"]})
+    examples.metadata.update(
+        {"counts": spec["counts"], "labels": spec["labels"], "settings": config.used()}
+    )

@@ -3,9 +3,21 @@
 Every base returned here takes raw pixels (0..255, float32, [N, H, W, C]) and carries its
 own preprocessing inside the graph, so the exported SavedModel cannot skew from training.
 Preprocessing is built from standard layers (no Lambda), so `.keras` files load safely.
+
+A `.keras` base also carries its settings (read without TensorFlow, in milliseconds):
+what its input shape fixes (channels; the image size when it is fixed) and, in a
+``graft_settings.json`` entry `graft pretrain` adds to the file, the settings it is known
+to work with. `graft run` starts from these; `check_base_settings` refuses a config that
+contradicts what the base fixes.
+
+    facts = base_facts("base.keras"); facts.settings()  # {"channels": 1, "image_size": 28, ...}
 """
 
+import json
+import logging
 import tempfile
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +32,88 @@ APPLICATIONS = {
     "efficientnet_b0": ("EfficientNetB0", "none"),  # rescales inside the application itself
 }
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+SETTINGS_ENTRY = "graft_settings.json"  # inside a .keras base, next to Keras' config.json
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    fixed: dict = field(default_factory=dict)  # what the input shape fixes: channels, image_size
+    recorded: dict = field(default_factory=dict)  # settings saved with the base (graft pretrain)
+
+    def settings(self) -> dict:
+        """The settings a run with this base starts from (what the base fixes wins)."""
+        return {**self.recorded, **self.fixed}
+
+
+def record_settings(keras_path: str | Path, settings: dict) -> None:
+    """Store ``settings`` inside the .keras file (Keras ignores entries it does not know)."""
+    with zipfile.ZipFile(keras_path, "a") as archive:
+        if SETTINGS_ENTRY in archive.namelist():
+            raise ValueError(f"{keras_path} already records its settings")
+        archive.writestr(SETTINGS_ENTRY, json.dumps(settings, indent=2, sort_keys=True))
+
+
+def _input_shape(keras_config: dict) -> list | None:
+    for layer in keras_config.get("config", {}).get("layers", []):
+        if layer.get("class_name") == "InputLayer":
+            return layer["config"].get("batch_shape") or layer["config"].get("batch_input_shape")
+    return (keras_config.get("build_config") or {}).get("input_shape")
+
+
+def base_facts(base: str) -> BaseFacts:
+    """What a base fixes and records; nothing for keras.applications names (graft builds
+    those for any image size and channel count)."""
+    if not base.endswith(".keras"):
+        return BaseFacts()
+    path = _local_copy(base, ".keras")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            shape = _input_shape(json.loads(archive.read("config.json")))
+            recorded = json.loads(archive.read(SETTINGS_ENTRY)) if SETTINGS_ENTRY in names else {}
+    except (zipfile.BadZipFile, KeyError, ValueError) as err:
+        raise ValueError(f"The base {base} is not a readable .keras file: {err}") from err
+    fixed = {}
+    if shape and len(shape) == 4:
+        if shape[-1] is not None:
+            fixed["channels"] = int(shape[-1])
+        if shape[1] is not None and shape[1] == shape[2]:
+            fixed["image_size"] = int(shape[1])
+        elif shape[1] is not None or shape[2] is not None:
+            raise ValueError(
+                f"The base {base} takes {shape[1]}x{shape[2]} images: graft feeds square "
+                "images, so give it a base with a square or free input size"
+            )
+    return BaseFacts(fixed, recorded)
+
+
+def contradictions(base: str, fixed: dict, *, channels: int, image_size: int) -> list[str]:
+    """One sentence per setting the base's input shape rules out, with the fix."""
+    problems = []
+    if "channels" in fixed and channels != fixed["channels"]:
+        problems.append(
+            f"The base {base} takes {fixed['channels']}-channel images but "
+            f"`channels={channels}`: set channels={fixed['channels']} "
+            "(or leave channels unset: graft takes it from the base)"
+        )
+    if "image_size" in fixed and image_size != fixed["image_size"]:
+        size = fixed["image_size"]
+        problems.append(
+            f"The base {base} takes {size}x{size} images but `image_size={image_size}`: "
+            f"set image_size={size} (or leave image_size unset: graft takes it from the base)"
+        )
+    return problems
+
+
+def check_base_settings(config, facts: BaseFacts | None = None) -> None:
+    """Refuse a config whose channels/image_size contradict its base, before any work."""
+    facts = base_facts(config.base) if facts is None else facts
+    problems = contradictions(
+        config.base, facts.fixed, channels=config.channels, image_size=config.image_size
+    )
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _caffe_preprocessing():
@@ -51,12 +145,11 @@ def build_base(base: str, *, image_size: int, channels: int, weights: str = "ima
 
     if base.endswith(".keras"):
         model = keras.models.load_model(_local_copy(base, ".keras"))
-        have = model.input_shape[-1]
-        if have != channels:
-            raise ValueError(
-                f"The base {base} takes {have}-channel images but `channels={channels}`: "
-                f"set channels={have}"
-            )
+        _, height, width, have = model.input_shape
+        fixed = {"channels": have, **({"image_size": height} if height and height == width else {})}
+        problems = contradictions(base, fixed, channels=channels, image_size=image_size)
+        if problems:
+            raise ValueError("; ".join(problems))
         return model
     if base not in APPLICATIONS:
         raise ValueError(

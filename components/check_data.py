@@ -3,7 +3,9 @@
 The fingerprint is a digest of every object's (path, size, checksum) from the bucket
 listing (GCS md5/crc32c + generation; local sha256), sorted so listing order never
 matters. The push step records it in the version's metadata; on the next run this first
-step compares, and unchanged data ends the run before anything expensive happens.
+step compares, and unchanged data ends the run before anything expensive happens. Being
+first, it also refuses settings that contradict the base (runs not started by the graft CLI,
+which checks the same before it starts one).
 """
 
 import hashlib
@@ -80,11 +82,21 @@ def check_data(
     data_state: Output[Artifact],
     force: bool = False,
     min_new_images: int = 0,
+    base: str = "mobilenet_v2",
+    image_size: int = 96,
+    channels: int = 3,
 ) -> bool:
-    """Fingerprint the dataset; return whether to train (the gate for everything after)."""
+    """Refuse settings the base rules out; fingerprint the dataset; return whether to train
+    (the gate for everything after)."""
     import json
 
+    from components.backbones import check_base_settings
     from components.check_data import fingerprint_uri, served_metadata, should_train
+    from components.config import step_config
+
+    config = step_config(locals())
+    check_base_settings(config)
+    data_state.metadata["settings"] = config.used()
 
     current = fingerprint_uri(data_uri)
     served = served_metadata(model_repo, model_name)

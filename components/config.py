@@ -1,9 +1,16 @@
-"""The one configuration graft runs with.
+"""The one configuration graft runs with, and the one place its defaults are written.
 
-Every step's core takes a ``GraftConfig``; the KFP components rebuild it from
-their plain parameters, and the CLI changes fields with ``--set key=value``:
+Config travels one way: ``GraftConfig`` -> pipeline parameters (one per field, same name,
+same default: pipeline/pipeline.py derives them) -> each step's KFP component, whose
+signature names the fields that step uses and rebuilds them with ``step_config(locals())``.
+The CLI changes fields by the same names everywhere (``graft run/watch --set``,
+``graft submit/schedule --param``):
 
     cfg = with_overrides(GraftConfig(), ["image_size=64", "views=2"])
+    cfg, sources = resolve({"image_size": 28}, ["views=2"])  # default < the base's < --set
+
+KFP serializes only a component function's source, so the defaults in component
+signatures are literals; tests/unit/test_config.py fails when one differs from here.
 """
 
 from __future__ import annotations
@@ -59,6 +66,97 @@ class GraftConfig:
     bless_min_accuracy: float = 0.5  # absolute floor on test accuracy
     bless_tolerance: float = 0.01  # how much worse than the champion overall is still fine
     bless_class_tolerance: float = 0.05  # per-class recall regression allowed vs the champion
+
+    def settings(self) -> dict:
+        """Every setting by name (a step's StepConfig: only the ones it was given)."""
+        return dataclasses.asdict(self)
+
+
+SETTINGS = tuple(f.name for f in fields(GraftConfig))
+
+
+class StepConfig(GraftConfig):
+    """The settings one pipeline step was given. Reading a setting the step was not given
+    raises, so a step can never silently run with a default in place of the user's value
+    (the bug that dropped ``min_side`` on its way to validation)."""
+
+    def __getattribute__(self, name: str):
+        if name in _SETTING_NAMES:
+            given = object.__getattribute__(self, "_given")
+            if name not in given:
+                raise AttributeError(
+                    f"This step was not given the setting `{name}`: add `{name}` to its KFP "
+                    "component's signature (the pipeline then passes it)"
+                )
+            object.__getattribute__(self, "_read").add(name)
+        return object.__getattribute__(self, name)
+
+    def __repr__(self) -> str:
+        given = object.__getattribute__(self, "_given")
+        return f"StepConfig({', '.join(f'{k}={v!r}' for k, v in given.items())})"
+
+    def settings(self) -> dict:
+        return dict(object.__getattribute__(self, "_given"))
+
+    def used(self) -> dict:
+        """The settings the step has read so far, by name: what shaped its outputs."""
+        given = object.__getattribute__(self, "_given")
+        return {k: kfp_value(given[k]) for k in sorted(object.__getattribute__(self, "_read"))}
+
+
+_SETTING_NAMES = frozenset(SETTINGS)
+
+
+def step_config(parameters: dict) -> StepConfig:
+    """The config of one step from its component's parameters (pass ``locals()``): every
+    parameter named like a setting, typed as GraftConfig types it; nothing else readable."""
+    given = {k: v for k, v in parameters.items() if k in _SETTING_NAMES}
+    typed = dataclasses.asdict(with_overrides(GraftConfig(), given))
+    config = StepConfig(**typed)
+    object.__setattr__(config, "_given", {k: typed[k] for k in given})
+    object.__setattr__(config, "_read", set())
+    return config
+
+
+def resolve(
+    base_settings: dict, overrides: list[str] | dict, *, override_label: str = "--set"
+) -> tuple[GraftConfig, dict[str, str]]:
+    """GraftConfig defaults, then the base's recorded settings, then ``overrides``.
+
+    Returns the config and, per setting, where its value came from: "default", "base" or
+    ``override_label``."""
+    unknown = sorted(set(base_settings) - _SETTING_NAMES)
+    if unknown:
+        raise ValueError(
+            f"The base records settings this graft does not know: {unknown} (a base saved by a "
+            "newer graft?): upgrade graft, or use a base without them"
+        )
+    from_base = with_overrides(GraftConfig(), base_settings)
+    config = with_overrides(from_base, overrides)
+    changed = (
+        dict(overrides) if isinstance(overrides, dict) else dict(map(_split_assignment, overrides))
+    )
+    sources = {
+        name: override_label if name in changed else "base" if name in base_settings else "default"
+        for name in SETTINGS
+    }
+    return config, sources
+
+
+def describe_sources(config: GraftConfig, sources: dict[str, str]) -> str:
+    """One line per source naming the settings that did not come from the defaults."""
+    lines = []
+    for source in sorted({s for s in sources.values() if s != "default"}):
+        names = [n for n in SETTINGS if sources[n] == source]
+        values = ", ".join(f"{n}={getattr(config, n)}" for n in names)
+        lines.append(f"settings from {source}: {values}")
+    lines.append("every other setting: its GraftConfig default")
+    return "\n".join(lines)
+
+
+def kfp_value(value):
+    """A setting as a KFP parameter value (KFP has lists, not tuples)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def with_overrides(config: GraftConfig, assignments: list[str] | dict) -> GraftConfig:

@@ -232,12 +232,11 @@ def evaluate(
     import shutil
     from pathlib import Path
 
-    from components.config import GraftConfig
+    from components.config import step_config
     from components.evaluate import evaluate_model
 
+    config = step_config(locals())
     logging.basicConfig(level=logging.INFO)
-    config = GraftConfig(top_k=top_k, bless_min_accuracy=bless_min_accuracy,
-                         bless_tolerance=bless_tolerance, bless_class_tolerance=bless_class_tolerance)  # fmt: skip
     result = evaluate_model(examples.path, model.path, evaluation.path, config,
                             model_repo=model_repo, model_name=model_name)  # fmt: skip
     for key, value in result.metrics.items():
@@ -250,5 +249,7 @@ def evaluate(
         result.metrics["labels"], result.metrics["confusion_matrix"]
     )
     shutil.copyfile(Path(evaluation.path) / "report.html", eval_report.path)
-    evaluation.metadata.update({"blessed": result.blessed, "reason": result.reason})
+    evaluation.metadata.update(
+        {"blessed": result.blessed, "reason": result.reason, "settings": config.used()}
+    )
     return result.blessed

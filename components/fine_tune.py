@@ -147,6 +147,7 @@ def fine_tune_model(
         chosen, reason, head_accuracy, tuned_accuracy, unfrozen, len(history["val_loss"])
     )
     record = {**head_record, "step": "fine_tune", **asdict(result),
+              "params": {**head_record.get("params", {}), **config.settings()},
               "fine_tune_history": {k: [float(v) for v in vs] for k, vs in history.items()}}  # fmt: skip
     (out_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str))
     return result
@@ -156,8 +157,8 @@ def fine_tune_model(
 def fine_tune(
     examples: Input[Dataset],
     head_model: Input[Model],
-    finetuned_model: Output[Model],
-    finetune_metrics: Output[Metrics],
+    model: Output[Model],
+    fine_tune_metrics: Output[Metrics],
     fine_tune_layers: int = 20,
     fine_tune_from_layer: str = "",
     fine_tune_learning_rate: float = 1e-5,
@@ -166,19 +167,18 @@ def fine_tune(
     batch_size: int = 32,
     seed: int = 0,
 ):
-    """Fine-tune the top of the base; output whichever of tuned/head-only validates better."""
+    """Fine-tune the top of the base; output the chosen model: the tuned one if it validates
+    better than the head-only one, else the head-only one."""
     import logging
 
-    from components.config import GraftConfig
+    from components.config import step_config
     from components.fine_tune import fine_tune_model
 
+    config = step_config(locals())
     logging.basicConfig(level=logging.INFO)
-    config = GraftConfig(
-        fine_tune_layers=fine_tune_layers, fine_tune_from_layer=fine_tune_from_layer,
-        fine_tune_learning_rate=fine_tune_learning_rate, fine_tune_max_epochs=fine_tune_max_epochs,
-        patience=patience, batch_size=batch_size, seed=seed,
-    )  # fmt: skip
-    result = fine_tune_model(examples.path, head_model.path, finetuned_model.path, config)
-    finetune_metrics.log_metric("head_val_accuracy", result.head_val_accuracy)
-    finetune_metrics.log_metric("tuned_val_accuracy", result.tuned_val_accuracy)
-    finetuned_model.metadata.update({"chosen": result.chosen, "reason": result.reason})
+    result = fine_tune_model(examples.path, head_model.path, model.path, config)
+    fine_tune_metrics.log_metric("head_val_accuracy", result.head_val_accuracy)
+    fine_tune_metrics.log_metric("tuned_val_accuracy", result.tuned_val_accuracy)
+    model.metadata.update(
+        {"chosen": result.chosen, "reason": result.reason, "settings": config.used()}
+    )

@@ -10,20 +10,39 @@ five as the target. Two choices make its features transfer (benchmarks/RESULTS.m
   upper-body garments apart; rotation needs the shape of the whole object.
 - its output is every block's average- and max-pooled activations, concatenated: early
   blocks hold the generic edges and parts, the last block the source-specific ones.
-The saved base takes 0..255 grayscale pixels of any size >= 16 and outputs that vector.
+The saved base takes 0..255 grayscale pixels of any size >= 16 and outputs that vector,
+and carries ``PRETRAINED_SETTINGS`` (components/backbones.py reads them), so
+`graft run --base base.keras` needs no `--set` to work with it.
 """
 
 import logging
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from common import storage
 from components import datasets
+from components.backbones import SETTINGS_ENTRY, record_settings
 
 log = logging.getLogger(__name__)
 RECIPE = "v2"  # v2: rotation task + multi-scale pooled output; bump when the recipe changes
+# The settings this recipe's base was measured with (benchmarks/transfer_quality.py, the demo),
+# stored inside every base it saves; `graft run` starts from them, `--set` still overrides.
+PRETRAINED_SETTINGS = {
+    "image_size": 28,  # Fashion-MNIST's own size: the base was pretrained on it
+    "channels": 1,
+    "head_learning_rate": 0.01,  # the standardised head on this base's features
+    "head_max_epochs": 100,
+    "min_delta": 0.005,
+    # with 25-100 validation images val loss is noisy: patience 3 stopped heads after ~5
+    # epochs, 3.6 points lower at 10 labels/class (benchmarks/RESULTS.md)
+    "patience": 10,
+    "fine_tune_max_epochs": 20,
+    "fine_tune_layers": 12,  # every weighted layer of the small base (BatchNorm stays frozen)
+    "fine_tune_learning_rate": 0.001,  # the learning rate the base was trained with
+}
 
 
 def small_cnn(channels: int = 1, width: int = 32):
@@ -96,6 +115,7 @@ def pretrain_base(
     ).history  # fmt: skip
     local = Path(tempfile.mkdtemp(prefix="graft-pretrain-")) / "base.keras"
     base.save(local)
+    record_settings(local, PRETRAINED_SETTINGS)
     storage.upload_file(local, out_uri)
     summary = {
         "classes": list(classes),
@@ -113,6 +133,8 @@ def cached_base(cache_dir: str | Path, classes: list[int] = (0, 2, 4, 6, 8)) -> 
     version, so a cache made by an older recipe is not mistaken for this one."""
     path = Path(cache_dir) / f"fashion-base-{RECIPE}-{'-'.join(map(str, classes))}.keras"
     if path.exists():
+        if SETTINGS_ENTRY not in zipfile.ZipFile(path).namelist():  # cached before bases kept them
+            record_settings(path, PRETRAINED_SETTINGS)
         return str(path), True
     pretrain_base(str(path), classes=list(classes))
     return str(path), False

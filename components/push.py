@@ -174,7 +174,7 @@ def push_model(
         "data_fingerprint": state.get("fingerprint", ""), "data_image_count": state.get("image_count"),
         "metrics": {k: v for k, v in evaluation["metrics"].items() if k != "confusion_matrix"},
         "blessing_reason": evaluation["reason"], "champion": evaluation.get("champion"),
-        "base": training.get("base"), "chosen": training.get("chosen"), "params": training.get("params", {}),
+        "base": training.get("base"), "chosen": training.get("chosen"), "params": {**training.get("params", {}), **config.settings()},
         "labels": examples.read_labels(examples_dir), "infra_validation": check,
     }  # fmt: skip
     (export_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
@@ -207,9 +207,10 @@ def push(
     import logging
     from pathlib import Path
 
-    from components.config import GraftConfig
+    from components.config import step_config
     from components.push import push_model
 
+    config = step_config(locals())
     logging.basicConfig(level=logging.INFO)
     state_path = Path(data_state.path)
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
@@ -219,5 +220,5 @@ def push(
 
         verify = wait_until_available(verify_target, model_name, timeout=verify_timeout_seconds)
     result = push_model(model.path, evaluation.path, examples.path, model_repo, model_name,
-                        GraftConfig(top_k=top_k), data_state=state, verify=verify)  # fmt: skip
+                        config, data_state=state, verify=verify)  # fmt: skip
     return str(result.version)

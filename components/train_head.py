@@ -219,7 +219,7 @@ def train_head_model(
     assemble(base, head, image_shape).save(out_dir / MODEL_FILE)
     shutil.copyfile(Path(examples_dir) / examples.LABELS_FILE, out_dir / examples.LABELS_FILE)
     record = {"step": "train_head", "chosen": "head", "base": config.base, "weights": config.weights,
-              "params": asdict(config), **asdict(result)}  # fmt: skip
+              "params": config.settings(), **asdict(result)}  # fmt: skip
     (out_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str))
     return result
 
@@ -244,20 +244,18 @@ def train_head(
     """Train the head on a frozen base; return whether it converged (the fine-tune gate)."""
     import logging
 
-    from components.config import GraftConfig
+    from components.config import step_config
     from components.train_head import train_head_model
 
+    config = step_config(locals())
     logging.basicConfig(level=logging.INFO)
-    config = GraftConfig(
-        base=base, weights=weights, head_hidden_units=head_hidden_units, dropout=dropout,
-        batch_size=batch_size, head_learning_rate=head_learning_rate, head_max_epochs=head_max_epochs,
-        patience=patience, min_delta=min_delta, seed=seed, scratch_baseline=scratch_baseline,
-    )  # fmt: skip
     result = train_head_model(examples.path, head_model.path, config)
     head_metrics.log_metric("val_accuracy", result.val_accuracy)
     head_metrics.log_metric("val_loss", result.val_loss)
     head_metrics.log_metric("epochs", result.epochs)
     if result.scratch:
         head_metrics.log_metric("scratch_val_accuracy", result.scratch["val_accuracy"])
-    head_model.metadata.update({"converged": result.converged, "base": base})
+    head_model.metadata.update(
+        {"converged": result.converged, "base": base, "settings": config.used()}
+    )
     return result.converged

@@ -324,22 +324,23 @@ def validate_data(
     manifest: Output[Dataset],
     validation_report: Output[HTML],
     min_images_per_class: int = 5,
-    max_imbalance_ratio: float = 20.0,
+    min_classes: int = 2,
     min_side: int = 16,
+    max_side: int = 8192,
+    max_pixels: int = 40_000_000,
+    max_file_bytes: int = 30_000_000,
+    max_imbalance_ratio: float = 20.0,
+    allowed_formats: list = ["JPEG", "PNG"],  # noqa: B006 (KFP reads the literal; never mutated)
 ):
     """Fail the run, with a report naming the files, unless the dataset is trainable."""
     import shutil
     import tempfile
     from pathlib import Path
 
-    from components.config import GraftConfig
+    from components.config import step_config
     from components.validate import REPORT_HTML, validate_dataset, write_manifest
 
-    config = GraftConfig(
-        min_images_per_class=min_images_per_class,
-        max_imbalance_ratio=max_imbalance_ratio,
-        min_side=min_side,
-    )
+    config = step_config(locals())
     report_dir = Path(tempfile.mkdtemp(prefix="graft-validate-"))
     try:
         result = validate_dataset(data_uri, report_dir, config, raise_on_failure=False)
@@ -348,6 +349,8 @@ def validate_data(
         if not result.ok:
             raise RuntimeError(result.summary())
         write_manifest(manifest.path, result.rows)
-        manifest.metadata.update({"files": result.files, "labels": result.per_label})
+        manifest.metadata.update(
+            {"files": result.files, "labels": result.per_label, "settings": config.used()}
+        )
     finally:
         shutil.rmtree(report_dir, ignore_errors=True)

@@ -95,11 +95,17 @@ def data_synthetic(
 # --- run / compile (the pipeline) ---------------------------------------------------------
 
 
-def _config(base: str | None, settings: list[str] | None):
-    from components.config import GraftConfig, with_overrides
+def _run_settings(base: str | None, settings: list[str] | None):
+    """Defaults < the base's settings < --set, checked against the base; says where each
+    setting came from."""
+    from components.config import describe_sources
+    from pipeline.settings import run_settings
 
-    config = with_overrides(GraftConfig(), settings or [])
-    return with_overrides(config, {"base": base}) if base else config
+    resolved = run_settings(settings or [], base=base)
+    console.print(
+        describe_sources(resolved.config, resolved.sources), highlight=False, soft_wrap=True
+    )
+    return resolved.config
 
 
 @app.command("run")
@@ -111,8 +117,12 @@ def run(
     model_repo: str = typer.Option(
         ..., help="Model repository (local dir or gs://) TF Serving reads."
     ),
-    base: str = typer.Option(None, help="keras.applications name or URI of a .keras base."),
-    set_: list[str] = typer.Option(None, "--set", help="Config override key=value (repeatable)."),
+    base: str = typer.Option(
+        None, help="keras.applications name or URI of a .keras base (its settings apply)."
+    ),
+    set_: list[str] = typer.Option(
+        None, "--set", help="Setting key=value over the base's and the defaults (repeatable)."
+    ),
     force: bool = typer.Option(False, help="Train even if the data did not change."),
     min_new_images: int = typer.Option(0, help="Skip unless at least this many images are new."),
     pipeline_root: str = typer.Option(
@@ -130,7 +140,7 @@ def run(
     from pipeline.run import print_summary, run_local
 
     with user_errors():
-        config = _config(base, set_)
+        config = _run_settings(base, set_)
         summary = run_local(
             data,
             model_repo,
@@ -186,15 +196,27 @@ def validate(
         ..., help="Dataset: local dir or gs://bucket/prefix of class folders."
     ),
     report: str = typer.Option(None, help="Directory for the JSON + HTML report and the manifest."),
-    set_: list[str] = typer.Option(None, "--set", help="Config override key=value (repeatable)."),
+    set_: list[str] = typer.Option(
+        None, "--set", help="Validation setting key=value (repeatable), e.g. min_side=32."
+    ),
 ) -> None:
     """Check a dataset against the validation suite; exit 0 when it is trainable."""
     from rich.table import Table
 
-    from components.validate import validate_dataset
+    from components.config import SETTINGS, GraftConfig, with_overrides
+    from components.validate import validate_data, validate_dataset
 
     with user_errors():
-        result = validate_dataset(data, report, _config(None, set_), raise_on_failure=False)
+        used = [name for name in validate_data.component_spec.inputs if name in SETTINGS]
+        for text in set_ or []:
+            key = text.partition("=")[0].strip()
+            if key in SETTINGS and key not in used:
+                raise ValueError(
+                    f"Received `--set {text}`: validation does not use `{key}`; "
+                    f"it uses {', '.join(used)}"
+                )
+        config = with_overrides(GraftConfig(), set_ or [])
+        result = validate_dataset(data, report, config, raise_on_failure=False)
     table = Table(title=f"{data}: {result.files} files")
     table.add_column("rule")
     table.add_column("result")
@@ -234,9 +256,13 @@ def pretrain(
         summary = pretrain_base(
             out, classes=_int_list(classes), per_class=per_class, epochs=epochs, seed=seed
         )
+    from components.pretrain import PRETRAINED_SETTINGS
+
     typer.echo(
         f"saved base to {out} (source val accuracy {summary['val_accuracy']:.3f}, "
-        f"rotation val accuracy {summary['val_rotation_accuracy']:.3f})"
+        f"rotation val accuracy {summary['val_rotation_accuracy']:.3f}); it carries the settings "
+        + ", ".join(f"{k}={v}" for k, v in PRETRAINED_SETTINGS.items())
+        + " (graft run uses them; --set overrides)"
     )
 
 
@@ -315,6 +341,28 @@ schedule_app = typer.Typer(help="Recurring runs on a KFP API server.", no_args_i
 app.add_typer(schedule_app, name="schedule")
 
 
+PARAM_HELP = (
+    "Pipeline parameter key=value (repeatable): data_uri, model_repo, model_name, force, "
+    "min_new_images, verify_target, or any setting (the names --set takes)."
+)
+
+
+def _cluster_params(
+    param: list[str] | None, set_: list[str] | None, *, label: str = "--param/--set"
+) -> dict:
+    """--param/--set -> the run's parameters; settings start from the base's, like graft run."""
+    from components.config import describe_sources
+    from pipeline.settings import cluster_parameters
+
+    params, resolved = cluster_parameters([*(param or []), *(set_ or [])], label=label)
+    console.print(
+        describe_sources(resolved.config, resolved.sources), highlight=False, soft_wrap=True
+    )
+    if resolved.note:
+        console.print(f"note: {resolved.note}", highlight=False)
+    return params
+
+
 def _package(package: str | None, image: str | None) -> str:
     """A compiled pipeline: the one given, or one compiled now with ``image``."""
     if package:
@@ -338,16 +386,17 @@ def submit(
     host: str = typer.Option(..., help="KFP API server URL."),
     package: str = typer.Option(None, help="Compiled pipeline (graft compile)."),
     image: str = typer.Option(None, help="Compile now with this image instead of --package."),
-    param: list[str] = typer.Option(None, help="Pipeline parameter key=value (repeatable)."),
+    param: list[str] = typer.Option(None, help=PARAM_HELP),
+    set_: list[str] = typer.Option(None, "--set", help="Same as --param, for settings."),
     experiment: str = typer.Option("graft"),
     run_name: str = typer.Option(None),
 ) -> None:
     """Start one pipeline run on a Kubeflow Pipelines cluster."""
-    from pipeline.kfp_api import parse_params
     from pipeline.kfp_api import submit as submit_run
 
     with user_errors():
-        run_id = submit_run(host, _package(package, image), params=parse_params(param),
+        params = _cluster_params(param, set_)
+        run_id = submit_run(host, _package(package, image), params=params,
                             experiment=experiment, run_name=run_name)  # fmt: skip
     typer.echo(f"submitted run {run_id}")
 
@@ -358,16 +407,18 @@ def schedule_create(
     cron: str = typer.Option("0 0 3 * * *", help="6-field KFP cron (sec min hour dom month dow)."),
     package: str = typer.Option(None, help="Compiled pipeline (graft compile)."),
     image: str = typer.Option(None, help="Compile now with this image instead of --package."),
-    param: list[str] = typer.Option(None, help="Pipeline parameter key=value (repeatable)."),
+    param: list[str] = typer.Option(None, help=PARAM_HELP),
+    set_: list[str] = typer.Option(None, "--set", help="Same as --param, for settings."),
     name: str = typer.Option("graft-retrain"),
     experiment: str = typer.Option("graft"),
 ) -> None:
     """Create a recurring run (one at a time, no catch-up). Unchanged data makes it cheap."""
-    from pipeline.kfp_api import create_schedule, parse_params, validate_cron
+    from pipeline.kfp_api import create_schedule, validate_cron
 
     with user_errors():
         validate_cron(cron)
-        schedule_id = create_schedule(host, _package(package, image), cron=cron, params=parse_params(param),
+        params = _cluster_params(param, set_)
+        schedule_id = create_schedule(host, _package(package, image), cron=cron, params=params,
                                       name=name, experiment=experiment)  # fmt: skip
     typer.echo(f"created recurring run {schedule_id} ({cron})")
 
@@ -405,7 +456,12 @@ def watch(
         None, help="Submit runs to this KFP API server instead of running locally."
     ),
     package: str = typer.Option(None, help="Compiled pipeline for --host."),
-    set_: list[str] = typer.Option(None, "--set", help="Config override key=value (local runs)."),
+    base: str = typer.Option(
+        None, help="keras.applications name or URI of a .keras base (its settings apply)."
+    ),
+    set_: list[str] = typer.Option(
+        None, "--set", help="Setting key=value for every run it starts, local or --host."
+    ),
     stable_checks: int = typer.Option(2, help="Identical listings needed before a change counts."),
     max_polls: int = typer.Option(None, help="Stop after this many polls (default: run forever)."),
 ) -> None:
@@ -419,13 +475,17 @@ def watch(
     with user_errors():
         seconds = parse_duration(every)
         if host:
-            trigger = submit_trigger(host, _package(package, None), data, model_name, model_repo)
+            settings = [*(set_ or []), *([f"base={base}"] if base else [])]
+            params = _cluster_params(None, settings, label="--set")
+            trigger = submit_trigger(
+                host, _package(package, None), data, model_name, model_repo, params
+            )
         else:
             if not model_repo:
                 raise ValueError(
                     "Give --model-repo for local runs (or --host to submit to a cluster)"
                 )
-            trigger = local_trigger(data, model_repo, model_name, _config(None, set_))
+            trigger = local_trigger(data, model_repo, model_name, _run_settings(base, set_))
         watch_loop(
             data,
             every_seconds=seconds,

@@ -39,17 +39,6 @@ def compile_pipeline(pipeline_func, out_path: str | Path, *, image: str) -> Path
     return Path(out_path)
 
 
-def parse_params(assignments: list[str] | None) -> dict:
-    """``["k=v", ...]`` -> dict, values typed as YAML scalars (numbers, booleans, strings)."""
-    params = {}
-    for text in assignments or []:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"Received `--param {text}`: expected key=value")
-        params[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return params
-
-
 def validate_cron(cron: str) -> str:
     fields = cron.split()
     if len(fields) != CRON_FIELDS or not all(re.fullmatch(r"[\d*/,\-?A-Za-z]+", f) for f in fields):

@@ -7,8 +7,16 @@
 `build_pipeline(gpu)` returns the pipeline function: the GPU node pool is a compile-time
 choice (kfp fixes task settings when the pipeline function is traced), so local runs
 build it with `gpu=None` and cluster compiles with the pool's selector and toleration.
+
+Its parameters are the run's own (``RUN_PARAMETERS``) and one per GraftConfig field, with
+the field's name and default (``PIPELINE_SIGNATURE``); each step gets the settings its
+component's signature names (``settings_for``), so a new field needs only its dataclass line
+and the signature of the step that uses it. ``step_order()`` reads the task order off the DAG.
 """
 
+import dataclasses
+import functools
+import inspect
 import sys
 from dataclasses import dataclass
 
@@ -16,7 +24,7 @@ from kfp import dsl
 
 from components.augment import augment
 from components.check_data import check_data
-from components.config import GraftConfig
+from components.config import SETTINGS, GraftConfig, kfp_value
 from components.evaluate import evaluate
 from components.fine_tune import fine_tune
 from components.push import push
@@ -24,8 +32,8 @@ from components.train_head import train_head
 from components.validate import validate_data
 
 PIPELINE_NAME = "graft"
-TRAINING_TASKS = ("train-head", "fine-tune")  # the only tasks that ask for GPUs
 _DEFAULTS = GraftConfig()
+_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,37 @@ class GpuPool:
     toleration_key: str = "nvidia.com/gpu"  # GKE taints GPU pools with this key
 
 
-def _on_gpu(task: dsl.PipelineTask, gpu: GpuPool | None) -> dsl.PipelineTask:
+# The run's own parameters; every GraftConfig field is a pipeline parameter too (same name,
+# same default), so `--set`/`--param` reach the steps by one set of names.
+RUN_PARAMETERS = (
+    inspect.Parameter("data_uri", _KEYWORD, annotation=str),
+    inspect.Parameter("model_repo", _KEYWORD, annotation=str),
+    inspect.Parameter("model_name", _KEYWORD, annotation=str, default="graft"),
+    inspect.Parameter("force", _KEYWORD, annotation=bool, default=False),
+    inspect.Parameter("min_new_images", _KEYWORD, annotation=int, default=0),
+    inspect.Parameter("verify_target", _KEYWORD, annotation=str, default=""),
+)
+
+
+def _setting_parameter(setting: dataclasses.Field) -> inspect.Parameter:
+    kfp_type = {"int": int, "float": float, "str": str, "bool": bool}.get(str(setting.type), list)
+    default = kfp_value(getattr(_DEFAULTS, setting.name))
+    return inspect.Parameter(setting.name, _KEYWORD, annotation=kfp_type, default=default)
+
+
+PIPELINE_SIGNATURE = inspect.Signature(
+    [*RUN_PARAMETERS, *map(_setting_parameter, dataclasses.fields(GraftConfig))]
+)
+
+
+def settings_for(component, parameters: dict) -> dict:
+    """The pipeline parameters that are settings ``component`` takes (its signature says
+    which settings a step uses)."""
+    return {name: parameters[name] for name in component.component_spec.inputs if name in SETTINGS}
+
+
+def _training_step(task: dsl.PipelineTask, gpu: GpuPool | None) -> dsl.PipelineTask:
+    """CPU and memory requests for a training step, plus the GPU pool's settings if any."""
     task.set_cpu_request("2").set_memory_request("8G")
     if gpu is None:
         return task
@@ -65,133 +103,97 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
             task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
         return task
 
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="Transfer learning from labelled images to a TF Serving model repository.",
-    )
-    def graft_pipeline(
-        data_uri: str,
-        model_repo: str,
-        model_name: str = "graft",
-        base: str = _DEFAULTS.base,
-        weights: str = _DEFAULTS.weights,
-        image_size: int = _DEFAULTS.image_size,
-        channels: int = _DEFAULTS.channels,
-        views: int = _DEFAULTS.views,
-        val_fraction: float = _DEFAULTS.val_fraction,
-        test_fraction: float = _DEFAULTS.test_fraction,
-        seed: int = _DEFAULTS.seed,
-        min_images_per_class: int = _DEFAULTS.min_images_per_class,
-        max_imbalance_ratio: float = _DEFAULTS.max_imbalance_ratio,
-        head_hidden_units: int = _DEFAULTS.head_hidden_units,
-        dropout: float = _DEFAULTS.dropout,
-        batch_size: int = _DEFAULTS.batch_size,
-        head_learning_rate: float = _DEFAULTS.head_learning_rate,
-        head_max_epochs: int = _DEFAULTS.head_max_epochs,
-        patience: int = _DEFAULTS.patience,
-        min_delta: float = _DEFAULTS.min_delta,
-        fine_tune_layers: int = _DEFAULTS.fine_tune_layers,
-        fine_tune_from_layer: str = _DEFAULTS.fine_tune_from_layer,
-        fine_tune_learning_rate: float = _DEFAULTS.fine_tune_learning_rate,
-        fine_tune_max_epochs: int = _DEFAULTS.fine_tune_max_epochs,
-        scratch_baseline: bool = _DEFAULTS.scratch_baseline,
-        top_k: int = _DEFAULTS.top_k,
-        bless_min_accuracy: float = _DEFAULTS.bless_min_accuracy,
-        bless_tolerance: float = _DEFAULTS.bless_tolerance,
-        bless_class_tolerance: float = _DEFAULTS.bless_class_tolerance,
-        force: bool = False,
-        min_new_images: int = 0,
-        verify_target: str = "",
-    ):
+    def graft_pipeline(*args, **kwargs):
+        # kfp calls this with one argument per PIPELINE_SIGNATURE parameter, in order.
+        p = PIPELINE_SIGNATURE.bind(*args, **kwargs).arguments
+        data_uri, model_repo, model_name = p["data_uri"], p["model_repo"], p["model_name"]
         checked = _io_heavy(
             check_data(
                 data_uri=data_uri,
                 model_repo=model_repo,
                 model_name=model_name,
-                force=force,
-                min_new_images=min_new_images,
+                force=p["force"],
+                min_new_images=p["min_new_images"],
+                **settings_for(check_data, p),
             )
         ).set_caching_options(False)  # it exists to look at the bucket afresh
 
         with dsl.If(checked.outputs["Output"] == True, name="data-changed"):  # noqa: E712
             validated = _io_heavy(
-                validate_data(
-                    data_uri=data_uri,
-                    min_images_per_class=min_images_per_class,
-                    max_imbalance_ratio=max_imbalance_ratio,
-                )
+                validate_data(data_uri=data_uri, **settings_for(validate_data, p))
             ).set_caching_options(False)  # reads the bucket, whose URI does not change
             augmented = _io_heavy(
                 augment(
                     data_uri=data_uri,
                     manifest=validated.outputs["manifest"],
-                    image_size=image_size,
-                    channels=channels,
-                    views=views,
-                    val_fraction=val_fraction,
-                    test_fraction=test_fraction,
-                    seed=seed,
+                    **settings_for(augment, p),
                 )
             ).set_caching_options(False)
-            head = _on_gpu(
-                train_head(
-                    examples=augmented.outputs["examples"],
-                    base=base,
-                    weights=weights,
-                    head_hidden_units=head_hidden_units,
-                    dropout=dropout,
-                    batch_size=batch_size,
-                    head_learning_rate=head_learning_rate,
-                    head_max_epochs=head_max_epochs,
-                    patience=patience,
-                    min_delta=min_delta,
-                    seed=seed,
-                    scratch_baseline=scratch_baseline,
-                ),
+            head = _training_step(
+                train_head(examples=augmented.outputs["examples"], **settings_for(train_head, p)),
                 gpu,
             )
 
             with dsl.If(head.outputs["Output"] == True, name="head-converged"):  # noqa: E712
-                tuned = _on_gpu(
+                chosen = _training_step(
                     fine_tune(
                         examples=augmented.outputs["examples"],
                         head_model=head.outputs["head_model"],
-                        fine_tune_layers=fine_tune_layers,
-                        fine_tune_from_layer=fine_tune_from_layer,
-                        fine_tune_learning_rate=fine_tune_learning_rate,
-                        fine_tune_max_epochs=fine_tune_max_epochs,
-                        patience=patience,
-                        batch_size=batch_size,
-                        seed=seed,
+                        **settings_for(fine_tune, p),
                     ),
                     gpu,
                 )
                 evaluated = evaluate(
                     examples=augmented.outputs["examples"],
-                    model=tuned.outputs["finetuned_model"],
+                    model=chosen.outputs["model"],
                     model_repo=model_repo,
                     model_name=model_name,
-                    top_k=top_k,
-                    bless_min_accuracy=bless_min_accuracy,
-                    bless_tolerance=bless_tolerance,
-                    bless_class_tolerance=bless_class_tolerance,
+                    **settings_for(evaluate, p),
                 )
 
                 with dsl.If(evaluated.outputs["Output"] == True, name="blessed"):  # noqa: E712
                     _io_heavy(
                         push(
-                            model=tuned.outputs["finetuned_model"],
+                            model=chosen.outputs["model"],
                             examples=augmented.outputs["examples"],
                             evaluation=evaluated.outputs["evaluation"],
                             data_state=checked.outputs["data_state"],
                             model_repo=model_repo,
                             model_name=model_name,
-                            top_k=top_k,
-                            verify_target=verify_target,
+                            verify_target=p["verify_target"],
+                            **settings_for(push, p),
                         )
                     )
 
+    graft_pipeline.__signature__ = PIPELINE_SIGNATURE
+    graft_pipeline = dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Transfer learning from labelled images to a TF Serving model repository.",
+    )(graft_pipeline)
     return graft_pipeline
+
+
+@functools.cache
+def step_order() -> tuple[str, ...]:
+    """Task names in the order the DAG runs them (kfp.local names each task's directory so),
+    read from the pipeline itself rather than kept as a second list."""
+    spec = build_pipeline(gpu=None, retries=False).pipeline_spec
+
+    def ordered(dag) -> list[str]:
+        names, done = [], set()
+        pending = dict(dag.tasks)
+        while pending:
+            ready = sorted(n for n, t in pending.items() if set(t.dependent_tasks) <= done)
+            if not ready:
+                raise ValueError(f"The pipeline's DAG has a cycle among {sorted(pending)}")
+            for name in ready:
+                task = pending.pop(name)
+                done.add(name)
+                inner = spec.components[task.component_ref.name]
+                names += ordered(inner.dag) if inner.HasField("dag") else [name]
+        return names
+
+    return tuple(ordered(spec.root.dag))
 
 
 if __name__ == "__main__":

@@ -10,24 +10,18 @@ directory, which is how the summary tells what ran.
 
 from __future__ import annotations
 
-import inspect
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from components.config import GraftConfig
+from components.config import GraftConfig, kfp_value
 
-# Task names as kfp.local writes them (component function names, dashed).
-STEP_ORDER = (
-    "check-data",
-    "validate-data",
-    "augment",
-    "train-head",
-    "fine-tune",
-    "evaluate",
-    "push",
-)
+
+def _step_order() -> tuple[str, ...]:
+    from pipeline.pipeline import step_order
+
+    return step_order()
 
 
 @dataclass
@@ -46,7 +40,7 @@ class RunSummary:
     outcome: str  # one sentence: what the run decided and why
 
     def ran(self) -> list[str]:
-        return [name for name in STEP_ORDER if name in self.tasks]
+        return [name for name in _step_order() if name in self.tasks]
 
     def to_json(self) -> dict:
         return {
@@ -61,13 +55,12 @@ class RunSummary:
 def pipeline_arguments(
     config: GraftConfig, *, data_uri: str, model_repo: str, model_name: str, **extra
 ) -> dict:
-    """The config fields the pipeline takes as parameters, plus the run's own arguments."""
-    from pipeline.pipeline import build_pipeline
+    """Every setting of ``config`` (each is a pipeline parameter), plus the run's own arguments."""
+    from pipeline.pipeline import PIPELINE_SIGNATURE
 
-    accepted = set(inspect.signature(build_pipeline().pipeline_func).parameters)
-    arguments = {k: v for k, v in asdict(config).items() if k in accepted}
+    arguments = {k: kfp_value(v) for k, v in config.settings().items()}
     arguments.update(data_uri=data_uri, model_repo=model_repo, model_name=model_name, **extra)
-    unknown = set(arguments) - accepted
+    unknown = set(arguments) - set(PIPELINE_SIGNATURE.parameters)
     if unknown:
         raise ValueError(f"The pipeline has no parameter(s) {sorted(unknown)}")
     return arguments
@@ -151,7 +144,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
 
 
 def _outcome(tasks: dict[str, TaskResult], pushed_version: str | None) -> str:
-    failed = [name for name in STEP_ORDER if name in tasks and not tasks[name].succeeded]
+    failed = [name for name in _step_order() if name in tasks and not tasks[name].succeeded]
     if failed:
         return f"step {failed[0]} FAILED (see its log above)"
     check = tasks.get("check-data")
@@ -179,7 +172,7 @@ def print_summary(summary: RunSummary) -> None:
     table.add_column("step")
     table.add_column("status")
     table.add_column("returned")
-    for name in STEP_ORDER:
+    for name in _step_order():
         task = summary.tasks.get(name)
         if task is None:
             table.add_row(name, "[dim]skipped by a gate[/]", "")

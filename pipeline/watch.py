@@ -100,11 +100,22 @@ def local_trigger(
     return run
 
 
-def submit_trigger(host: str, package: str, data_uri: str, model_name: str, model_repo: str | None):
+def submit_trigger(
+    host: str,
+    package: str,
+    data_uri: str,
+    model_name: str,
+    model_repo: str | None,
+    settings: dict | None = None,
+):
+    """Submit a run per settled change; ``settings`` are pipeline parameters by setting name
+    (pipeline/settings.py: the ones that are not GraftConfig defaults)."""
+
     def run(fp: Fingerprint) -> None:
         from pipeline.kfp_api import submit
 
         params = {
+            **(settings or {}),
             "data_uri": data_uri,
             "model_name": model_name,
             **({"model_repo": model_repo} if model_repo else {}),

@@ -1,7 +1,10 @@
 """A TF-Serving-compatible gRPC server for a graft model repository.
 
     graft serve --model-repo .graft/demo/models --model-name fashion --port 8500
-    python -m serving.server --model-repo gs://bucket/models --model-name fashion
+    graft serve --model-repo gs://bucket/models --model-name fashion --batching
+
+(`graft serve`, in pipeline/cli.py, is the one way to start it from a shell; in Python,
+`ModelServer(repo, name).start(port=0)` as tests and the demo do.)
 
 It speaks tensorflow-serving-api's PredictionService (Predict, GetModelMetadata) and
 ModelService (GetModelStatus) over TF Serving's layout ``<repo>/<name>/<int version>/``,
@@ -15,7 +18,6 @@ by GetModelStatus while the previous one keeps serving; a folder without saved_m
 not a version yet; unknown model/version/signature answer NOT_FOUND with "Servable".
 """
 
-import argparse
 import logging
 import signal
 import tempfile
@@ -279,22 +281,3 @@ class ModelServer:
         rows += [(v, "END", err) for v, err in self.failed.items()]
         rows += [(v, "END", "") for v in self.unloaded if v not in self.loaded]
         return sorted(rows, reverse=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve a graft model repository over gRPC.")
-    parser.add_argument("--model-repo", required=True)
-    parser.add_argument("--model-name", required=True)
-    parser.add_argument("--port", type=int, default=8500)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--versions", default="latest:1")
-    parser.add_argument("--poll-seconds", type=float, default=2.0)
-    parser.add_argument("--batching", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    ModelServer(args.model_repo, args.model_name, host=args.host, versions=args.versions,
-                poll_seconds=args.poll_seconds, batching=args.batching).serve_forever(args.port)  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,112 @@
+"""A run's settings as the CLI builds them: GraftConfig defaults, then what the base carries,
+then the user's `--set`/`--param` values; checked against the base before anything runs.
+
+    graft run --data D --base base.keras --model-repo R               # the base's settings
+    graft run --data D --base base.keras --model-repo R --set views=2 # one deliberate change
+    graft submit --host H --image I --param data_uri=gs://b/d --param base=gs://b/base.keras
+
+Local runs (`graft run`, `graft watch`) pass every setting to the pipeline; cluster runs
+(`graft submit`, `graft schedule create`, `graft watch --host`) pass the run's own
+parameters and every setting that is not a GraftConfig default, by the same names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from components.config import SETTINGS, GraftConfig, kfp_value, resolve, with_overrides
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    config: GraftConfig
+    sources: dict[str, str]  # setting -> "default", "base" or the flag that set it
+    note: str = ""  # why the base could not be read here, if it could not
+
+    def changed(self) -> dict:
+        """The settings that are not GraftConfig defaults, as KFP parameter values."""
+        return {
+            name: kfp_value(getattr(self.config, name))
+            for name in SETTINGS
+            if self.sources[name] != "default"
+        }
+
+
+def run_settings(
+    overrides: list[str] | dict, *, base: str | None = None, label: str = "--set", remote=False
+) -> RunSettings:
+    """Defaults < the base's settings < ``overrides``; refuses a contradiction with the base.
+
+    ``remote``: the base may not be readable from here (a bucket only the cluster reaches);
+    then the run's first step checks it, and ``note`` says so."""
+    from common.storage import StorageError
+    from components.backbones import BaseFacts, base_facts, check_base_settings
+
+    changes = dict(overrides) if isinstance(overrides, dict) else _as_dict(overrides)
+    with_overrides(GraftConfig(), changes)  # unknown keys and untypeable values fail here
+    if base and "base" in changes:
+        raise ValueError(f"Received --base {base} and base={changes['base']}: give the base once")
+    if base:
+        changes["base"] = base
+    base_uri = changes.get("base", GraftConfig().base)
+    note = ""
+    try:
+        facts = base_facts(base_uri)
+    except (StorageError, FileNotFoundError) as err:
+        if not remote:
+            raise
+        facts, note = (
+            BaseFacts(),
+            f"could not read the base here ({err}); the run's first step checks it",
+        )
+    config, sources = resolve(facts.settings(), changes, override_label=label)
+    if base:
+        sources["base"] = "--base"
+    check_base_settings(config, facts)
+    return RunSettings(config, sources, note)
+
+
+def cluster_parameters(
+    assignments: list[str] | None, *, label: str = "--param"
+) -> tuple[dict, RunSettings]:
+    """``key=value`` strings -> (pipeline parameters, the settings among them). A key that is
+    neither a run parameter nor a setting is refused, naming it."""
+    from pipeline.pipeline import RUN_PARAMETERS
+
+    run_types = {p.name: p.annotation for p in RUN_PARAMETERS}
+    run_params, settings = {}, {}
+    for text in assignments or []:
+        key, sep, value = text.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ValueError(f"Received `{label} {text}`: expected key=value")
+        if key in run_types:
+            run_params[key] = _typed_run_parameter(key, value, run_types[key])
+        elif key in SETTINGS:
+            settings[key] = value
+        else:
+            known = ", ".join([*run_types, *SETTINGS])
+            raise ValueError(f"Unknown parameter `{key}` in `{label} {text}`. Known: {known}")
+    resolved = run_settings(settings, label=label, remote=True)
+    return {**run_params, **resolved.changed()}, resolved
+
+
+def _typed_run_parameter(key: str, value: str, kind: type):
+    if kind is bool:
+        if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+            raise ValueError(f"Received `{key}={value}`: expected true or false")
+        return value.lower() in {"true", "1", "yes"}
+    try:
+        return kind(value)
+    except ValueError as err:
+        raise ValueError(f"Received `{key}={value}`: expected a {kind.__name__}") from err
+
+
+def _as_dict(assignments: list[str]) -> dict:
+    pairs = {}
+    for text in assignments:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"Received `{text}`: expected key=value")
+        pairs[key.strip()] = value.strip()
+    return pairs
