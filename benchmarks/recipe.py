@@ -14,7 +14,8 @@ full target test split (5000 images); wall time of each side's training.
   code runs 2 + 1 epochs to keep its page fast and speaks of 10 fine-tuning epochs in its
   prose ("after 10 epochs, fine-tuning gains us a nice improvement"). Variants (--guide-epochs):
   20 + 10, and 100 + 20 because at 10 labels/class 20 epochs are only 40 optimizer steps.
-- graft: what `graft run` does with this base and its settings: K augmented views made once
+- graft: what `graft run --base <this base>` does with no --set (the settings the base
+  carries, GraftConfig defaults for the rest): K augmented views made once
   (augment's layers), train_head on cached features with early stopping, the convergence
   gate, fine_tune with its guard (the tuned model only if it gets more validation images
   right). The time counts the views, both training steps and their model saves.
@@ -93,11 +94,10 @@ def accuracy_on(model, x_test, y_test) -> float:
 
 
 def graft_config(base: str):
-    """The settings `graft run --base <the demo base>` trains with."""
-    from components.config import GraftConfig, with_overrides
-    from pipeline.demo import DEMO_SETTINGS
+    """The settings `graft run --base <the demo base>` trains with: the base's own, no --set."""
+    from pipeline.settings import run_settings
 
-    return with_overrides(GraftConfig(), [*DEMO_SETTINGS, f"base={base}"])
+    return run_settings([], base=base).config
 
 
 def main() -> None:
