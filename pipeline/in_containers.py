@@ -118,6 +118,11 @@ def run_in_image(image: str, arguments: dict, config, pipeline_root: Path, envir
                            model_repo=arguments["model_repo"], base=config.base,
                            weights=config.weights)  # fmt: skip
     check_engine_has(image)
+    if not arguments["model_repo"].startswith("gs://"):
+        # push runs as uid 10001 and creates version folders here (sticky, as the root).
+        repo = Path(arguments["model_repo"])
+        repo.mkdir(parents=True, exist_ok=True)
+        repo.chmod(0o1777)
     with tempfile.TemporaryDirectory(prefix="graft-package-") as work:
         package = compile_pipeline(build_pipeline(gpu=None, retries=False),
                                    Path(work, "pipeline.yaml"), image=image)  # fmt: skip

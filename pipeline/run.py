@@ -120,7 +120,10 @@ def run_local(
             run_in_image(image, arguments, config, pipeline_root, container_env or {})
         else:
             build_pipeline(gpu=None, retries=False)(**arguments)
-    new_dirs = sorted(set(pipeline_root.iterdir()) - before)
+    # Only run directories: with --image the data and model repository live here too.
+    new_dirs = sorted(
+        d for d in set(pipeline_root.iterdir()) - before if d.name.startswith("graft-")
+    )
     if not new_dirs:
         raise RuntimeError(f"kfp.local wrote no run directory under {pipeline_root}")
     return summarize(new_dirs[-1])
