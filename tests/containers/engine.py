@@ -225,8 +225,11 @@ def choose_base(client, log=print) -> str:
     return LOCAL_BASE
 
 
-def build_image(client, tag: str, *, base: str | None = None, log=print) -> dict:
-    """Build graft's image from the working tree; returns tag, base, seconds and size."""
+def build_image(client, tag: str, *, base: str | None = None, log=print, steps=None) -> dict:
+    """Build graft's image from the working tree; returns tag, base, seconds and size.
+
+    ``log`` gets the lines worth keeping (base, result); ``steps`` each Dockerfile step.
+    """
     import docker
 
     base = base or choose_base(client, log)
@@ -237,8 +240,8 @@ def build_image(client, tag: str, *, base: str | None = None, log=print) -> dict
     for chunk in stream:
         if "stream" in chunk:
             lines.append(chunk["stream"])
-            if chunk["stream"].startswith("Step "):
-                log(f"build: {chunk['stream'].strip()}")
+            if steps and chunk["stream"].startswith("Step "):
+                steps(f"build: {chunk['stream'].strip()}")
         if "error" in chunk:
             raise docker.errors.BuildError(chunk["error"] + "\n" + "".join(lines[-30:]), lines)
     seconds = time.monotonic() - start
@@ -268,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"DOCKER_HOST={engine.host}")
             return 0
         try:
-            build_image(engine.client(), args.tag, log=lambda m: print(m, file=sys.stderr))
+            say = lambda line: print(line, file=sys.stderr)  # noqa: E731
+            build_image(engine.client(), args.tag, log=say, steps=say)
         finally:
             engine.stop()
         if engine.process is not None:
