@@ -96,8 +96,11 @@ def find(environ: dict | None = None, engine_dir: Path = ENGINE_DIR) -> Engine |
     return None
 
 
-def cannot_start_reason() -> str | None:
+def cannot_start_reason(environ: dict | None = None) -> str | None:
     """Why a private engine cannot be started here (None: it can)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("DOCKER_HOST"):  # the user chose an engine: never replace it with another
+        return f"DOCKER_HOST={environ['DOCKER_HOST']} does not answer"
     if sys.platform != "linux":
         return f"no engine reachable and graft starts one only on Linux (this is {sys.platform})"
     if os.geteuid() != 0:
