@@ -25,8 +25,16 @@ IMAGE = "graft:suite"  # rebuilt from the working tree by every session (layers 
 MODEL = "tiny"
 
 
+SUITE_SECONDS = [0.0]  # setup + call + teardown of the suite's tests, for the summary
+
+
 def pytest_configure(config):
     config.graft_container_log = []  # lines for the terminal summary: engine, base, build
+
+
+def pytest_runtest_logreport(report):
+    if "containers" in report.keywords:
+        SUITE_SECONDS[0] += report.duration
 
 
 @pytest.fixture(scope="session")
@@ -148,3 +156,6 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_sep("-", "container suite")
         for line in config.graft_container_log:
             terminalreporter.write_line(line)
+        terminalreporter.write_line(
+            f"container suite: {SUITE_SECONDS[0]:.0f}s in all (image build included)"
+        )
