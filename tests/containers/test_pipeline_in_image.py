@@ -78,3 +78,33 @@ def test_a_dataset_with_one_corrupt_image_stops_at_validation_naming_the_file(
     assert "validate-data FAILED" in summary.outcome
     assert "class_1/broken.png" in capfd.readouterr().out  # the step's log, from its container
     assert not storage.exists(storage.join(repo, MODEL))
+
+
+def test_graft_run_image_reads_local_data_under_the_pipeline_root_written_by_another_uid(
+    image, tiny_base, tmp_path
+):
+    """The CLI path with local paths: data exported on the host (another uid than the steps'),
+    one corrupt image; the steps read it and validation stops the run naming the file."""
+    import shutil
+    import subprocess
+    import sys
+
+    from components import datasets
+    from tests.integration.conftest import TINY
+
+    root = tmp_path / "runs"
+    data = root / "store" / "data"
+    datasets.write_synthetic_dataset(str(data), num_classes=3, per_class=8, size=32, seed=3)
+    (data / "class_2" / "broken.png").write_bytes(b"not a png at all")
+    shutil.copyfile(tiny_base, root / "store" / "base.keras")
+    settings = [arg for setting in TINY for arg in ("--set", setting)]
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--image", image, "--data", str(data),
+         "--model-repo", str(root / "store" / "models"), "--model-name", MODEL,
+         "--base", str(root / "store" / "base.keras"), "--pipeline-root", str(root), *settings],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "outcome: step validate-data FAILED" in out.stderr
+    assert "class_2/broken.png" in out.stdout  # validation's report, from inside the container
+    assert "PermissionError" not in out.stdout + out.stderr
