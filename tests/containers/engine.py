@@ -236,6 +236,10 @@ def build_image(client, tag: str, *, base: str | None = None, log=print, steps=N
     import docker
 
     base = base or choose_base(client, log)
+    try:
+        previous = client.images.get(tag).id
+    except docker.errors.ImageNotFound:
+        previous = None
     start = time.monotonic()
     lines = []
     stream = client.api.build(path=str(ROOT), tag=tag, buildargs={"BASE": base}, rm=True,
@@ -248,7 +252,15 @@ def build_image(client, tag: str, *, base: str | None = None, log=print, steps=N
         if "error" in chunk:
             raise docker.errors.BuildError(chunk["error"] + "\n" + "".join(lines[-30:]), lines)
     seconds = time.monotonic() - start
-    size = client.images.get(tag).attrs["Size"]
+    built = client.images.get(tag)
+    size = built.attrs["Size"]
+    if previous and previous != built.id:
+        # The tag moved on: free the old image (its copy of the venv is 2 GB), or every
+        # source change would leave one behind in the engine.
+        try:
+            client.images.remove(previous)
+        except docker.errors.APIError as err:
+            log(f"kept the previous {tag} image {previous[7:19]}: {err}")
     log(f"built {tag} on {base} in {seconds:.0f}s: {size / 1e6:.0f} MB")
     return {"tag": tag, "base": base, "seconds": round(seconds, 1), "size_bytes": size}
 
