@@ -1,13 +1,15 @@
 # The README's commands. `make test` and `make demo` work on a fresh machine:
 # they create .venv, install the project, and (where apt exists and we are root)
-# the Debian packages the tests use: Fashion-MNIST and kubectl.
+# the Debian packages the tests use: Fashion-MNIST and kubectl. The container suite
+# (tests/containers, part of `make test`) finds a Docker Engine or, as root, installs
+# docker.io/debootstrap and starts a private one for the run (tests/containers/engine.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := dataset-fashion-mnist kubectl
 
-.PHONY: test demo demo-retrain lint format bench test-kind image system-deps clean
+.PHONY: test demo demo-retrain lint format bench test-kind test-containers image system-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,10 @@ test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
+# The container suite alone; it fails (never skips) when no engine can be reached or started.
+test-containers: $(STAMP)
+	$(BIN)/python -m pytest -q -m containers tests/containers --require-containers
+
 test-kind: $(STAMP)
 	$(BIN)/python -m pytest -q -m kind tests/e2e --run-kind
 
@@ -45,8 +51,10 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-image:
-	docker build -t graft:dev .
+# `docker build -t graft:dev .` where the pinned base can be pulled; elsewhere a Debian base
+# built here with debootstrap (the output says which), on a private engine if none answers.
+image: $(STAMP)
+	$(BIN)/python -m tests.containers.engine image --tag graft:dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

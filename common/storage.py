@@ -16,7 +16,7 @@ import functools
 import hashlib
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,7 +195,10 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    # Not mkstemp: its 0600 would hide the file from a reader with another uid (TF Serving,
+    # the next step's container). 0o666 here gets the umask's permissions (0644 under 022).
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -220,8 +223,8 @@ def upload_file(local_path: str | Path, uri: str) -> None:
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    # copyfile creates the file like open(): the umask's permissions, not mkstemp's 0600.
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
     try:
         shutil.copyfile(local_path, tmp)
         os.replace(tmp, target)

@@ -133,10 +133,15 @@ def run(
         "--json",
         help="Print the run summary as JSON at the end of stdout (after the steps' logs).",
     ),
+    image: str = typer.Option(
+        None, help="Run every step inside this image (Docker Engine; see docs/CLUSTER.md)."
+    ),
 ) -> None:
     """Run the whole pipeline locally (kfp.local) and print what each step did."""
     import json
+    import os
 
+    from pipeline.in_containers import FORWARDED_ENV
     from pipeline.run import print_summary, run_local
 
     with user_errors():
@@ -149,6 +154,8 @@ def run(
             pipeline_root=pipeline_root,
             force=force,
             min_new_images=min_new_images,
+            image=image,
+            container_env={k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
         )
     print_summary(summary)
     if json_out:

@@ -75,8 +75,14 @@ def run_local(
     pipeline_root: str | Path,
     force: bool = False,
     min_new_images: int = 0,
+    image: str | None = None,
+    container_env: dict | None = None,
 ) -> RunSummary:
-    """Run the whole pipeline with kfp.local and return which steps ran and what they decided."""
+    """Run the whole pipeline with kfp.local and return which steps ran and what they decided.
+
+    With ``image``, every step runs inside that image instead of as a subprocess
+    (pipeline/in_containers.py), with ``container_env`` set in each container.
+    """
     from kfp import local
 
     from pipeline.pipeline import build_pipeline
@@ -101,8 +107,16 @@ def run_local(
         # kfp.local notes that GPU/CPU requests are ignored and that graft:latest is not a
         # Python image; both are expected here (components run in this environment).
         warnings.filterwarnings("ignore", module=r"kfp\.local\..*")
-        build_pipeline(gpu=None, retries=False)(**arguments)
-    new_dirs = sorted(set(pipeline_root.iterdir()) - before)
+        if image:
+            from pipeline.in_containers import run_in_image
+
+            run_in_image(image, arguments, config, pipeline_root, container_env or {})
+        else:
+            build_pipeline(gpu=None, retries=False)(**arguments)
+    # Only run directories: with --image the data and model repository live here too.
+    new_dirs = sorted(
+        d for d in set(pipeline_root.iterdir()) - before if d.name.startswith("graft-")
+    )
     if not new_dirs:
         raise RuntimeError(f"kfp.local wrote no run directory under {pipeline_root}")
     return summarize(new_dirs[-1])

@@ -69,6 +69,8 @@ def kind_prerequisites() -> list[str]:
 
 def pytest_addoption(parser):
     parser.addoption("--run-kind", action="store_true", help="run the kind e2e suite (tests/e2e)")
+    parser.addoption("--require-containers", action="store_true",
+                     help="fail the container suite (tests/containers) when no engine can be had")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):

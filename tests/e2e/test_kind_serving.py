@@ -187,7 +187,7 @@ def predict_in_cluster(queries: dict[str, bytes]) -> list[dict]:
                         "name": "predict",
                         "image": IMAGE,
                         "imagePullPolicy": "Never",
-                        "args": ["predict", "--target", "tf-serving:8500", "--model", "graft",
+                        "args": ["graft", "predict", "--target", "tf-serving:8500", "--model", "graft",
                                  "--json", *[f"/queries/{name}" for name in queries]],
                         "env": [{"name": "HOME", "value": "/tmp"}],
                         "securityContext": restricted,

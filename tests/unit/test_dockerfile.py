@@ -83,21 +83,32 @@ def test_hadolint_finds_nothing():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_base_images_are_pinned_by_tag_and_digest_in_two_stages():
+def test_both_stages_build_on_one_base_argument_whose_default_is_pinned_by_tag_and_digest():
+    (default,) = re.findall(r"^ARG BASE=(\S+)$", DOCKERFILE, flags=re.M)
+    assert PYTHON_BASE.fullmatch(default), default
+    assert DOCKERFILE.index("ARG BASE=") < DOCKERFILE.index("FROM ")
     bases = re.findall(r"^FROM (\S+)", DOCKERFILE, flags=re.M)
-    assert len(bases) == 2
-    assert all(PYTHON_BASE.fullmatch(b) for b in bases), bases
+    assert bases == ["${BASE}", "${BASE}"]
     assert re.search(r"^COPY --from=build /opt/venv /opt/venv$", stages()[-1], flags=re.M)
 
 
-def test_final_stage_runs_as_uid_10001_with_graft_entrypoint_and_oci_labels():
+def test_final_stage_runs_as_uid_10001_with_no_entrypoint_and_oci_labels():
+    """KFP supplies each step's command; kfp.local's DockerRunner passes it as the container's
+    arguments, so an ENTRYPOINT would receive `sh -c ...` as its own arguments."""
     final = stages()[-1]
     (user,) = re.findall(r"^USER (\S+)", final, flags=re.M)
     assert user == "10001"
     assert "--uid 10001" in final
-    assert 'ENTRYPOINT ["graft"]' in final
+    assert not re.search(r"^ENTRYPOINT", DOCKERFILE, flags=re.M)
+    assert re.findall(r"^CMD (.+)$", final, flags=re.M) == ['["graft", "--help"]']
     for label in ("title", "description", "source", "version", "licenses"):
         assert f"org.opencontainers.image.{label}=" in final, label
+
+
+def test_runtime_venv_has_no_pip_and_no_pip_cache():
+    build = stages()[0]
+    assert "PIP_NO_CACHE_DIR=1" in build
+    assert re.search(r"pip uninstall --yes pip$", build, flags=re.M)
 
 
 def test_no_credentials_baked_in():

@@ -1,0 +1,104 @@
+"""The whole pipeline with every step inside graft's image (kfp.local DockerRunner) vs as
+subprocesses of this Python (SubprocessRunner): same data, same settings, same base, one run.
+The sides alternate ``--repeats`` times; every run trains (force, a fresh model repository).
+
+    .venv/bin/python -m benchmarks.containers [--per-class 50] [--repeats 2] [--image graft:bench]
+
+Needs a Docker Engine, or root on Debian to start graft's private one (tests/containers/engine.py);
+the image is built from the working tree first (cached layers make that quick). The last line
+is one JSON object with the figures.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from components import datasets
+from components.config import GraftConfig, with_overrides
+from pipeline.run import run_local
+from tests.containers import engine as engines
+
+SETTINGS = [
+    "image_size=32",
+    "views=1",
+    "batch_size=16",
+    "head_max_epochs=40",
+    "patience=2",
+    "head_learning_rate=0.01",
+    "fine_tune_max_epochs=2",
+    "fine_tune_layers=2",
+    "bless_min_accuracy=0.3",
+]  # fmt: skip  (the integration tests' tiny settings)
+
+
+def tiny_base(path: Path) -> str:
+    """A small conv base pretrained briefly on other synthetic shapes (as the tests make it)."""
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
+    x = keras.layers.BatchNormalization(momentum=0.8)(x)
+    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
+    base = keras.Model(inputs, x, name="tiny_base")
+    source = datasets.synthetic_images(num_classes=3, per_class=60, size=32, seed=99)
+    images = np.stack([img for imgs in source.values() for img in imgs]).astype("float32")
+    pooled = keras.layers.GlobalAveragePooling2D()(base.output)
+    classifier = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(pooled))
+    classifier.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    classifier.fit(images, np.repeat(np.arange(3), 60), epochs=8, batch_size=16, verbose=0)
+    base.save(path)
+    return str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=50)
+    parser.add_argument("--classes", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--image", default="graft:bench")
+    args = parser.parse_args()
+
+    engine = engines.acquire()
+    os.environ["DOCKER_HOST"] = engine.host
+    try:
+        built = engines.build_image(engine.client(), args.image, log=print)
+        root = Path(tempfile.mkdtemp(prefix="graft-bench-containers-"))
+        store = root / "store"  # under the pipeline root: the only local path containers see
+        data = str(store / "data")
+        datasets.write_synthetic_dataset(data, num_classes=args.classes, per_class=args.per_class,
+                                         size=32, seed=0)  # fmt: skip
+        config = with_overrides(
+            GraftConfig(), [*SETTINGS, f"base={tiny_base(store / 'base.keras')}"]
+        )
+        seconds = {"containers": [], "subprocesses": []}
+        for repeat in range(args.repeats):
+            for side in ("containers", "subprocesses"):
+                repo = str(store / f"models-{side}-{repeat}")
+                start = time.perf_counter()
+                summary = run_local(data, repo, "bench", config, pipeline_root=root,
+                                    force=True, image=args.image if side == "containers" else None)  # fmt: skip
+                seconds[side].append(round(time.perf_counter() - start, 1))
+                assert summary.pushed_version, f"{side}: {summary.outcome}"
+                print(f"{side} run {repeat + 1}: {seconds[side][-1]} s ({summary.outcome})")
+    finally:
+        engine.stop()
+    ratios = [c / s for c, s in zip(seconds["containers"], seconds["subprocesses"], strict=True)]
+    print(json.dumps({
+        "images": args.classes * args.per_class, "repeats": args.repeats,
+        "containers_s": seconds["containers"], "subprocesses_s": seconds["subprocesses"],
+        "containers_over_subprocesses_median": round(statistics.median(ratios), 2),
+        "ratio_min": round(min(ratios), 2), "ratio_max": round(max(ratios), 2),
+        "image": args.image, "base": built["base"], "image_mb": round(built["size_bytes"] / 1e6),
+        "image_build_s": built["seconds"], "engine": engine.how,
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
