@@ -83,6 +83,7 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
         seed: int = _DEFAULTS.seed,
         min_images_per_class: int = _DEFAULTS.min_images_per_class,
         max_imbalance_ratio: float = _DEFAULTS.max_imbalance_ratio,
+        io_concurrency: int = _DEFAULTS.io_concurrency,
         head_hidden_units: int = _DEFAULTS.head_hidden_units,
         dropout: float = _DEFAULTS.dropout,
         batch_size: int = _DEFAULTS.batch_size,
@@ -119,6 +120,7 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
                     data_uri=data_uri,
                     min_images_per_class=min_images_per_class,
                     max_imbalance_ratio=max_imbalance_ratio,
+                    io_concurrency=io_concurrency,
                 )
             ).set_caching_options(False)  # reads the bucket, whose URI does not change
             augmented = _io_heavy(
@@ -131,6 +133,7 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
                     val_fraction=val_fraction,
                     test_fraction=test_fraction,
                     seed=seed,
+                    io_concurrency=io_concurrency,
                 )
             ).set_caching_options(False)
             head = _on_gpu(
