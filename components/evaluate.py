@@ -115,8 +115,8 @@ def served_version(model_repo: str, model_name: str) -> int | None:
 
 
 def champion_metrics(model_repo: str, model_name: str, batches, truth: list[str]) -> dict | None:
-    """Evaluate the served version on the test images (``batches()``: a fresh iterator of
-    pixel batches), by label name; None if nothing is served."""
+    """Evaluate the served version on the test images (``batches``: an iterable of pixel
+    batches, streamed), by label name; None if nothing is served."""
     import tensorflow as tf
 
     version = served_version(model_repo, model_name)
@@ -127,7 +127,7 @@ def champion_metrics(model_repo: str, model_name: str, batches, truth: list[str]
     signature = tf.saved_model.load(str(local)).signatures["predict_pixels"]
     predicted = []
     progress = Progress(log, f"evaluate: champion version {version}", len(truth))
-    for images in batches():
+    for images in batches:
         out = signature(pixels=tf.constant(images, tf.float32))
         predicted += [row[0].decode() for row in out["labels"].numpy()]
         progress.advance(len(images))
@@ -159,26 +159,25 @@ def evaluate_model(
     import keras
 
     labels = examples.read_labels(examples_dir)
-    if not examples.read_spec(examples_dir)["counts"].get("test"):
-        raise ValueError(
-            f"The test split in {examples_dir} is empty: raise test_fraction or add images"
-        )
     model = keras.models.load_model(Path(model_dir) / "model.keras")
     test = lambda: examples.batches(examples_dir, "test", EVAL_BATCH).as_numpy_iterator()  # noqa: E731
+    total = examples.read_spec(examples_dir).get("counts", {}).get("test")
     predicted, truth = [], []
-    progress = Progress(
-        log, "evaluate: candidate", examples.read_spec(examples_dir)["counts"]["test"]
-    )
+    progress = Progress(log, "evaluate: candidate", total)
     for images, batch_labels in test():
         predicted.append(model.predict_on_batch(images))
         truth.append(batch_labels)
         progress.advance(len(batch_labels))
     progress.done()
+    if not truth:
+        raise ValueError(
+            f"The test split in {examples_dir} is empty: raise test_fraction or add images"
+        )
     y, probabilities = np.concatenate(truth), np.concatenate(predicted)
     metrics = classification_metrics(y, probabilities, labels, config.top_k)
     champion = None
     if model_repo and model_name:
-        pixels = lambda: (images for images, _ in test())  # noqa: E731
+        pixels = (images for images, _ in test())
         champion = champion_metrics(model_repo, model_name, pixels, [labels[i] for i in y])
     blessed, reason = is_blessed(
         metrics, champion, min_accuracy=config.bless_min_accuracy,
