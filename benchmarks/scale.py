@@ -193,7 +193,9 @@ def measure_gcs(n: int, work: Path, latency_ms: float, concurrency: int, repeats
     from common import storage
 
     emulator, emulator_url = server(["emulator"])
-    proxy, proxy_url = server(["proxy", "--upstream", emulator_url, "--latency-ms", str(latency_ms)])
+    proxy, proxy_url = server(
+        ["proxy", "--upstream", emulator_url, "--latency-ms", str(latency_ms)]
+    )
     try:
         os.environ["STORAGE_EMULATOR_HOST"] = emulator_url  # upload straight to the emulator
         storage.gcs_client().create_bucket("scale")
