@@ -123,8 +123,10 @@ def _decoded(rows: list[dict], config: GraftConfig, progress: Progress):
         return load_image(data, config.image_size, config.channels), row
 
     for item in storage.map_bounded(load, rows, concurrency=config.io_concurrency):
-        yield item
         progress.advance()
+        yield item
+    if progress.count == progress.total:
+        progress.done()  # the last split's originals: only its augmented views are left
 
 
 def _split_records(rows, label_ids, config: GraftConfig, progress: Progress, originals_file):
@@ -198,15 +200,18 @@ def augment_dataset(
             "or raise val_fraction/test_fraction"
         )
 
+    import tensorflow  # noqa: F401  (the writer's; loaded before the progress clock starts)
+
     progress = Progress(log, "augment: read and decoded", len(rows))
     counts = {}
-    for split, split_rows in by_split.items():
+    for split in ("val", "test", "train"):  # train last: its views come after every decode
+        split_rows = by_split[split]
         with tempfile.NamedTemporaryFile(prefix=f"graft-{split}-originals-") as originals_file:
             keep = originals_file if split == "train" and config.views > 0 else None
             records = _split_records(split_rows, label_ids, config, progress, keep)
             counts[split] = examples.write_split(examples_dir, split, records)
         log.info("augment: %s: %d images -> %d records", split, len(split_rows), counts[split])
-    progress.done()
+    counts = {split: counts[split] for split in examples.SPLITS}
     spec = {"image_size": config.image_size, "channels": config.channels, "views": config.views,
             "counts": counts, "images": {s: len(v) for s, v in by_split.items()},
             "labels": labels, "seed": config.seed}  # fmt: skip
