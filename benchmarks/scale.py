@@ -234,6 +234,22 @@ def measure_gcs(n: int, work: Path, latency_ms: float, concurrency: int, repeats
         stop(emulator)
 
 
+def local_summary(local: dict) -> dict:
+    small, large = min(local), max(local)
+    steps = STEPS[:3]
+    return {
+        "peak_rss_mb": {n: {s: round(r[s]["peak_rss_mb"]) for s in STEPS} for n, r in local.items()},
+        "ms_per_image": {n: {s: round(r[s]["ms_per_image"], 3) for s in STEPS} for n, r in local.items()},
+        "seconds": {n: {s: round(r[s]["seconds"], 1) for s in STEPS} for n, r in local.items()},
+        "rss_growth_mb": {s: round(local[large][s]["peak_rss_mb"] - local[small][s]["peak_rss_mb"])
+                          for s in steps},
+        "ms_per_image_ratio": {s: round(local[large][s]["ms_per_image"] / local[small][s]["ms_per_image"], 2)
+                               for s in steps},
+        "train_head_over_floor": {n: round(r["train_head"]["seconds"] / r["floor"]["seconds"], 2)
+                                  for n, r in local.items()},
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000,10000,30000", help="N images, comma-separated")
@@ -265,21 +281,10 @@ def main() -> None:
     gcs = {n: measure_gcs(n, work / f"gcs-{n}", args.latency_ms, args.concurrency, args.repeats)
            for n in gcs_sizes}  # fmt: skip
 
-    small, large = min(sizes), max(sizes)
-    steps = STEPS[:3]
     summary = {
         "base": BASE_NOTE,
         "image_size": 96, "channels": 3, "views": 4, "head_max_epochs": 2,
         "io_concurrency": args.concurrency, "sizes": sizes,
-        "peak_rss_mb": {n: {s: round(r[s]["peak_rss_mb"]) for s in STEPS} for n, r in local.items()},
-        "ms_per_image": {n: {s: round(r[s]["ms_per_image"], 3) for s in STEPS} for n, r in local.items()},
-        "seconds": {n: {s: round(r[s]["seconds"], 1) for s in STEPS} for n, r in local.items()},
-        "rss_growth_mb": {s: round(local[large][s]["peak_rss_mb"] - local[small][s]["peak_rss_mb"])
-                          for s in steps},
-        "ms_per_image_ratio": {s: round(local[large][s]["ms_per_image"] / local[small][s]["ms_per_image"], 2)
-                               for s in steps},
-        "train_head_over_floor": {n: round(r["train_head"]["seconds"] / r["floor"]["seconds"], 2)
-                                  for n, r in local.items()},
         "gcs": {n: {"pool_speedup_median": round(g["pool_speedup_median"], 1),
                     "pool_speedup_min": round(g["pool_speedup_min"], 1),
                     "pool_speedup_max": round(g["pool_speedup_max"], 1),
@@ -288,6 +293,8 @@ def main() -> None:
                     "peak_rss_mb": {s: round(v["peak_rss_mb"]) for s, v in g["steps"].items()}}
                 for n, g in gcs.items()},
     }  # fmt: skip
+    if local:
+        summary.update(local_summary(local))
     print(json.dumps(summary))
 
 
