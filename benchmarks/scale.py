@@ -247,6 +247,11 @@ def local_summary(local: dict) -> dict:
                                for s in steps},
         "train_head_over_floor": {n: round(r["train_head"]["seconds"] / r["floor"]["seconds"], 2)
                                   for n, r in local.items()},
+        # the same ratio inside one process (the feature pass is the floor's work), which the
+        # other helpers' load on the shared cores cannot skew between two processes
+        "train_head_over_its_feature_pass": {
+            n: round(r["train_head"]["seconds"] / r["train_head"]["feature_seconds"], 2)
+            for n, r in local.items()},
     }  # fmt: skip
 
 
