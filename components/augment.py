@@ -77,11 +77,11 @@ def make_views(
 
     For arrays that fit in memory (benchmarks); augment streams the same computation
     through ``view_batches``."""
-    return [
-        np.concatenate(list(parts))
-        for parts in view_batches(lambda: (images[i : i + batch] for i in range(0, len(images), batch)),
-                                  views, seed)
-    ]  # fmt: skip
+
+    def originals():
+        return (images[i : i + batch] for i in range(0, len(images), batch))
+
+    return [np.concatenate(list(view)) for view in view_batches(originals, views, seed)]
 
 
 def view_batches(originals, views: int, seed: int):
@@ -132,8 +132,9 @@ def _decoded(rows: list[dict], config: GraftConfig, progress: Progress):
 def _split_records(rows, label_ids, config: GraftConfig, progress: Progress, originals_file):
     """The split's records in the order augment has always written them: every original
     (view 0), then view 1 of every original, then view 2, ... Originals go to
-    ``originals_file`` (raw uint8, local disk) as they stream by, so the views can read
-    them back in VIEW_BATCH batches without holding the split in memory."""
+    ``originals_file`` (raw uint8 in TMPDIR, on local disk: N x H x W x C bytes) as they
+    stream by, so the views can read them back in VIEW_BATCH batches without holding the
+    split in memory."""
     shas, labels = [], []
     for image, row in _decoded(rows, config, progress):
         shas.append(row["sha256"])
