@@ -8,6 +8,14 @@ knowing. GCS goes through google-cloud-storage, which honours
     from common import storage
     for f in storage.list_files("gs://my-bucket/flowers"):
         print(f.relpath, f.size, f.checksum)
+    for data in storage.read_many([f.uri for f in files], concurrency=16):
+        ...
+
+Many-file work (listing below a prefix, checksums, reads, writes, copies, deletes) goes
+through ``map_bounded``: a bounded thread pool that keeps ``concurrency`` calls in flight
+and at most twice that many results buffered, in input order. Threads suit this: the
+work waits on the network or disk, and hashing/decoding release the GIL. Each call keeps
+its own retry policy (``_retry``), so a pooled read retries exactly like a single one.
 """
 
 from __future__ import annotations
@@ -17,10 +25,23 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 GCS_SCHEME = "gs://"
+# Storage calls in flight at once. One GCS object read costs tens of milliseconds of
+# waiting; 16 in flight read 100k images in minutes rather than an hour (benchmarks/scale.py).
+DEFAULT_CONCURRENCY = 16
+# HTTP connections the shared GCS client keeps: above any sensible concurrency, so pooled
+# calls reuse connections instead of opening (and discarding) new ones.
+HTTP_CONNECTIONS = 64
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 
 class StorageError(RuntimeError):
@@ -70,8 +91,16 @@ def _client(emulator_host: str | None):
     if emulator_host:
         from google.auth.credentials import AnonymousCredentials
 
-        return gcs.Client(project="graft-local", credentials=AnonymousCredentials())
-    return gcs.Client()
+        client = gcs.Client(project="graft-local", credentials=AnonymousCredentials())
+    else:
+        client = gcs.Client()
+    from requests.adapters import HTTPAdapter
+
+    # requests keeps 10 connections per host by default; the pool shares this client.
+    adapter = HTTPAdapter(pool_connections=HTTP_CONNECTIONS, pool_maxsize=HTTP_CONNECTIONS)
+    client._http.mount("https://", adapter)
+    client._http.mount("http://", adapter)
+    return client
 
 
 def gcs_client():
@@ -90,6 +119,34 @@ def _retry():
     from google.cloud.storage.retry import DEFAULT_RETRY
 
     return DEFAULT_RETRY.with_delay(initial=0.25, multiplier=2.0, maximum=16.0)
+
+
+def map_bounded(
+    fn: Callable[[_In], _Out], items: Iterable[_In], *, concurrency: int = DEFAULT_CONCURRENCY
+) -> Iterator[_Out]:
+    """``fn`` over ``items`` in a pool of ``concurrency`` threads, results in input order.
+
+    ``items`` is consumed lazily and at most ``2 * concurrency`` results wait to be taken,
+    so memory stays bounded however many items there are. The first exception (in input
+    order) is raised where its result would have been; calls not yet started are cancelled.
+    """
+    if concurrency < 1:
+        raise ValueError(f"Received `concurrency={concurrency}`: expected >= 1")
+    if concurrency == 1:
+        yield from map(fn, items)
+        return
+    pending: deque = deque()
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="graft-io") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * concurrency:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def exists(uri: str) -> bool:
@@ -119,7 +176,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def list_files(uri: str, *, checksums: bool = True) -> list[FileInfo]:
+def _list_blobs(bucket, prefix: str, concurrency: int) -> Iterator:
+    """Every blob below ``prefix``: the top level, then each sub-prefix listed in the pool
+    (one listing per class folder instead of one page after another)."""
+    top = bucket.list_blobs(prefix=prefix, delimiter="/", retry=_retry())
+    yield from top  # prefixes are filled in while pages are consumed
+    below = lambda sub: list(bucket.list_blobs(prefix=sub, retry=_retry()))  # noqa: E731
+    for blobs in map_bounded(below, sorted(top.prefixes), concurrency=concurrency):
+        yield from blobs
+
+
+def list_files(
+    uri: str, *, checksums: bool = True, concurrency: int = DEFAULT_CONCURRENCY
+) -> list[FileInfo]:
     """Every file below ``uri`` (recursive), sorted by relative path.
 
     Raises StorageError when ``uri`` does not exist, so a typo never looks like
@@ -130,7 +199,7 @@ def list_files(uri: str, *, checksums: bool = True) -> list[FileInfo]:
         bucket, name = _bucket(uri)
         prefix = f"{name}/" if name else ""
         out = []
-        for blob in bucket.list_blobs(prefix=prefix, retry=_retry()):
+        for blob in _list_blobs(bucket, prefix, concurrency):
             if blob.name.endswith("/"):
                 continue  # zero-byte "folder" placeholder objects
             rel = blob.name[len(prefix) :]
@@ -151,15 +220,12 @@ def list_files(uri: str, *, checksums: bool = True) -> list[FileInfo]:
         root = root.parent
     else:
         files = sorted(p for p in root.rglob("*") if p.is_file())
-    return [
-        FileInfo(
-            str(p),
-            p.relative_to(root).as_posix(),
-            p.stat().st_size,
-            f"sha256:{sha256_file(p)}" if checksums else "",
-        )
-        for p in files
-    ]
+
+    def info(p: Path) -> FileInfo:
+        checksum = f"sha256:{sha256_file(p)}" if checksums else ""
+        return FileInfo(str(p), p.relative_to(root).as_posix(), p.stat().st_size, checksum)
+
+    return list(map_bounded(info, files, concurrency=concurrency if checksums else 1))
 
 
 def read_bytes(uri: str) -> bytes:
@@ -176,6 +242,11 @@ def read_bytes(uri: str) -> bytes:
         return Path(uri).read_bytes()
     except FileNotFoundError as err:
         raise StorageError(f"No such file: {uri}") from err
+
+
+def read_many(uris: Iterable[str], *, concurrency: int = DEFAULT_CONCURRENCY) -> Iterator[bytes]:
+    """The bytes of each URI, in order, read ``concurrency`` at a time (bounded buffering)."""
+    return map_bounded(read_bytes, uris, concurrency=concurrency)
 
 
 def read_text(uri: str) -> str:
@@ -214,6 +285,15 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def write_many(
+    items: Iterable[tuple[str, bytes]], *, concurrency: int = DEFAULT_CONCURRENCY
+) -> int:
+    """Write ``(uri, data)`` pairs ``concurrency`` at a time; return how many were written."""
+    return sum(
+        1 for _ in map_bounded(lambda pair: write_bytes(*pair), items, concurrency=concurrency)
+    )
+
+
 def upload_file(local_path: str | Path, uri: str) -> None:
     """Copy one local file to ``uri`` (local or gs://), atomically per file."""
     uri = str(uri)
@@ -250,18 +330,20 @@ def download_file(uri: str, local_path: str | Path) -> Path:
     return local_path
 
 
-def copy_tree(src: str, dst: str, *, last: tuple[str, ...] = ()) -> list[str]:
+def copy_tree(
+    src: str, dst: str, *, last: tuple[str, ...] = (), concurrency: int = DEFAULT_CONCURRENCY
+) -> list[str]:
     """Copy every file under ``src`` to ``dst`` (any mix of local and gs://).
 
-    Files whose relative path is in ``last`` are copied after all others: TF
-    Serving treats ``saved_model.pb`` as the sign a version is complete.
-    Returns the relative paths in the order copied.
+    Files whose relative path is in ``last`` are copied after all others have finished:
+    TF Serving treats ``saved_model.pb`` as the sign a version is complete.
+    Returns the relative paths in the order they were started.
     """
-    files = list_files(src, checksums=False)
-    ordered = [f for f in files if f.relpath not in last] + [
-        f for name in last for f in files if f.relpath == name
-    ]
-    for info in ordered:
+    files = list_files(src, checksums=False, concurrency=concurrency)
+    first = [f for f in files if f.relpath not in last]
+    final = [f for name in last for f in files if f.relpath == name]
+
+    def copy(info: FileInfo) -> None:
         target = join(dst, info.relpath)
         if is_gcs(info.uri):
             if is_gcs(target):
@@ -274,7 +356,11 @@ def copy_tree(src: str, dst: str, *, last: tuple[str, ...] = ()) -> list[str]:
                 download_file(info.uri, target)
         else:
             upload_file(info.uri, target)
-    return [f.relpath for f in ordered]
+
+    for batch in (first, final):  # every other file is complete before the last ones start
+        for _ in map_bounded(copy, batch, concurrency=concurrency):
+            pass
+    return [f.relpath for f in first + final]
 
 
 def download_tree(uri: str, local_dir: str | Path) -> Path:
@@ -289,8 +375,9 @@ def delete_tree(uri: str) -> None:
     """Remove a directory or prefix and everything below it (missing is fine)."""
     if is_gcs(uri):
         bucket, name = _bucket(uri)
-        for blob in bucket.list_blobs(prefix=f"{name}/", retry=_retry()):
-            blob.delete(retry=_retry())
+        blobs = bucket.list_blobs(prefix=f"{name}/", retry=_retry())
+        for _ in map_bounded(lambda blob: blob.delete(retry=_retry()), blobs):
+            pass
         return
     shutil.rmtree(uri, ignore_errors=True)
 

@@ -9,12 +9,14 @@ Keras preprocessing layers, so the head's feature cache can cover every view.
 import hashlib
 import io
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from kfp.dsl import Dataset, Input, Output
 
 from common import storage
+from common.progress import Progress
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
@@ -64,20 +66,102 @@ def augmenter(seed: int):
     )
 
 
-def make_views(images: np.ndarray, views: int, seed: int, batch: int = 256) -> list[np.ndarray]:
-    """``views`` augmented copies of ``images`` (uint8 [N,H,W,C]), deterministic for a seed."""
+VIEW_BATCH = 256  # images per call of the seeded augmentation layers: part of what fixes the
+# views for a seed (each call draws the next random numbers), so it is not a tuning knob
+
+
+def make_views(
+    images: np.ndarray, views: int, seed: int, batch: int = VIEW_BATCH
+) -> list[np.ndarray]:
+    """``views`` augmented copies of ``images`` (uint8 [N,H,W,C]), deterministic for a seed.
+
+    For arrays that fit in memory (benchmarks); augment streams the same computation
+    through ``view_batches``."""
+
+    def originals():
+        return (images[i : i + batch] for i in range(0, len(images), batch))
+
+    return [np.concatenate(list(view)) for view in view_batches(originals, views, seed)]
+
+
+def view_batches(originals, views: int, seed: int):
+    """For each view 1..K, an iterator of augmented uint8 batches.
+
+    ``originals()`` returns a fresh iterator over the original images in batches of
+    VIEW_BATCH, the same batches every time: the seeded layers draw their random numbers
+    call by call, so the same batches in the same order give the same views. Views must
+    be consumed in order (view 1 fully, then view 2, ...)."""
     import keras
 
     keras.utils.set_random_seed(seed)
     layers = augmenter(seed)
-    out = []
-    for _ in range(views):
-        parts = [
-            np.asarray(layers(images[i : i + batch].astype("float32"), training=True))
-            for i in range(0, len(images), batch)
-        ]
-        out.append(np.clip(np.rint(np.concatenate(parts)), 0, 255).astype(np.uint8))
-    return out
+
+    def one_view():
+        for batch in originals():
+            augmented = np.asarray(layers(batch.astype("float32"), training=True))
+            yield np.clip(np.rint(augmented), 0, 255).astype(np.uint8)
+
+    return (one_view() for _ in range(views))
+
+
+class ChangedSinceValidationError(ValueError):
+    """A file's bytes no longer match the SHA-256 validate recorded for it."""
+
+
+def _decoded(rows: list[dict], config: GraftConfig, progress: Progress):
+    """``(image, row)`` for each row in order: read through the storage pool, checked against
+    the manifest's SHA-256 (the split was decided from it), decoded and resized in the pool."""
+
+    def load(row: dict):
+        data = storage.read_bytes(row["uri"])
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != row["sha256"]:
+            raise ChangedSinceValidationError(
+                f"{row['uri']} changed after validation (sha256 {digest[:12]}..., manifest "
+                f"{row['sha256'][:12]}...): rerun the pipeline so validate sees the current file"
+            )
+        return load_image(data, config.image_size, config.channels), row
+
+    for item in storage.map_bounded(load, rows, concurrency=config.io_concurrency):
+        progress.advance()
+        yield item
+    if progress.count == progress.total:
+        progress.done()  # the last split's originals: only its augmented views are left
+
+
+def _split_records(rows, label_ids, config: GraftConfig, progress: Progress, originals_file):
+    """The split's records in the order augment has always written them: every original
+    (view 0), then view 1 of every original, then view 2, ... Originals go to
+    ``originals_file`` (raw uint8 in TMPDIR, on local disk: N x H x W x C bytes) as they
+    stream by, so the views can read them back in VIEW_BATCH batches without holding the
+    split in memory."""
+    shas, labels = [], []
+    for image, row in _decoded(rows, config, progress):
+        shas.append(row["sha256"])
+        labels.append(label_ids[row["label"]])
+        if originals_file is not None:
+            originals_file.write(image.tobytes())
+        yield image, labels[-1], 0, shas[-1]
+    if originals_file is None or not rows:
+        return
+    originals_file.flush()
+    shape = (config.image_size, config.image_size, config.channels)
+    image_bytes = int(np.prod(shape))
+
+    def originals():
+        with open(originals_file.name, "rb") as fh:
+            while chunk := fh.read(VIEW_BATCH * image_bytes):
+                yield np.frombuffer(chunk, np.uint8).reshape(-1, *shape)
+
+    made = Progress(log, "augment: augmented views made", len(rows) * config.views)
+    for view, batches in enumerate(view_batches(originals, config.views, config.seed), start=1):
+        index = 0
+        for batch in batches:
+            for image in batch:
+                yield image, labels[index], view, shas[index]
+                index += 1
+            made.advance(len(batch))
+    made.done()
 
 
 def augment_dataset(
@@ -86,7 +170,11 @@ def augment_dataset(
     config: GraftConfig,
     manifest_rows: list[dict] | None = None,
 ) -> dict:
-    """Write the examples directory; return counts per split and the label list."""
+    """Write the examples directory; return counts per split and the label list.
+
+    Streams: images are read ``config.io_concurrency`` at a time, decoded, and written to
+    the shards as they come; the training originals wait on local disk (not in memory)
+    for the augmented views. Memory does not grow with the number of images."""
     if manifest_rows is None:
         from components.validate import build_manifest
 
@@ -101,32 +189,30 @@ def augment_dataset(
     label_ids = {name: i for i, name in enumerate(labels)}
 
     by_split: dict[str, list] = {split: [] for split in examples.SPLITS}
-    for index, row in enumerate(sorted(rows, key=lambda r: r["relpath"]), start=1):
+    for row in sorted(rows, key=lambda r: r["relpath"]):
         split = row.get("split") or assign_split(
             row["sha256"], config.val_fraction, config.test_fraction
         )
-        image = load_image(storage.read_bytes(row["uri"]), config.image_size, config.channels)
-        by_split[split].append((image, label_ids[row["label"]], row["sha256"]))
-        if index % 500 == 0:
-            log.info("augment: decoded %d/%d images", index, len(rows))
-
-    counts = {}
-    for split, items in by_split.items():
-        records = [(image, label, 0, sha) for image, label, sha in items]
-        if split == "train" and items and config.views > 0:
-            originals = np.stack([image for image, _, _ in items])
-            for view, augmented in enumerate(make_views(originals, config.views, config.seed), 1):
-                records += [
-                    (augmented[i], items[i][1], view, items[i][2]) for i in range(len(items))
-                ]
-        counts[split] = examples.write_split(examples_dir, split, records)
-        log.info("augment: %s: %d images -> %d records", split, len(items), counts[split])
+        by_split[split].append(row)
     missing = [s for s in ("train", "val") if not by_split[s]]
     if missing:
         raise ValueError(
             f"The {'/'.join(missing)} split is empty ({len(rows)} images): add images, "
             "or raise val_fraction/test_fraction"
         )
+
+    import tensorflow  # noqa: F401  (the writer's; loaded before the progress clock starts)
+
+    progress = Progress(log, "augment: read and decoded", len(rows))
+    counts = {}
+    for split in ("val", "test", "train"):  # train last: its views come after every decode
+        split_rows = by_split[split]
+        with tempfile.NamedTemporaryFile(prefix=f"graft-{split}-originals-") as originals_file:
+            keep = originals_file if split == "train" and config.views > 0 else None
+            records = _split_records(split_rows, label_ids, config, progress, keep)
+            counts[split] = examples.write_split(examples_dir, split, records)
+        log.info("augment: %s: %d images -> %d records", split, len(split_rows), counts[split])
+    counts = {split: counts[split] for split in examples.SPLITS}
     spec = {"image_size": config.image_size, "channels": config.channels, "views": config.views,
             "counts": counts, "images": {s: len(v) for s, v in by_split.items()},
             "labels": labels, "seed": config.seed}  # fmt: skip
@@ -145,6 +231,7 @@ def augment(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 0,
+    io_concurrency: int = 16,
 ):
     """Split, resize and augment the validated files into TFRecord examples."""
     import logging

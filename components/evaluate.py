@@ -18,12 +18,14 @@ import numpy as np
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 from common import storage
+from common.progress import Progress
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
 
 log = logging.getLogger(__name__)
 EVALUATION_FILE = "evaluation.json"
+EVAL_BATCH = 256  # test images per forward pass: the test split is streamed, never loaded whole
 
 
 def classification_metrics(
@@ -112,10 +114,9 @@ def served_version(model_repo: str, model_name: str) -> int | None:
     return None
 
 
-def champion_metrics(
-    model_repo: str, model_name: str, images: np.ndarray, truth: list[str]
-) -> dict | None:
-    """Evaluate the served version on the test images, by label name; None if nothing is served."""
+def champion_metrics(model_repo: str, model_name: str, batches, truth: list[str]) -> dict | None:
+    """Evaluate the served version on the test images (``batches``: an iterable of pixel
+    batches, streamed), by label name; None if nothing is served."""
     import tensorflow as tf
 
     version = served_version(model_repo, model_name)
@@ -125,9 +126,12 @@ def champion_metrics(
                                   Path(tempfile.mkdtemp(prefix="graft-champion-")))  # fmt: skip
     signature = tf.saved_model.load(str(local)).signatures["predict_pixels"]
     predicted = []
-    for start in range(0, len(images), 256):
-        out = signature(pixels=tf.constant(images[start : start + 256], tf.float32))
+    progress = Progress(log, f"evaluate: champion version {version}", len(truth))
+    for images in batches:
+        out = signature(pixels=tf.constant(images, tf.float32))
         predicted += [row[0].decode() for row in out["labels"].numpy()]
+        progress.advance(len(images))
+    progress.done()
     names = sorted(set(truth))
     per_class = {}
     for name in names:
@@ -155,17 +159,26 @@ def evaluate_model(
     import keras
 
     labels = examples.read_labels(examples_dir)
-    x, y = examples.load_arrays(examples_dir, "test")
-    if not len(y):
+    model = keras.models.load_model(Path(model_dir) / "model.keras")
+    test = lambda: examples.batches(examples_dir, "test", EVAL_BATCH).as_numpy_iterator()  # noqa: E731
+    total = examples.read_spec(examples_dir).get("counts", {}).get("test")
+    predicted, truth = [], []
+    progress = Progress(log, "evaluate: candidate", total)
+    for images, batch_labels in test():
+        predicted.append(model.predict_on_batch(images))
+        truth.append(batch_labels)
+        progress.advance(len(batch_labels))
+    progress.done()
+    if not truth:
         raise ValueError(
             f"The test split in {examples_dir} is empty: raise test_fraction or add images"
         )
-    model = keras.models.load_model(Path(model_dir) / "model.keras")
-    probabilities = model.predict(x.astype("float32"), batch_size=256, verbose=0)
+    y, probabilities = np.concatenate(truth), np.concatenate(predicted)
     metrics = classification_metrics(y, probabilities, labels, config.top_k)
     champion = None
     if model_repo and model_name:
-        champion = champion_metrics(model_repo, model_name, x, [labels[i] for i in y])
+        pixels = (images for images, _ in test())
+        champion = champion_metrics(model_repo, model_name, pixels, [labels[i] for i in y])
     blessed, reason = is_blessed(
         metrics, champion, min_accuracy=config.bless_min_accuracy,
         tolerance=config.bless_tolerance, class_tolerance=config.bless_class_tolerance,

@@ -46,21 +46,38 @@ def write_split(
     *,
     per_shard: int = 2000,
 ) -> int:
-    """Write ``(image uint8 HxWxC, label, view, sha256)`` records as shards; return the count."""
+    """Write ``(image uint8 HxWxC, label, view, sha256)`` records as shards; return the count.
+
+    ``records`` is consumed one at a time and each record is written as it arrives, so
+    any iterator works and memory does not grow with the split. Shards are named
+    ``-of-NNNNN`` once the count is known (a rename at the end)."""
     import tensorflow as tf
 
     if split not in SPLITS:
         raise ValueError(f"Received `split={split!r}`: expected one of {SPLITS}")
     examples_dir = Path(examples_dir)
     examples_dir.mkdir(parents=True, exist_ok=True)
-    serialized = [_example(*r) for r in records]
-    shards = max(1, -(-len(serialized) // per_shard))
-    for index in range(shards):
-        path = examples_dir / f"{split}-{index:05d}-of-{shards:05d}.tfrecord"
-        with tf.io.TFRecordWriter(str(path)) as writer:
-            for record in serialized[index * per_shard : (index + 1) * per_shard]:
-                writer.write(record)
-    return len(serialized)
+    for stale in examples_dir.glob(f".{split}-*.tfrecord.partial"):
+        stale.unlink()  # left by an interrupted run
+    partial, writer, count = [], None, 0
+    try:
+        for record in records:
+            if count % per_shard == 0:
+                if writer is not None:
+                    writer.close()
+                partial.append(examples_dir / f".{split}-{len(partial):05d}.tfrecord.partial")
+                writer = tf.io.TFRecordWriter(str(partial[-1]))
+            writer.write(_example(*record))
+            count += 1
+        if writer is None:  # an empty split still gets its one (empty) shard
+            partial.append(examples_dir / f".{split}-00000.tfrecord.partial")
+            writer = tf.io.TFRecordWriter(str(partial[-1]))
+    finally:
+        if writer is not None:
+            writer.close()
+    for index, path in enumerate(partial):
+        path.replace(examples_dir / f"{split}-{index:05d}-of-{len(partial):05d}.tfrecord")
+    return count
 
 
 def write_metadata(examples_dir: str | Path, labels: list[str], spec: dict) -> None:
@@ -110,10 +127,30 @@ def dataset(examples_dir: str | Path, split: str, *, originals_only: bool = Fals
     return ds.map(lambda image, label, view: (image, label))
 
 
+def batches(
+    examples_dir: str | Path, split: str, batch_size: int, *, shuffle_seed: int | None = None
+):
+    """``(images float32 [B,H,W,C], labels)`` batches streamed from the shards, for Keras.
+
+    With ``shuffle_seed``, records are shuffled through a 4096-record buffer (memory fixed
+    whatever the split's size). The record count from spec.json is attached, so Keras
+    knows an epoch's length."""
+    import tensorflow as tf
+
+    ds = dataset(examples_dir, split)
+    records = read_spec(examples_dir).get("counts", {}).get(split)
+    if records:  # TFRecords hide their size; telling tf.data keeps Keras' epochs exact
+        ds = ds.apply(tf.data.experimental.assert_cardinality(records))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(4096, seed=shuffle_seed)
+    return ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)
+
+
 def load_arrays(
     examples_dir: str | Path, split: str, *, originals_only: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One split as numpy arrays ``(images uint8 [N,H,W,C], labels int64 [N])``."""
+    """One split as numpy arrays ``(images uint8 [N,H,W,C], labels int64 [N])``: the whole
+    split in memory, for tests and small tools; the pipeline's steps stream ``batches``."""
     images, labels = [], []
     for image, label in dataset(examples_dir, split, originals_only=originals_only):
         images.append(image.numpy())

@@ -22,7 +22,7 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
-from components.train_head import MODEL_FILE, TRAINING_FILE
+from components.train_head import MODEL_FILE, TRAINING_FILE, progress_callback
 
 log = logging.getLogger(__name__)
 CANDIDATE_FILE = "finetuned_candidate.keras"  # the fine-tuned model, whether chosen or not
@@ -74,7 +74,6 @@ def fine_tune_model(
 ) -> FineTuneResult:
     """Fine-tune the head model; write the CHOSEN model (tuned or head) to ``out_dir``."""
     import keras
-    import tensorflow as tf
 
     from components.backbones import find_base
 
@@ -88,13 +87,14 @@ def fine_tune_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     model = keras.models.load_model(head_model_dir / MODEL_FILE)
-    x_val, y_val = examples.load_arrays(examples_dir, "val")
+    val = examples.batches(examples_dir, "val", config.batch_size)
+    counts = examples.read_spec(examples_dir)["counts"]
     model.compile(
         optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    head_accuracy = float(model.evaluate(x_val.astype("float32"), y_val, verbose=0)[1])
+    head_accuracy = float(model.evaluate(val, verbose=0)[1])
 
     unfrozen = unfreeze_top(
         find_base(model), layers=config.fine_tune_layers, from_layer=config.fine_tune_from_layer
@@ -107,38 +107,31 @@ def fine_tune_model(
     # Every stored record, originals and their augmented views, as the head saw them.
     # Originals alone with fresh augmentation each epoch (the tutorials' way) stayed 1 point
     # under scratch at 100 labels/class; see benchmarks/RESULTS.md.
-    train = examples.dataset(examples_dir, "train")
-    records = examples.read_spec(examples_dir).get("counts", {}).get("train")
-    if records:  # TFRecords hide their size; telling tf.data keeps Keras' epochs exact
-        train = train.apply(tf.data.experimental.assert_cardinality(records))
-    train = (
-        train.shuffle(4096, seed=config.seed)
-        .batch(config.batch_size)
-        .map(lambda x, y: (tf.cast(x, tf.float32), y))
-        .prefetch(2)
-    )
+    train = examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed)
     history = model.fit(
-        train, validation_data=(x_val.astype("float32"), y_val), epochs=config.fine_tune_max_epochs, verbose=2,
+        train, validation_data=val, epochs=config.fine_tune_max_epochs, verbose=2,
         shuffle=False,  # the dataset is shuffled above
         callbacks=[
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
             keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
+            progress_callback("fine_tune", counts["train"], config.batch_size),
         ],
     ).history  # fmt: skip
-    tuned_accuracy = float(model.evaluate(x_val.astype("float32"), y_val, verbose=0)[1])
+    tuned_accuracy = float(model.evaluate(val, verbose=0)[1])
+    val_images = counts["val"]
     model.save(out_dir / CANDIDATE_FILE)  # kept either way, so the comparison can be inspected
 
-    if round(tuned_accuracy * len(y_val)) > round(head_accuracy * len(y_val)):
+    if round(tuned_accuracy * val_images) > round(head_accuracy * val_images):
         chosen, reason = (
             "fine_tuned",
-            f"val accuracy {tuned_accuracy:.4f} > head-only {head_accuracy:.4f} on {len(y_val)} images",
+            f"val accuracy {tuned_accuracy:.4f} > head-only {head_accuracy:.4f} on {val_images} images",
         )
         shutil.copyfile(out_dir / CANDIDATE_FILE, out_dir / MODEL_FILE)
     else:
         chosen = "head"
         reason = (
             f"fine-tuning did not beat the head on validation "
-            f"({tuned_accuracy:.4f} vs {head_accuracy:.4f} on {len(y_val)} images); kept the head-only model"
+            f"({tuned_accuracy:.4f} vs {head_accuracy:.4f} on {val_images} images); kept the head-only model"
         )
         shutil.copyfile(head_model_dir / MODEL_FILE, out_dir / MODEL_FILE)
     log.info("fine_tune: chose %s: %s", chosen, reason)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
+from common.progress import Progress
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
@@ -69,17 +70,70 @@ def strategy_and_precision():
     return tf.distribute.MirroredStrategy()
 
 
-def pooled_features(base, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """The base's features for ``images``, one batched pass, spatially averaged if 4D.
+FEATURE_BATCH = 256  # images per forward pass of the frozen base when caching features
 
-    Every batch has one shape: the last is padded with zeros whose features are dropped. A
-    second batch shape makes Keras retrace ``predict``, which cost a fresh process 2.5 s on
-    the demo base at 96 px (the whole pass of 750 images then took 5.2 s instead of 2.8 s)."""
-    batch = max(1, min(batch_size, len(images)))
-    padding = np.zeros((-len(images) % batch, *images.shape[1:]), "float32")
-    padded = np.concatenate([images.astype("float32"), padding])
-    features = base.predict(padded, batch_size=batch, verbose=0)[: len(images)]
-    return features.mean(axis=(1, 2)) if features.ndim == 4 else features
+
+def feature_batch_size(total: int, batch_size: int = FEATURE_BATCH) -> int:
+    """The one batch shape of a feature pass over ``total`` images."""
+    return max(1, min(batch_size, total))
+
+
+def stream_features(base, batches, total: int, batch_size: int, progress=None) -> np.ndarray:
+    """The base's features for ``total`` images arriving in ``batches`` of ``batch_size``
+    (the last may be short), spatially averaged if 4D, into one [total, D] float32 matrix.
+
+    Only one batch of images is in memory at a time. Every batch has one shape: the last is
+    padded with zeros whose features are dropped. A second batch shape makes Keras retrace,
+    which cost a fresh process 2.5 s on the demo base at 96 px (the whole pass of 750
+    images then took 5.2 s instead of 2.8 s)."""
+    features, filled = None, 0
+    for images in batches:
+        count = len(images)
+        padded = np.zeros((batch_size, *images.shape[1:]), "float32")
+        padded[:count] = images
+        out = np.asarray(base.predict_on_batch(padded))[:count]
+        out = out.mean(axis=(1, 2)) if out.ndim == 4 else out
+        if features is None:
+            features = np.empty((total, out.shape[-1]), "float32")
+        features[filled : filled + count] = out
+        filled += count
+        if progress is not None:
+            progress.advance(count)
+    if filled != total:
+        raise ValueError(f"Expected {total} images for the feature pass, received {filled}")
+    return features if features is not None else np.zeros((0, 0), "float32")
+
+
+def pooled_features(base, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """``stream_features`` over an in-memory array of images."""
+    batch = feature_batch_size(len(images), batch_size)
+    batches = (images[i : i + batch] for i in range(0, len(images), batch))
+    return stream_features(base, batches, len(images), batch)
+
+
+def cached_features(base, examples_dir: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """Features and labels of every train record then every val record, read from the shards
+    batch by batch in one pass of the base; returns (features, labels, number of train rows)."""
+    counts = examples.read_spec(examples_dir)["counts"]
+    total = counts["train"] + counts["val"]
+    batch = feature_batch_size(total)
+    records = examples.dataset(examples_dir, "train").concatenate(
+        examples.dataset(examples_dir, "val")
+    )
+    labels = np.empty(total, np.int64)
+    filled = 0
+
+    def images():
+        nonlocal filled
+        for x, y in records.batch(batch).prefetch(2).as_numpy_iterator():
+            labels[filled : filled + len(y)] = y
+            filled += len(y)
+            yield x
+
+    progress = Progress(log, "train_head: base features", total, unit="records")
+    features = stream_features(base, images(), total, batch, progress)
+    progress.done()
+    return features, labels, counts["train"]
 
 
 def build_head(feature_dim: int, num_classes: int, config: GraftConfig, adapt_to=None):
@@ -115,12 +169,10 @@ def assemble(base, head, image_shape: tuple[int, int, int]):
     return keras.Model(inputs, head(features), name="graft_classifier")
 
 
-def _fit(
-    model, x, y, x_val, y_val, config: GraftConfig, epochs: int, out_dir: Path, monitor="val_loss"
-):
+def _callbacks(config: GraftConfig, out_dir: Path, monitor: str = "val_loss") -> list:
     import keras
 
-    callbacks = [
+    return [
         keras.callbacks.EarlyStopping(
             monitor=monitor,
             patience=config.patience,
@@ -129,28 +181,55 @@ def _fit(
         ),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
     ]
+
+
+def _fit(
+    model, x, y, x_val, y_val, config: GraftConfig, epochs: int, out_dir: Path, monitor="val_loss"
+):
     return model.fit(
         x, y, validation_data=(x_val, y_val), epochs=epochs, batch_size=config.batch_size,
-        callbacks=callbacks, verbose=2, shuffle=True,
+        callbacks=_callbacks(config, out_dir, monitor), verbose=2, shuffle=True,
     ).history  # fmt: skip
 
 
+def progress_callback(what: str, records: int, batch_size: int):
+    """A Keras callback logging training progress through common.progress at a steady rate
+    (verbose=2 prints only at the end of an epoch, which on 100k records is a long silence)."""
+    import keras
+
+    class LogProgress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.progress = Progress(log, f"{what}: epoch {epoch + 1}", records, unit="records")
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.progress.advance(min(batch_size, records - self.progress.count))
+
+    return LogProgress()
+
+
 def scratch_baseline(
-    base, x, y, x_val, y_val, num_classes: int, config: GraftConfig, out_dir: Path
+    base, examples_dir, num_classes: int, config: GraftConfig, out_dir: Path
 ) -> dict:
     """The same architecture from random init, same data and epoch budget: is transfer helping?"""
     import keras
 
+    spec = examples.read_spec(examples_dir)
+    image_shape = (spec["image_size"], spec["image_size"], spec["channels"])
     fresh_base = keras.models.clone_model(base)  # same layers, re-initialised weights
     model = assemble(
-        fresh_base, build_head(base.output_shape[-1], num_classes, config), x.shape[1:]
+        fresh_base, build_head(base.output_shape[-1], num_classes, config), image_shape
     )
     model.compile(
         optimizer=keras.optimizers.Adam(config.head_learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    history = _fit(model, x, y, x_val, y_val, config, config.head_max_epochs, out_dir / "scratch")
+    history = model.fit(
+        examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed),
+        validation_data=examples.batches(examples_dir, "val", config.batch_size),
+        epochs=config.head_max_epochs, verbose=2,
+        callbacks=_callbacks(config, out_dir / "scratch"),
+    ).history  # fmt: skip
     return {"val_accuracy": float(max(history["val_accuracy"])), "epochs": len(history["val_loss"])}
 
 
@@ -166,8 +245,6 @@ def train_head_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     spec, labels = examples.read_spec(examples_dir), examples.read_labels(examples_dir)
-    x, y = examples.load_arrays(examples_dir, "train")
-    x_val, y_val = examples.load_arrays(examples_dir, "val")
     image_shape = (spec["image_size"], spec["image_size"], spec["channels"])
 
     strategy = strategy_and_precision()
@@ -180,11 +257,12 @@ def train_head_model(
         )
         base.trainable = False
         started = time.perf_counter()
-        both = pooled_features(base, np.concatenate([x, x_val]), 256)  # one pass, one shape
-        features, val_features = both[: len(x)], both[len(x) :]
+        both, both_labels, train_rows = cached_features(base, examples_dir)  # one pass, one shape
+        features, val_features = both[:train_rows], both[train_rows:]
+        y, y_val = both_labels[:train_rows], both_labels[train_rows:]
         feature_seconds = time.perf_counter() - started
         log.info("feature cache: %d train + %d val examples through the base once in %.1fs",
-                 len(x), len(x_val), feature_seconds)  # fmt: skip
+                 len(y), len(y_val), feature_seconds)  # fmt: skip
         head = build_head(features.shape[-1], len(labels), config, adapt_to=features)
         head.compile(
             optimizer=keras.optimizers.Adam(config.head_learning_rate),
@@ -211,7 +289,7 @@ def train_head_model(
              "converged" if converged else "DID NOT converge", result.epochs, result.val_loss, result.val_accuracy)  # fmt: skip
 
     if config.scratch_baseline:
-        result.scratch = scratch_baseline(base, x, y, x_val, y_val, len(labels), config, out_dir)
+        result.scratch = scratch_baseline(base, examples_dir, len(labels), config, out_dir)
         if result.scratch["val_accuracy"] > result.val_accuracy:
             log.warning("NEGATIVE TRANSFER: scratch val_accuracy %.4f beats the transferred head %.4f",
                         result.scratch["val_accuracy"], result.val_accuracy)  # fmt: skip

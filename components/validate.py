@@ -24,6 +24,7 @@ from pathlib import Path
 from kfp.dsl import HTML, Dataset, Output
 
 from common import storage
+from common.progress import Progress
 from components.component import step_component
 from components.config import GraftConfig
 
@@ -105,15 +106,15 @@ def inspect_image(data: bytes, config: GraftConfig) -> dict:
         with _header_only_limits(), warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))  # reads the header: declared size, no pixels
-            facts.update(width=image.width, height=image.height, format=image.format)
-            facts["channels"] = len(image.getbands())
-            if image.width * image.height > config.max_pixels:
-                facts["error"] = (
-                    f"declares {image.width}x{image.height} pixels, over max_pixels="
-                    f"{config.max_pixels} (not decoded)"
-                )
-                return facts
-            image.load()
+        facts.update(width=image.width, height=image.height, format=image.format)
+        facts["channels"] = len(image.getbands())
+        if image.width * image.height > config.max_pixels:
+            facts["error"] = (
+                f"declares {image.width}x{image.height} pixels, over max_pixels="
+                f"{config.max_pixels} (not decoded)"
+            )
+            return facts
+        image.load()  # outside the lock: files decode in parallel in the storage pool
         facts["decodable"] = True
     except (OSError, SyntaxError, ValueError) as err:
         facts["error"] = f"cannot decode: {err}"
@@ -121,12 +122,14 @@ def inspect_image(data: bytes, config: GraftConfig) -> dict:
 
 
 def build_manifest(data_uri: str, config: GraftConfig) -> list[dict]:
-    """One row per file under ``data_uri``; raises StorageError/ValueError when there is none."""
-    files = storage.list_files(data_uri, checksums=False)
+    """One row per file under ``data_uri``; raises StorageError/ValueError when there is none.
+
+    Files are read and inspected ``config.io_concurrency`` at a time; only the rows stay."""
+    files = storage.list_files(data_uri, checksums=False, concurrency=config.io_concurrency)
     if not files:
         raise storage.StorageError(f"{data_uri} holds no files: expected <label>/<image> folders")
-    rows = []
-    for index, info in enumerate(files, start=1):
+
+    def inspect(info: storage.FileInfo) -> dict:
         split, label = _place(info.relpath)
         data = storage.read_bytes(info.uri) if info.size <= config.max_file_bytes else b""
         row = {"uri": info.uri, "relpath": info.relpath, "label": label, "split": split,
@@ -136,9 +139,14 @@ def build_manifest(data_uri: str, config: GraftConfig) -> list[dict]:
                        error=f"{info.size} bytes, over max_file_bytes={config.max_file_bytes}")  # fmt: skip
         else:
             row.update(inspect_image(data, config))
+        return row
+
+    progress = Progress(log, "manifest: inspected", len(files), unit="files")
+    rows = []
+    for row in storage.map_bounded(inspect, files, concurrency=config.io_concurrency):
         rows.append(row)
-        if index % 500 == 0:
-            log.info("manifest: %d/%d files inspected", index, len(files))
+        progress.advance()
+    progress.done()
     return rows
 
 
@@ -331,6 +339,7 @@ def validate_data(
     max_file_bytes: int = 30_000_000,
     max_imbalance_ratio: float = 20.0,
     allowed_formats: list = ["JPEG", "PNG"],  # noqa: B006 (KFP reads the literal; never mutated)
+    io_concurrency: int = 16,
 ):
     """Fail the run, with a report naming the files, unless the dataset is trainable."""
     import shutil

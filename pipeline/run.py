@@ -11,6 +11,8 @@ directory, which is how the summary tells what ran.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ class TaskResult:
     succeeded: bool
     outputs: dict = field(default_factory=dict)  # parameter outputs ("Output" = return value)
     artifacts: dict = field(default_factory=dict)  # artifact name -> local path
+    seconds: float | None = None  # wall time, when this process watched the task run
 
 
 @dataclass
@@ -64,6 +67,27 @@ def pipeline_arguments(
     if unknown:
         raise ValueError(f"The pipeline has no parameter(s) {sorted(unknown)}")
     return arguments
+
+
+class TaskClock(logging.Filter):
+    """Wall time per task, from the start and finish lines kfp.local logs (it records no
+    times itself). A filter on the root logger survives kfp.local swapping its handlers."""
+
+    STARTED = re.compile(r"Executing task '([^']+)'")
+    FINISHED = re.compile(r"Task '([^']+)' finished with status")
+
+    def __init__(self):
+        super().__init__()
+        self.started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(record.msg))  # kfp colours the task names
+        if started := self.STARTED.match(text):
+            self.started[started[1]] = record.created
+        elif (finished := self.FINISHED.match(text)) and finished[1] in self.started:
+            self.seconds[finished[1]] = record.created - self.started[finished[1]]
+        return True
 
 
 def run_local(
@@ -103,23 +127,32 @@ def run_local(
         force=force,
         min_new_images=min_new_images,
     )
-    with warnings.catch_warnings():
-        # kfp.local notes that GPU/CPU requests are ignored and that graft:latest is not a
-        # Python image; both are expected here (components run in this environment).
-        warnings.filterwarnings("ignore", module=r"kfp\.local\..*")
-        if image:
-            from pipeline.in_containers import run_in_image
+    clock = TaskClock()
+    logging.getLogger().addFilter(clock)
+    try:
+        with warnings.catch_warnings():
+            # kfp.local notes that GPU/CPU requests are ignored and that graft:latest is not a
+            # Python image; both are expected here (components run in this environment).
+            warnings.filterwarnings("ignore", module=r"kfp\.local\..*")
+            if image:
+                from pipeline.in_containers import run_in_image
 
-            run_in_image(image, arguments, config, pipeline_root, container_env or {})
-        else:
-            build_pipeline(gpu=None, retries=False)(**arguments)
+                run_in_image(image, arguments, config, pipeline_root, container_env or {})
+            else:
+                build_pipeline(gpu=None, retries=False)(**arguments)
+    finally:
+        logging.getLogger().removeFilter(clock)
     # Only run directories: with --image the data and model repository live here too.
     new_dirs = sorted(
         d for d in set(pipeline_root.iterdir()) - before if d.name.startswith("graft-")
     )
     if not new_dirs:
         raise RuntimeError(f"kfp.local wrote no run directory under {pipeline_root}")
-    return summarize(new_dirs[-1])
+    summary = summarize(new_dirs[-1])
+    for name, seconds in clock.seconds.items():
+        if name in summary.tasks:
+            summary.tasks[name].seconds = seconds
+    return summary
 
 
 def _read_task(task_dir: Path) -> TaskResult:
@@ -186,13 +219,15 @@ def print_summary(summary: RunSummary) -> None:
     table.add_column("step")
     table.add_column("status")
     table.add_column("returned")
+    table.add_column("seconds", justify="right")
     for name in _step_order():
         task = summary.tasks.get(name)
         if task is None:
-            table.add_row(name, "[dim]skipped by a gate[/]", "")
+            table.add_row(name, "[dim]skipped by a gate[/]", "", "")
         else:
             status = "[green]ok[/]" if task.succeeded else "[red]FAILED[/]"
-            table.add_row(name, status, str(task.outputs.get("Output", "")))
+            seconds = "" if task.seconds is None else f"{task.seconds:.1f}"
+            table.add_row(name, status, str(task.outputs.get("Output", "")), seconds)
     console = Console(stderr=True)
     console.print(table)
     console.print(f"outcome: {summary.outcome}")

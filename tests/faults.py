@@ -2,7 +2,9 @@
 
 Point STORAGE_EMULATOR_HOST at the proxy and the google-cloud-storage client sees a
 flaky GCS: 503s and dropped connections, deterministically, so a test can assert that
-every storage call retried and the work still completed.
+every storage call retried and the work still completed. ``latency`` adds a fixed wait
+to every request (a remote bucket), and ``max_in_flight`` records how many requests were
+ever being served at once (how parallel the client really was).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import http.client
 import socketserver
 import threading
+import time
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
@@ -20,21 +23,39 @@ class FlakyProxy:
     Failures alternate between a 503 answer and a connection closed with no answer.
     """
 
-    def __init__(self, upstream: str, every: int = 3):
+    def __init__(self, upstream: str, every: int = 3, latency: float = 0.0):
         self.upstream = urlsplit(upstream)
         self.every = every
+        self.latency = latency
         self.requests = 0
         self.failures = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else headers then body wait on a delayed ACK (40 ms)
 
             def log_message(self, *args):  # keep test output clean
                 pass
 
             def _handle(self):
+                with proxy._lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    if proxy.latency:
+                        time.sleep(proxy.latency)
+                    respond = self._forward()
+                finally:
+                    with proxy._lock:  # before answering: the client may send its next one at once
+                        proxy.in_flight -= 1
+                respond()
+
+            def _forward(self):
+                """Do the request's work; return what sends the answer."""
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 with proxy._lock:
@@ -44,14 +65,9 @@ class FlakyProxy:
                         proxy.failures += 1
                         kind = proxy.failures % 2
                 if fail and kind == 1:
-                    self.send_response(503, "Service Unavailable (injected)")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
+                    return lambda: self._answer(503, "Service Unavailable (injected)", [], b"")
                 if fail:
-                    self.close_connection = True
-                    self.connection.close()
-                    return
+                    return self._drop
                 conn = http.client.HTTPConnection(
                     proxy.upstream.hostname, proxy.upstream.port, timeout=30
                 )
@@ -59,20 +75,29 @@ class FlakyProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
-                self.send_response(response.status, response.reason)
-                for key, value in response.getheaders():
-                    if key.lower() not in {"transfer-encoding", "content-length", "connection"}:
-                        self.send_header(key, value)
+                conn.close()
+                kept = [(key, value) for key, value in response.getheaders()
+                        if key.lower() not in {"transfer-encoding", "content-length", "connection"}]  # fmt: skip
+                return lambda: self._answer(response.status, response.reason, kept, data)
+
+            def _answer(self, status, reason, headers, data):
+                self.send_response(status, reason)
+                for key, value in headers:
+                    self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                conn.close()
+
+            def _drop(self):
+                self.close_connection = True
+                self.connection.close()
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
         class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
             daemon_threads = True
             allow_reuse_address = True
+            request_queue_size = 128  # a pool of clients connecting at once is not refused
 
         self._server = Server(("127.0.0.1", 0), Handler)
         self.address = f"http://127.0.0.1:{self._server.server_address[1]}"

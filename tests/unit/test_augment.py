@@ -96,3 +96,136 @@ def test_grayscale_sources_become_three_channels_and_rgb_becomes_one(tmp_path):
 
     augment_dataset(str(gray), tmp_path / "one", replace(CONFIG, channels=1))
     assert examples.load_arrays(tmp_path / "one", "test")[0].shape[-1] == 1
+
+
+# --- streaming: the same records as the whole-split-in-memory algorithm ----------------------
+
+
+def reference_records(data_dir, config: GraftConfig) -> dict[str, list[bytes]]:
+    """augment as it was before it streamed (commit 2cbfb45): every image decoded and held,
+    then all K views of the training set made from one stacked array, 256 at a time."""
+    import keras
+
+    from components.augment import augmenter, load_image
+    from components.validate import build_manifest
+
+    rows = [r for r in build_manifest(str(data_dir), config) if r["decodable"] and r["label"]]
+    label_ids = {name: i for i, name in enumerate(sorted({r["label"] for r in rows}))}
+    by_split = {split: [] for split in examples.SPLITS}
+    for row in sorted(rows, key=lambda r: r["relpath"]):
+        split = row["split"] or assign_split(
+            row["sha256"], config.val_fraction, config.test_fraction
+        )
+        image = load_image(Path(row["uri"]).read_bytes(), config.image_size, config.channels)
+        by_split[split].append((image, label_ids[row["label"]], row["sha256"]))
+    out = {}
+    for split, items in by_split.items():
+        records = [(image, label, 0, sha) for image, label, sha in items]
+        if split == "train" and items and config.views > 0:
+            originals = np.stack([image for image, _, _ in items])
+            keras.utils.set_random_seed(config.seed)
+            layers = augmenter(config.seed)
+            for view in range(1, config.views + 1):
+                parts = [np.asarray(layers(originals[i : i + 256].astype("float32"), training=True))
+                         for i in range(0, len(originals), 256)]  # fmt: skip
+                augmented = np.clip(np.rint(np.concatenate(parts)), 0, 255).astype(np.uint8)
+                records += [
+                    (augmented[i], items[i][1], view, items[i][2]) for i in range(len(items))
+                ]
+        out[split] = [examples._example(*record) for record in records]
+    return out
+
+
+def stored_records(examples_dir) -> dict[str, list[bytes]]:
+    import tensorflow as tf
+
+    return {
+        split: [
+            r.numpy() for r in tf.data.TFRecordDataset(examples.shard_paths(examples_dir, split))
+        ]
+        for split in examples.SPLITS
+    }
+
+
+@pytest.fixture(scope="module")
+def large_train_split(tmp_path_factory) -> Path:
+    """Over 256 training images, so the views span more than one augmentation batch."""
+    root = tmp_path_factory.mktemp("large") / "data"
+    datasets.write_synthetic_dataset(str(root), num_classes=3, per_class=150, size=20, seed=1)
+    return root
+
+
+def test_streamed_records_are_byte_identical_to_the_in_memory_algorithm(
+    large_train_split, tmp_path
+):
+    spec = augment_dataset(str(large_train_split), tmp_path / "ex", CONFIG)
+    assert spec["images"]["train"] > 256
+    expected = reference_records(large_train_split, CONFIG)
+    stored = stored_records(tmp_path / "ex")
+    assert {s: len(r) for s, r in stored.items()} == spec["counts"]
+    for split in examples.SPLITS:
+        assert stored[split] == expected[split], f"{split} records differ"
+
+
+def test_records_do_not_depend_on_reads_in_flight_or_shard_size(
+    large_train_split, tmp_path, monkeypatch
+):
+    from dataclasses import replace
+
+    augment_dataset(str(large_train_split), tmp_path / "one", replace(CONFIG, io_concurrency=1))
+    augment_dataset(str(large_train_split), tmp_path / "seven", replace(CONFIG, io_concurrency=7))
+    write_split = examples.write_split
+    monkeypatch.setattr(
+        examples, "write_split", lambda *a, **k: write_split(*a, **k, per_shard=100)
+    )
+    augment_dataset(str(large_train_split), tmp_path / "sharded", CONFIG)
+    assert len(examples.shard_paths(tmp_path / "sharded", "train")) > 1
+    one = stored_records(tmp_path / "one")
+    assert stored_records(tmp_path / "seven") == one
+    assert stored_records(tmp_path / "sharded") == one
+
+
+def test_write_split_writes_each_shard_before_the_next_records_are_made(tmp_path):
+    """Fed a generator, the writer has closed shard 0 (3 records) before it asks for record 5:
+    it writes as records arrive instead of collecting the split first."""
+    image = np.zeros((4, 4, 3), np.uint8)
+
+    def records():
+        for index in range(8):
+            if index == 4:
+                shard = tmp_path / ".train-00000.tfrecord.partial"
+                assert shard.exists() and shard.stat().st_size > 0
+            yield image, 0, 0, f"sha{index}"
+
+    assert examples.write_split(tmp_path, "train", records(), per_shard=3) == 8
+    assert [Path(p).name for p in examples.shard_paths(tmp_path, "train")] == [
+        f"train-0000{i}-of-00003.tfrecord" for i in range(3)
+    ]
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_an_empty_split_still_gets_one_empty_shard(tmp_path):
+    assert examples.write_split(tmp_path, "test", iter(())) == 0
+    assert [Path(p).name for p in examples.shard_paths(tmp_path, "test")] == [
+        "test-00000-of-00001.tfrecord"
+    ]
+
+
+def test_augment_refuses_a_file_changed_after_validation(data, tmp_path):
+    from components.augment import ChangedSinceValidationError
+    from components.validate import build_manifest
+
+    rows = build_manifest(str(data), CONFIG)
+    changed = Path(rows[3]["uri"])
+    changed.write_bytes(datasets.encode_png(np.full((24, 24, 3), 7, np.uint8)))
+    with pytest.raises(ChangedSinceValidationError, match=changed.name):
+        augment_dataset(str(data), tmp_path / "ex", CONFIG, rows)
+
+
+def test_augment_logs_its_progress(data, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="components.augment"):
+        augment_dataset(str(data), tmp_path / "ex", CONFIG)
+    assert "augment: read and decoded: 30/30 images (100.0%)" in caplog.text
+    assert "augment: augmented views made:" in caplog.text

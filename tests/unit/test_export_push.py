@@ -220,7 +220,7 @@ def test_push_to_gcs_and_the_champion_is_found_there(model_dir, examples_dir, tm
     assert served_version(repo, "m") == result.version
     pixels, _ = sample_images(6, seed=3)
     truth = [LABELS[i % 3] for i in range(6)]
-    champion = champion_metrics(repo, "m", pixels.astype("float32"), truth)
+    champion = champion_metrics(repo, "m", [pixels.astype("float32")], truth)  # one batch
     expected = keras_probabilities(tmp_path, 1, 1, pixels).argmax(axis=1)
     assert champion["version"] == result.version
     assert champion["accuracy"] == pytest.approx(

@@ -226,3 +226,32 @@ def test_graft_pretrain_saves_a_base_that_learned_labels_and_rotations(tmp_path)
     features = base.predict(np.full((2, 40, 40, 1), 100.0, "float32"), verbose=0)
     assert features.shape == (2, 2 * (32 + 64 + 128))  # avg + max pooled, three blocks
     assert base.predict(np.zeros((1, 28, 28, 1), "float32"), verbose=0).shape == (1, 448)
+
+
+def test_cached_features_stream_the_shards_and_equal_one_pass_over_whole_arrays(
+    examples_dir, tmp_path, caplog
+):
+    import logging
+
+    from components.train_head import cached_features
+
+    base = keras.models.load_model(tiny_base(tmp_path / "base.keras"))
+    x, y = examples.load_arrays(examples_dir, "train")
+    x_val, y_val = examples.load_arrays(examples_dir, "val")
+    expected = pooled_features(base, np.concatenate([x, x_val]), 256)
+    with caplog.at_level(logging.INFO, logger="components.train_head"):
+        features, labels, train_rows = cached_features(base, examples_dir)
+    assert train_rows == len(x)
+    np.testing.assert_array_equal(labels, np.concatenate([y, y_val]))
+    np.testing.assert_array_equal(features, expected)
+    total = len(x) + len(x_val)
+    assert f"train_head: base features: {total}/{total} records (100.0%)" in caplog.text
+
+
+def test_stream_features_refuses_a_short_stream(tmp_path):
+    from components.train_head import stream_features
+
+    base = keras.models.load_model(tiny_base(tmp_path / "base.keras"))
+    batches = [np.zeros((4, 16, 16, 3), "uint8")]
+    with pytest.raises(ValueError, match="Expected 6 images for the feature pass, received 4"):
+        stream_features(base, batches, 6, 4)
