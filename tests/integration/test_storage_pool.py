@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 
 import pytest
 
@@ -65,6 +66,9 @@ def test_pooled_reads_keep_exactly_concurrency_requests_in_flight(slow_gcs, conc
     bucket, payloads, proxy = slow_gcs
     uris = sorted(payloads)
     storage.read_bytes(uris[0])  # the client's first read also looks the bucket up, alongside
+    deadline = time.monotonic() + 10
+    while proxy.in_flight and time.monotonic() < deadline:  # that lookup may still be answering
+        time.sleep(0.01)
     proxy.max_in_flight = 0
     assert list(storage.read_many(uris, concurrency=concurrency)) == [payloads[u] for u in uris]
     assert proxy.max_in_flight == concurrency
