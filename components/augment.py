@@ -101,12 +101,15 @@ def augment_dataset(
     label_ids = {name: i for i, name in enumerate(labels)}
 
     by_split: dict[str, list] = {split: [] for split in examples.SPLITS}
+    test_sources: list[dict] = []  # the champion is evaluated on these files (evaluate.py)
     for index, row in enumerate(sorted(rows, key=lambda r: r["relpath"]), start=1):
         split = row.get("split") or assign_split(
             row["sha256"], config.val_fraction, config.test_fraction
         )
         image = load_image(storage.read_bytes(row["uri"]), config.image_size, config.channels)
         by_split[split].append((image, label_ids[row["label"]], row["sha256"]))
+        if split == "test":
+            test_sources.append(row)
         if index % 500 == 0:
             log.info("augment: decoded %d/%d images", index, len(rows))
 
@@ -131,6 +134,7 @@ def augment_dataset(
             "counts": counts, "images": {s: len(v) for s, v in by_split.items()},
             "labels": labels, "seed": config.seed}  # fmt: skip
     examples.write_metadata(examples_dir, labels, spec)
+    examples.write_sources(examples_dir, "test", test_sources)
     return spec
 
 

@@ -7,7 +7,6 @@ step compares, and unchanged data ends the run before anything expensive happens
 """
 
 import hashlib
-import json
 from dataclasses import dataclass
 
 from kfp.dsl import Artifact, Output
@@ -37,19 +36,6 @@ def dataset_fingerprint(files: list[storage.FileInfo]) -> Fingerprint:
 
 def fingerprint_uri(data_uri: str) -> Fingerprint:
     return dataset_fingerprint(storage.list_files(data_uri))
-
-
-def served_metadata(model_repo: str, model_name: str) -> dict | None:
-    """graft_metadata.json of the version being served, or None when nothing is served."""
-    from components.evaluate import served_version
-    from components.push import METADATA_FILE
-
-    version = served_version(model_repo, model_name)
-    if version is None:
-        return None
-    uri = storage.join(model_repo, model_name, str(version), METADATA_FILE)
-    metadata = json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
-    return {**metadata, "version": version}
 
 
 def should_train(
@@ -84,8 +70,10 @@ def check_data(
     """Fingerprint the dataset; return whether to train (the gate for everything after)."""
     import json
 
-    from components.check_data import fingerprint_uri, served_metadata, should_train
+    from common.model_repository import check_writable, served_metadata
+    from components.check_data import fingerprint_uri, should_train
 
+    check_writable(model_repo, model_name)  # a read-only or full repository: say so before training
     current = fingerprint_uri(data_uri)
     served = served_metadata(model_repo, model_name)
     train, reason = should_train(current, served, force=force, min_new_images=min_new_images)

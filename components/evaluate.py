@@ -1,15 +1,19 @@
 """evaluate: test metrics for the candidate, and a champion/challenger blessing.
 
-The champion is the version being served (the highest complete version under
-``<model_repo>/<model_name>/``). It is evaluated on the same test images through its own
-``predict_pixels`` signature, and the candidate is blessed only if it clears an absolute
-floor and is not worse than the champion beyond a tolerance, overall and per class.
-Classes are compared by name, so a champion with other labels is still comparable.
+The champion is the version being served (common/model_repository.py). It is evaluated on
+the same test images as the candidate, sent as the original file bytes through its own
+``serving_default`` signature, so each model sees the images prepared the way it expects
+(its own image size, channels and decoding), even after those settings changed between
+runs. The candidate is blessed only if it clears an absolute floor and is not worse than
+the champion beyond a tolerance overall and, beyond sampling noise, per class (see
+``class_regressions``). Classes are compared by name, so a champion with other labels is
+still comparable.
 """
 
 import html
 import json
 import logging
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,13 +21,22 @@ from pathlib import Path
 import numpy as np
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
+from common import model_repository as repository
 from common import storage
+from common.artifacts import EVALUATION_FILE, MODEL_FILE
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
 
 log = logging.getLogger(__name__)
-EVALUATION_FILE = "evaluation.json"
+# 95% two-sided: a class's recall on n test images is judged by the upper end of its
+# Wilson interval, so one image of 14 (1.000 -> 0.929) is noise, not a regression.
+RECALL_CONFIDENCE_Z = 1.96
+CLASS_RULE = (
+    "a class counts as regressed only when the upper end of the 95% Wilson interval of the "
+    "candidate's recall (from its test images of that class) is below the champion's recall "
+    "minus bless_class_tolerance"
+)
 
 
 def classification_metrics(
@@ -60,6 +73,38 @@ def classification_metrics(
     }
 
 
+def recall_upper_bound(recall: float, support: float, z: float = RECALL_CONFIDENCE_Z) -> float:
+    """Upper end of the Wilson score interval for a recall measured on ``support`` images.
+
+    With no support given (``inf``) the recall is taken as exact.
+    """
+    if not math.isfinite(support):
+        return recall
+    if support <= 0:
+        return 1.0
+    z2 = z * z
+    centre = recall + z2 / (2 * support)
+    spread = z * math.sqrt(recall * (1 - recall) / support + z2 / (4 * support * support))
+    return min(1.0, (centre + spread) / (1 + z2 / support))
+
+
+def class_regressions(candidate: dict, champion: dict, class_tolerance: float) -> list[str]:
+    """Classes whose recall fell beyond ``class_tolerance`` AND beyond sampling noise."""
+    out = []
+    for name, stats in champion["per_class"].items():
+        mine = candidate["per_class"].get(name)
+        if mine is None:
+            continue
+        support = float(mine.get("support", math.inf))
+        upper = recall_upper_bound(mine["recall"], support)
+        if upper < stats["recall"] - class_tolerance:
+            n = "" if not math.isfinite(support) else f" on {int(support)} images"
+            out.append(
+                f"{name} {mine['recall']:.3f}{n} (at most {upper:.3f}) < {stats['recall']:.3f}"
+            )
+    return out
+
+
 def is_blessed(
     candidate: dict,
     champion: dict | None,
@@ -70,7 +115,8 @@ def is_blessed(
 ) -> tuple[bool, str]:
     """Whether the candidate may replace the champion, and why, in one sentence.
 
-    ``candidate``/``champion`` hold ``accuracy`` and ``per_class`` {label: {"recall": r}}.
+    ``candidate``/``champion`` hold ``accuracy`` and ``per_class`` {label: {"recall": r,
+    "support": n}}; the per-class rule is CLASS_RULE.
     """
     accuracy = candidate["accuracy"]
     if accuracy < min_accuracy:
@@ -86,53 +132,51 @@ def is_blessed(
             f"test accuracy {accuracy:.4f} is worse than champion version {version} "
             f"({champion['accuracy']:.4f}) by more than {tolerance}"
         )
-    regressed = [
-        f"{name} {candidate['per_class'][name]['recall']:.3f} < {stats['recall']:.3f}"
-        for name, stats in champion["per_class"].items()
-        if name in candidate["per_class"]
-        and candidate["per_class"][name]["recall"] < stats["recall"] - class_tolerance
-    ]
+    regressed = class_regressions(candidate, champion, class_tolerance)
     if regressed:
-        return (
-            False,
-            f"per-class recall regressed vs champion version {version} beyond {class_tolerance}: {'; '.join(regressed)}",
+        return False, (
+            f"per-class recall regressed vs champion version {version} beyond {class_tolerance} "
+            f"and beyond sampling noise: {'; '.join(regressed)}"
         )
     return (
         True,
-        f"test accuracy {accuracy:.4f} vs champion version {version} {champion['accuracy']:.4f}; no class regressed",
+        f"test accuracy {accuracy:.4f} vs champion version {version} {champion['accuracy']:.4f}; "
+        "no class regressed beyond sampling noise",
     )
 
 
-def served_version(model_repo: str, model_name: str) -> int | None:
-    """The highest version under the model's folder that is complete (has saved_model.pb)."""
-    root = storage.join(model_repo, model_name)
-    for name in sorted((d for d in storage.list_dirs(root) if d.isdigit()), key=int, reverse=True):
-        if storage.exists(storage.join(root, name, "saved_model.pb")):
-            return int(name)
-    return None
-
-
 def champion_metrics(
-    model_repo: str, model_name: str, images: np.ndarray, truth: list[str]
+    model_repo: str, model_name: str, sources: list[tuple[str, str]]
 ) -> dict | None:
-    """Evaluate the served version on the test images, by label name; None if nothing is served."""
+    """Evaluate the served version on the test images by label name; None if nothing is served.
+
+    ``sources`` are (image URI, label) pairs: the original files, sent as bytes through the
+    champion's own ``serving_default`` signature, which decodes, crops and resizes them to
+    the image size and channels that version was trained with.
+    """
     import tensorflow as tf
 
-    version = served_version(model_repo, model_name)
+    version = repository.served_version(model_repo, model_name)
     if version is None:
         return None
-    local = storage.download_tree(storage.join(model_repo, model_name, str(version)),
-                                  Path(tempfile.mkdtemp(prefix="graft-champion-")))  # fmt: skip
-    signature = tf.saved_model.load(str(local)).signatures["predict_pixels"]
     predicted = []
-    for start in range(0, len(images), 256):
-        out = signature(pixels=tf.constant(images[start : start + 256], tf.float32))
-        predicted += [row[0].decode() for row in out["labels"].numpy()]
-    names = sorted(set(truth))
+    with tempfile.TemporaryDirectory(prefix="graft-champion-") as work:
+        uri = repository.version_uri(repository.model_root(model_repo, model_name), version)
+        signature = tf.saved_model.load(str(storage.download_tree(uri, work))).signatures[
+            "serving_default"
+        ]
+        for start in range(0, len(sources), 64):
+            batch = [storage.read_bytes(u) for u, _ in sources[start : start + 64]]
+            out = signature(images=tf.constant(batch, tf.string))
+            predicted += [row[0].decode() for row in out["labels"].numpy()]
+    truth = [label for _, label in sources]
     per_class = {}
-    for name in names:
+    for name in sorted(set(truth)):
         rows = [p for p, t in zip(predicted, truth, strict=True) if t == name]
-        per_class[name] = {"recall": float(np.mean([p == name for p in rows])) if rows else 0.0}
+        per_class[name] = {
+            "recall": float(np.mean([p == name for p in rows])) if rows else 0.0,
+            "support": len(rows),
+        }
     accuracy = (
         float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)])) if truth else 0.0
     )
@@ -160,12 +204,13 @@ def evaluate_model(
         raise ValueError(
             f"The test split in {examples_dir} is empty: raise test_fraction or add images"
         )
-    model = keras.models.load_model(Path(model_dir) / "model.keras")
+    model = keras.models.load_model(Path(model_dir) / MODEL_FILE)
     probabilities = model.predict(x.astype("float32"), batch_size=256, verbose=0)
     metrics = classification_metrics(y, probabilities, labels, config.top_k)
     champion = None
     if model_repo and model_name:
-        champion = champion_metrics(model_repo, model_name, x, [labels[i] for i in y])
+        sources = [(s["uri"], s["label"]) for s in examples.read_sources(examples_dir, "test")]
+        champion = champion_metrics(model_repo, model_name, sources)
     blessed, reason = is_blessed(
         metrics, champion, min_accuracy=config.bless_min_accuracy,
         tolerance=config.bless_tolerance, class_tolerance=config.bless_class_tolerance,
@@ -184,6 +229,7 @@ def evaluate_model(
 def render_markdown(evaluation: Evaluation) -> str:
     m = evaluation.metrics
     lines = [f"# Evaluation: {'blessed' if evaluation.blessed else 'NOT blessed'}", "", evaluation.reason, "",
+             f"Per-class rule: {CLASS_RULE}.", "",
              f"accuracy {m['accuracy']:.4f} on {m['examples']} test images", "",
              "| class | precision | recall | f1 | support |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     lines += [f"| {n} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']} |"
@@ -206,6 +252,7 @@ def render_html(evaluation: Evaluation) -> str:
     return (
         "<!doctype html><meta charset=utf-8><title>graft evaluation</title>"
         f"<h1>{'Blessed' if evaluation.blessed else 'NOT blessed'}</h1><p>{html.escape(evaluation.reason)}</p>"
+        f"<p>Per-class rule: {html.escape(CLASS_RULE)}.</p>"
         f"<p>accuracy {m['accuracy']:.4f} on {m['examples']} test images</p>"
         f"<h2>Confusion matrix (rows: true, columns: predicted)</h2><table><tr><th></th>{header}</tr>{body}</table>"
         f"<pre>{html.escape(render_markdown(evaluation))}</pre>"

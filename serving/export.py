@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.artifacts import LABELS_FILE, MODEL_FILE
+
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 IMAGES_INPUT, PIXELS_INPUT = "images", "pixels"
 PIXELS_SIGNATURE = "predict_pixels"
@@ -118,8 +120,8 @@ def export_saved_model(
     import tensorflow as tf
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
-    model = keras.models.load_model(model_dir / "model.keras")
-    labels = [line for line in (model_dir / "labels.txt").read_text().splitlines() if line]
+    model = keras.models.load_model(model_dir / MODEL_FILE)
+    labels = [line for line in (model_dir / LABELS_FILE).read_text().splitlines() if line]
     _, image_size, _, channels = model.input_shape
     module = _serving_module(model, labels, image_size, channels, top_k)
     tf.saved_model.save(
@@ -161,7 +163,7 @@ def infra_validate(
         ].numpy()
     except (tf.errors.OpError, ValueError, OSError) as err:
         raise InfraValidationError(f"{export_dir} failed to load or answer: {err}") from err
-    expected = keras.models.load_model(Path(model_dir) / "model.keras").predict(
+    expected = keras.models.load_model(Path(model_dir) / MODEL_FILE).predict(
         pixels.astype("float32"), verbose=0
     )
     difference = float(np.max(np.abs(served - expected))) if len(pixels) else 0.0
