@@ -177,6 +177,8 @@ def read_bytes(uri: str) -> bytes:
         return Path(uri).read_bytes()
     except FileNotFoundError as err:
         raise StorageError(f"No such file: {uri}") from err
+    except IsADirectoryError as err:
+        raise StorageError(f"{uri} is a directory: expected a file") from err
 
 
 def read_text(uri: str) -> str:

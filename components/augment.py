@@ -7,7 +7,6 @@ Keras preprocessing layers, so the head's feature cache can cover every view.
 """
 
 import hashlib
-import io
 import logging
 from pathlib import Path
 
@@ -38,14 +37,13 @@ def assign_split(sha256: str, val_fraction: float, test_fraction: float) -> str:
 
 
 def load_image(data: bytes, image_size: int, channels: int) -> np.ndarray:
-    """Decode, convert channels (gray/RGBA/palette -> wanted), center-crop to square, resize."""
-    from PIL import Image, ImageOps
+    """uint8 [image_size, image_size, channels] pixels of an encoded image, decoded exactly
+    as the exported serving signature decodes it (common/images.py)."""
+    import tensorflow as tf
 
-    image = Image.open(io.BytesIO(data))
-    image = image.convert("L" if channels == 1 else "RGB")
-    image = ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if channels == 1 else array
+    from common.images import decode_square
+
+    return decode_square(tf.constant(data), image_size, channels).numpy()
 
 
 def augmenter(seed: int):

@@ -2,7 +2,8 @@
 
 The fingerprint is a digest of every object's (path, size, checksum) from the bucket
 listing (GCS md5/crc32c + generation; local sha256), sorted so listing order never
-matters. The push step records it in the version's metadata; on the next run this first
+matters. Every file counts, whatever its name: validate refuses a dataset holding anything
+that is not an image of a class, so the files fingerprinted are exactly the files trained on. The push step records it in the version's metadata; on the next run this first
 step compares, and unchanged data ends the run before anything expensive happens.
 """
 
@@ -14,20 +15,16 @@ from kfp.dsl import Artifact, Output
 from common import storage
 from components.component import step_component
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
 
 @dataclass(frozen=True)
 class Fingerprint:
     digest: str
-    count: int  # image files counted into the digest
+    count: int  # files counted into the digest
 
 
 def dataset_fingerprint(files: list[storage.FileInfo]) -> Fingerprint:
-    """Order-independent digest over (relpath, size, checksum) of the image files."""
-    images = sorted(
-        (f.relpath, f.size, f.checksum) for f in files if f.relpath.lower().endswith(IMAGE_SUFFIXES)
-    )
+    """Order-independent digest over (relpath, size, checksum) of every file."""
+    images = sorted((f.relpath, f.size, f.checksum) for f in files)
     digest = hashlib.sha256()
     for relpath, size, checksum in images:
         digest.update(f"{relpath}\0{size}\0{checksum}\n".encode())

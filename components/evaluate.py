@@ -98,10 +98,12 @@ def class_regressions(candidate: dict, champion: dict, class_tolerance: float) -
         support = float(mine.get("support", math.inf))
         upper = recall_upper_bound(mine["recall"], support)
         if upper < stats["recall"] - class_tolerance:
-            n = "" if not math.isfinite(support) else f" on {int(support)} images"
-            out.append(
-                f"{name} {mine['recall']:.3f}{n} (at most {upper:.3f}) < {stats['recall']:.3f}"
+            noise = (
+                f" ({round(mine['recall'] * support)}/{int(support)} right: at most {upper:.3f} at 95%)"
+                if math.isfinite(support)
+                else ""
             )
+            out.append(f"{name} {mine['recall']:.3f} < {stats['recall']:.3f}{noise}")
     return out
 
 
