@@ -258,14 +258,18 @@ class ModelServer:
             self.poll_once()
 
     def wait_for_version(self, version: int, timeout: float = 60.0) -> None:
+        """Block until ``version`` is loaded; a version that keeps failing raises with its error."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if version in self.loaded:
                 return
             failed = self.failed.get(version)
-            if failed is not None:
-                raise RuntimeError(f"version {version} failed to load: {failed.error}")
+            if failed is not None and failed.retry_at == float("inf"):
+                break  # no retry is due until its files change
             time.sleep(0.1)
+        failed = self.failed.get(version)
+        if failed is not None:
+            raise RuntimeError(f"version {version} failed to load: {failed.error}")
         raise TimeoutError(f"version {version} of {self.model_name} not loaded after {timeout}s")
 
     # --- lifecycle -----------------------------------------------------------------------

@@ -117,7 +117,7 @@ def test_sigterm_drains_and_exits_cleanly(repo):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model-repo", str(repo), "--model-name", NAME, "--port", str(port)],
+        [sys.executable, "-m", "pipeline.cli", "serve", "--model-repo", str(repo), "--model-name", NAME, "--port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
