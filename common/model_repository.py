@@ -195,6 +195,39 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
+def try_claim(
+    model_repo: str,
+    model_name: str,
+    version: int,
+    *,
+    owner: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+) -> Claim | None:
+    """Claim exactly ``version``, atomically; None when another push (or a folder) has it."""
+    root = model_root(model_repo, model_name)
+    owner = owner or new_owner()
+    now = time.time()
+    record = {"owner": owner, "version": version, "claimed_at": now,
+              "lease_seconds": lease_seconds}  # fmt: skip
+    try:
+        won = storage.create_exclusive(
+            _claim_uri(root, version), json.dumps(record, sort_keys=True).encode()
+        )
+    except OSError as err:
+        raise ModelRepositoryError(
+            f"Cannot claim a version in {root} ({err.strerror or err}): is the model "
+            "repository writable and not full?"
+        ) from err
+    if not won:
+        return None
+    # A version folder without a claim (an older graft, or a copy by hand) also holds
+    # the number: never publish into it.
+    if version in versions(root):
+        storage.delete_file(_claim_uri(root, version))
+        return None
+    return Claim(root, version, owner, now, lease_seconds)
+
+
 def claim_version(
     model_repo: str,
     model_name: str,
@@ -212,28 +245,19 @@ def claim_version(
     owner = owner or new_owner()
     for _ in range(attempts):
         version = next_version(root)
-        now = time.time()
-        record = {"owner": owner, "version": version, "claimed_at": now,
-                  "lease_seconds": lease_seconds}  # fmt: skip
-        try:
-            won = storage.create_exclusive(
-                _claim_uri(root, version), json.dumps(record, sort_keys=True).encode()
-            )
-        except OSError as err:
-            raise ModelRepositoryError(
-                f"Cannot claim a version in {root} ({err.strerror or err}): is the model "
-                "repository writable and not full?"
-            ) from err
-        # A version folder without a claim (an older graft, or a copy by hand) also
-        # holds the number: never publish into it.
-        if won and version in versions(root):
-            storage.delete_file(_claim_uri(root, version))
-            won = False
-        if won:
-            return Claim(root, version, owner, now, lease_seconds)
+        claim = try_claim(model_repo, model_name, version, owner=owner, lease_seconds=lease_seconds)
+        if claim is not None:
+            return claim
         log.info("push: version %d was claimed by a concurrent push; trying the next", version)
     raise VersionClaimError(
         f"{attempts} version numbers in {root} were claimed by concurrent pushes: retry the push"
+    )
+
+
+def staging_path(claim: Claim) -> Path:
+    """Where a local push copies its version before renaming it into place."""
+    return (
+        Path(claim.model_root) / f"{STAGING_PREFIX}{claim.version}-{claim.owner.rsplit(':', 1)[-1]}"
     )
 
 
@@ -261,10 +285,7 @@ def publish(export_dir: str | Path, claim: Claim) -> str:
         if storage.is_gcs(target):
             storage.copy_tree(str(export_dir), target, last=(SAVED_MODEL_FILE,))
         else:
-            staging = (
-                Path(claim.model_root)
-                / f"{STAGING_PREFIX}{claim.version}-{claim.owner.rsplit(':', 1)[-1]}"
-            )
+            staging = staging_path(claim)
             try:
                 storage.copy_tree(str(export_dir), str(staging), last=(SAVED_MODEL_FILE,))
                 os.rename(staging, target)  # fails if the folder exists: never merge two pushes

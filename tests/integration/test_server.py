@@ -258,6 +258,9 @@ def test_push_verified_against_the_server_keeps_a_loaded_version_and_rolls_back_
         with pytest.raises(RuntimeError, match="did not become AVAILABLE"):
             push_model(make_model_dir(tmp_path / "m2", 2), evaluation, ex, str(repo), NAME, GraftConfig(top_k=2),
                        verify=wait_until_available(target, NAME, timeout=2, poll=0.2))  # fmt: skip
-        assert sorted(p.name for p in (repo / NAME).iterdir()) == [str(first.version)]
+        from common.model_repository import versions
+
+        assert versions(str(repo / NAME)) == [first.version]
+        assert not list((repo / NAME / ".claims").iterdir())  # the rolled-back claim is gone too
     finally:
         pinned.stop(1)
