@@ -14,6 +14,8 @@ EXIF orientation is not applied (tf.io.decode_image ignores it), on both sides a
 
 from __future__ import annotations
 
+import re
+
 
 def decode_square(encoded, image_size: int, channels: int):
     """Encoded JPEG/PNG bytes (a scalar tf.string) -> uint8 [image_size, image_size, channels].
@@ -44,5 +46,7 @@ def check_decodable(data: bytes) -> str | None:
     try:
         tf.io.decode_image(data, channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
-        return err.message.splitlines()[0][:200]
+        # "{{function_node ...}} Invalid GIF data ... [Op:DecodeImage]" -> the middle part
+        message = re.sub(r"^\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]$", "", err.message.splitlines()[0])
+        return message[:200]
     return None
