@@ -60,6 +60,57 @@ class GraftConfig:
     bless_tolerance: float = 0.01  # how much worse than the champion overall is still fine
     bless_class_tolerance: float = 0.05  # per-class recall regression allowed vs the champion
 
+    def __post_init__(self):
+        """Refuse values no step can work with, naming the setting (issue 16: at start,
+        not three steps into a run)."""
+        problems = [f"`{key}={getattr(self, key)}`: expected {rule}"
+                    for key, rule, ok in _RULES if not ok(getattr(self, key))]  # fmt: skip
+        if self.max_side < self.min_side:
+            problems.append(f"`max_side={self.max_side}` is below `min_side={self.min_side}`")
+        if self.val_fraction + self.test_fraction >= 1:
+            problems.append(
+                f"`val_fraction={self.val_fraction}` + `test_fraction={self.test_fraction}` "
+                "leaves no training images: their sum must be below 1"
+            )
+        if problems:
+            raise ValueError("Received " + "; ".join(problems))
+
+
+def _at_least(low):
+    return lambda value: value >= low
+
+
+def _fraction(value) -> bool:
+    return 0 <= value < 1
+
+
+# Each setting's range: (name, what is expected, check).
+_RULES = (
+    ("min_images_per_class", ">= 1", _at_least(1)),
+    ("min_classes", ">= 2 (a classifier needs two labels)", _at_least(2)),
+    ("min_side", ">= 1", _at_least(1)),
+    ("max_pixels", ">= 1", _at_least(1)),
+    ("max_file_bytes", ">= 1", _at_least(1)),
+    ("max_imbalance_ratio", ">= 1", _at_least(1)),
+    ("image_size", ">= 1", _at_least(1)),
+    ("channels", "1 or 3", lambda v: v in (1, 3)),
+    ("views", ">= 0", _at_least(0)),
+    ("val_fraction", "in [0, 1)", _fraction),
+    ("test_fraction", "in [0, 1)", _fraction),
+    ("batch_size", ">= 1", _at_least(1)),
+    ("head_learning_rate", "> 0", lambda v: v > 0),
+    ("head_max_epochs", ">= 1", _at_least(1)),
+    ("patience", ">= 1", _at_least(1)),
+    ("dropout", "in [0, 1)", _fraction),
+    ("fine_tune_layers", ">= 0", _at_least(0)),
+    ("fine_tune_learning_rate", "> 0", lambda v: v > 0),
+    ("fine_tune_max_epochs", ">= 0", _at_least(0)),
+    ("top_k", ">= 1", _at_least(1)),
+    ("bless_min_accuracy", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("bless_tolerance", ">= 0", _at_least(0)),
+    ("bless_class_tolerance", ">= 0", _at_least(0)),
+)
+
 
 def with_overrides(config: GraftConfig, assignments: list[str] | dict) -> GraftConfig:
     """Return ``config`` with ``key=value`` strings (or a dict) applied, values typed by field.
