@@ -232,3 +232,17 @@ def test_push_to_gcs_and_the_champion_is_found_there(model_dir, examples_dir, tm
     assert champion["accuracy"] == pytest.approx(
         np.mean([LABELS[e] == t for e, t in zip(expected, truth, strict=True)])
     )
+
+
+def test_push_leaves_no_temporary_export_behind(model_dir, examples_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    repo = str(tmp_path / "repo")
+    push_model(model_dir, evaluation_file(tmp_path), examples_dir, repo, "m", CONFIG)
+    with pytest.raises(RuntimeError, match="did not become AVAILABLE"):  # and when it fails
+        push_model(make_model_dir(tmp_path / "other", seed=5), evaluation_file(tmp_path),
+                   examples_dir, repo, "m", CONFIG, verify=lambda v: False)  # fmt: skip
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("graft-")] == []
