@@ -342,13 +342,14 @@ class ModelServer:
 
     def resolve(self, name: str, version: int | None) -> LoadedVersion:
         """The loaded version a request names; KeyError carries TF Serving's NOT_FOUND text."""
+        wanted = f"Latest({name})" if version is None else f"Specific({name}, {version})"
         with self._lock:
             if name != self.model_name or not self.loaded:
-                raise KeyError(f"Servable not found for request: Latest({name})")
+                raise KeyError(f"Servable not found for request: {wanted}")
             if version is None:
                 return self.loaded[max(self.loaded)]
             if version not in self.loaded:
-                raise KeyError(f"Servable not found for request: Specific({name}, {version})")
+                raise KeyError(f"Servable not found for request: {wanted}")
             return self.loaded[version]
 
     def status(self) -> list[tuple[int, str, str]]:
