@@ -297,6 +297,9 @@ def publish(export_dir: str | Path, claim: Claim) -> str:
             f"Could not publish version {claim.version} to {target} ({err.strerror or err}): "
             "check the model repository is writable and has space; nothing was published"
         ) from err
+    except BaseException:  # GCS errors, interrupts: give the number back, leave nothing half
+        release(claim)
+        raise
     storage.delete_file(_claim_uri(claim.model_root, claim.version))
     return target
 

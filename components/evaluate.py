@@ -29,13 +29,14 @@ from components.component import step_component
 from components.config import GraftConfig
 
 log = logging.getLogger(__name__)
-# 95% two-sided: a class's recall on n test images is judged by the upper end of its
-# Wilson interval, so one image of 14 (1.000 -> 0.929) is noise, not a regression.
+# 95% two-sided. Both recalls are estimates from a handful of test images per class: one
+# image of 14 (1.000 -> 0.929) or two of 8 (1.000 -> 0.750) is within their noise.
 RECALL_CONFIDENCE_Z = 1.96
 CLASS_RULE = (
-    "a class counts as regressed only when the upper end of the 95% Wilson interval of the "
-    "candidate's recall (from its test images of that class) is below the champion's recall "
-    "minus bless_class_tolerance"
+    "a class counts as regressed only when its recall fell by more than bless_class_tolerance "
+    "and the fall is beyond sampling noise: the 95% Newcombe interval (from the two Wilson "
+    "intervals, given each model's test images of that class) of the champion's recall minus "
+    "the candidate's lies entirely above 0"
 )
 
 
@@ -73,37 +74,48 @@ def classification_metrics(
     }
 
 
-def recall_upper_bound(recall: float, support: float, z: float = RECALL_CONFIDENCE_Z) -> float:
-    """Upper end of the Wilson score interval for a recall measured on ``support`` images.
+def wilson_interval(recall: float, support: float, z: float = RECALL_CONFIDENCE_Z):
+    """(low, high) of the Wilson score interval for a recall measured on ``support`` images.
 
     With no support given (``inf``) the recall is taken as exact.
     """
     if not math.isfinite(support):
-        return recall
+        return recall, recall
     if support <= 0:
-        return 1.0
+        return 0.0, 1.0
     z2 = z * z
     centre = recall + z2 / (2 * support)
     spread = z * math.sqrt(recall * (1 - recall) / support + z2 / (4 * support * support))
-    return min(1.0, (centre + spread) / (1 + z2 / support))
+    scale = 1 + z2 / support
+    return max(0.0, (centre - spread) / scale), min(1.0, (centre + spread) / scale)
+
+
+def recall_drop_lower_bound(champion: dict, candidate: dict) -> float:
+    """Lower end of the 95% Newcombe (hybrid score) interval of champion minus candidate
+    recall; above 0 means the candidate is worse beyond sampling noise."""
+    p1, n1 = champion["recall"], float(champion.get("support", math.inf))
+    p2, n2 = candidate["recall"], float(candidate.get("support", math.inf))
+    low1, _ = wilson_interval(p1, n1)
+    _, high2 = wilson_interval(p2, n2)
+    return (p1 - p2) - math.sqrt((p1 - low1) ** 2 + (high2 - p2) ** 2)
 
 
 def class_regressions(candidate: dict, champion: dict, class_tolerance: float) -> list[str]:
     """Classes whose recall fell beyond ``class_tolerance`` AND beyond sampling noise."""
     out = []
-    for name, stats in champion["per_class"].items():
+    for name, theirs in champion["per_class"].items():
         mine = candidate["per_class"].get(name)
         if mine is None:
             continue
-        support = float(mine.get("support", math.inf))
-        upper = recall_upper_bound(mine["recall"], support)
-        if upper < stats["recall"] - class_tolerance:
-            noise = (
-                f" ({round(mine['recall'] * support)}/{int(support)} right: at most {upper:.3f} at 95%)"
-                if math.isfinite(support)
-                else ""
+        low = recall_drop_lower_bound(theirs, mine)
+        if mine["recall"] < theirs["recall"] - class_tolerance and low > 0:
+            counts = " ".join(
+                f"{round(m['recall'] * m['support'])}/{m['support']}"
+                for m in (mine, theirs)
+                if math.isfinite(float(m.get("support", math.inf)))
             )
-            out.append(f"{name} {mine['recall']:.3f} < {stats['recall']:.3f}{noise}")
+            noise = f" ({counts} right; fall at least {low:.3f} at 95%)" if counts else ""
+            out.append(f"{name} {mine['recall']:.3f} < {theirs['recall']:.3f}{noise}")
     return out
 
 

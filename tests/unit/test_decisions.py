@@ -87,28 +87,36 @@ def test_blessing_decision_table(candidate, champion, blessed, phrase):
 
 
 def counted(accuracy, **right_of):
-    """A candidate whose per-class recall comes from (right, support) counts."""
-    return {"accuracy": accuracy,
+    """A model whose per-class recall comes from (right, support) counts."""
+    return {"accuracy": accuracy, "version": 7,
             "per_class": {k: {"recall": r / n, "support": n} for k, (r, n) in right_of.items()}}  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "right, support, blessed",
+    "champion_right, right, support, blessed",
     [
-        (13, 14, True),  # make demo-retrain: one image of 14 (1.000 -> 0.929) is noise
-        (12, 14, True),  # Wilson 95% upper bound of 12/14 is 0.960 >= 1.000 - 0.05
-        (11, 14, False),  # ... of 11/14 is 0.924 < 0.95: a regression
-        (91, 100, True),  # more images, tighter bound: 0.952 >= 0.95
-        (90, 100, False),  # 0.945 < 0.95
+        (14, 13, 14, True),  # make demo-retrain, round one: 1 image of 14 is noise
+        (14, 11, 14, True),  # Newcombe 95% lower bound of the fall: -0.042
+        (14, 10, 14, False),  # +0.012: the fall is real
+        (8, 6, 8, True),  # make demo-retrain, round two: 2 of 8 (1.000 -> 0.750) is noise
+        (8, 5, 8, True),  # -0.027
+        (8, 4, 8, False),  # +0.068
+        (100, 95, 100, True),  # real (+0.003) but not beyond bless_class_tolerance (0.05)
+        (100, 94, 100, False),  # real (+0.011) and 0.06 > 0.05
+        (95, 87, 100, True),  # -0.001
+        (95, 86, 100, False),  # +0.008
     ],
 )
-def test_per_class_gate_allows_sampling_noise_and_refuses_beyond_it(right, support, blessed):
-    champion = model(0.90, a=1.0, b=0.8)
+def test_per_class_gate_allows_sampling_noise_and_refuses_beyond_it(
+    champion_right, right, support, blessed
+):
+    champion = counted(0.90, a=(champion_right, support), b=(support, support))
     candidate = counted(0.95, a=(right, support), b=(support, support))
     decision, reason = is_blessed(candidate, champion, **THRESHOLDS)
     assert decision is blessed, reason
     if not blessed:
-        assert f"a {right / support:.3f} < 1.000 ({right}/{support} right: at most" in reason
+        expected = f"a {right / support:.3f} < {champion_right / support:.3f} ({right}/{support} {champion_right}/{support} right; fall at least"
+        assert expected in reason
     else:
         assert "no class regressed beyond sampling noise" in reason
 
@@ -119,7 +127,7 @@ def test_evaluation_report_states_the_per_class_rule():
     metrics = {"accuracy": 1.0, "examples": 2, "labels": ["a"], "confusion_matrix": [[2]],
                "per_class": {"a": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}}}  # fmt: skip
     evaluation = Evaluation(metrics, None, True, "no champion")
-    assert "Wilson interval" in CLASS_RULE and "bless_class_tolerance" in CLASS_RULE
+    assert "Newcombe interval" in CLASS_RULE and "bless_class_tolerance" in CLASS_RULE
     assert CLASS_RULE in render_markdown(evaluation)
     assert html.escape(CLASS_RULE) in render_html(evaluation)
 
