@@ -331,7 +331,11 @@ def create_exclusive(uri: str, data: bytes) -> bool:
         except exceptions.PreconditionFailed:
             # Also what a retried upload sees when its first attempt did land: the
             # caller tells the two apart by the content (it writes its own owner id).
-            return read_bytes(uri) == data
+            # Gone already: the winner finished and removed it, so it was never ours.
+            try:
+                return read_bytes(uri) == data
+            except StorageError:
+                return False
         return True
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -98,12 +98,12 @@ _RULES = (
     ("val_fraction", "in [0, 1)", _fraction),
     ("test_fraction", "in [0, 1)", _fraction),
     ("batch_size", ">= 1", _at_least(1)),
-    ("head_learning_rate", "> 0", lambda v: v > 0),
+    ("head_learning_rate", ">= 0", _at_least(0)),
     ("head_max_epochs", ">= 1", _at_least(1)),
     ("patience", ">= 1", _at_least(1)),
     ("dropout", "in [0, 1)", _fraction),
     ("fine_tune_layers", ">= 0", _at_least(0)),
-    ("fine_tune_learning_rate", "> 0", lambda v: v > 0),
+    ("fine_tune_learning_rate", ">= 0", _at_least(0)),  # 0: weights kept (tests use it)
     ("fine_tune_max_epochs", ">= 0", _at_least(0)),
     ("top_k", ">= 1", _at_least(1)),
     ("bless_min_accuracy", ">= 0", _at_least(0)),  # above 1 blesses nothing: tests use it
