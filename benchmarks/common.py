@@ -43,6 +43,7 @@ def export_tiny_model(repo: Path, name: str, size: int, channels: int = 3) -> Pa
     """A small conv classifier at ``size`` px exported the way push does, as version 1."""
     import keras
 
+    from common.artifacts import LABELS_FILE, MODEL_FILE
     from serving.export import export_saved_model
 
     keras.utils.set_random_seed(0)
@@ -54,8 +55,8 @@ def export_tiny_model(repo: Path, name: str, size: int, channels: int = 3) -> Pa
     outputs = keras.layers.Dense(5, activation="softmax")(x)
     model_dir = repo.parent / f"{name}-keras"
     model_dir.mkdir(parents=True, exist_ok=True)
-    keras.Model(inputs, outputs).save(model_dir / "model.keras")
-    (model_dir / "labels.txt").write_text("a\nb\nc\nd\ne\n")
+    keras.Model(inputs, outputs).save(model_dir / MODEL_FILE)
+    (model_dir / LABELS_FILE).write_text("a\nb\nc\nd\ne\n")
     return export_saved_model(model_dir, repo / name / "1", warmup_images=[], top_k=3)
 
 

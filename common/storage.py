@@ -20,6 +20,7 @@ its own retry policy (``_retry``), so a pooled read retries exactly like a singl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -242,6 +243,8 @@ def read_bytes(uri: str) -> bytes:
         return Path(uri).read_bytes()
     except FileNotFoundError as err:
         raise StorageError(f"No such file: {uri}") from err
+    except IsADirectoryError as err:
+        raise StorageError(f"{uri} is a directory: expected a file") from err
 
 
 def read_many(uris: Iterable[str], *, concurrency: int = DEFAULT_CONCURRENCY) -> Iterator[bytes]:
@@ -251,6 +254,14 @@ def read_many(uris: Iterable[str], *, concurrency: int = DEFAULT_CONCURRENCY) ->
 
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
+
+
+def _temp_beside(target: Path) -> tuple[int, Path]:
+    """A new, empty temp file next to ``target`` (same filesystem, so it can be renamed or
+    linked into place). Not mkstemp: its 0600 would hide the file from a reader with another
+    uid (TF Serving, the next step's container); 0o666 here gets the umask's permissions."""
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -266,10 +277,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 would hide the file from a reader with another uid (TF Serving,
-    # the next step's container). 0o666 here gets the umask's permissions (0644 under 022).
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd, tmp = _temp_beside(target)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -395,3 +403,104 @@ def list_dirs(uri: str) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create ``uri`` holding ``data`` only if nothing is there; True when this call created it.
+
+    The check and the create are one step, so of two writers racing for one name exactly
+    one gets True. Locally the data goes to a temp file that is hard-linked to the name
+    (link fails when the name exists, and readers never see a half-written file); on GCS
+    it is an upload with ``if_generation_match=0`` (create-only).
+    """
+    uri = str(uri)
+    if is_gcs(uri):
+        from google.api_core import exceptions
+        from google.cloud.storage.retry import DEFAULT_RETRY_IF_GENERATION_SPECIFIED
+
+        bucket, name = _bucket(uri)
+        try:
+            bucket.blob(name).upload_from_string(
+                data, if_generation_match=0, retry=DEFAULT_RETRY_IF_GENERATION_SPECIFIED
+            )
+        except exceptions.PreconditionFailed:
+            # Also what a retried upload sees when its first attempt did land: the
+            # caller tells the two apart by the content (it writes its own owner id).
+            # Gone already: the winner finished and removed it, so it was never ours.
+            try:
+                return read_bytes(uri) == data
+            except StorageError:
+                return False
+        return True
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _temp_beside(target)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, target)
+    except FileExistsError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return True
+
+
+def delete_file(uri: str) -> None:
+    """Remove one file or object (missing is fine)."""
+    uri = str(uri)
+    if is_gcs(uri):
+        from google.api_core import exceptions
+
+        bucket, name = _bucket(uri)
+        try:
+            bucket.blob(name).delete(retry=_retry())
+        except exceptions.NotFound:
+            pass
+        return
+    Path(uri).unlink(missing_ok=True)
+
+
+def newest_change(uri: str) -> float | None:
+    """Unix time of the newest change to any file under ``uri`` (None when there is none)."""
+    uri = str(uri)
+    if is_gcs(uri):
+        bucket, name = _bucket(uri)
+        times = [
+            blob.updated.timestamp()
+            for blob in bucket.list_blobs(prefix=f"{name}/", retry=_retry())
+            if blob.updated is not None
+        ]
+        return max(times, default=None)
+    root = Path(uri)
+    if not root.exists():
+        return None
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    times = []
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):  # removed while we looked
+            times.append(path.lstat().st_mtime)
+    return max(times, default=None)
+
+
+def tree_state(uri: str) -> tuple:
+    """What is under ``uri`` now: (relpath, size, change stamp) per file, sorted.
+
+    Two calls return equal values only if no file was added, removed or rewritten in
+    between (GCS generations; local mtimes in nanoseconds), without reading any content.
+    """
+    uri = str(uri)
+    if is_gcs(uri):
+        return tuple((f.relpath, f.size, f.checksum) for f in list_files(uri, checksums=False))
+    root = Path(uri)
+    if not root.is_dir():
+        return ()
+    out = []
+    for path in sorted(root.rglob("*")):
+        with contextlib.suppress(FileNotFoundError):
+            stat = path.lstat()
+            if not path.is_dir():
+                out.append((path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+    return tuple(out)

@@ -7,7 +7,6 @@ Keras preprocessing layers, so the head's feature cache can cover every view.
 """
 
 import hashlib
-import io
 import logging
 import tempfile
 from pathlib import Path
@@ -40,14 +39,13 @@ def assign_split(sha256: str, val_fraction: float, test_fraction: float) -> str:
 
 
 def load_image(data: bytes, image_size: int, channels: int) -> np.ndarray:
-    """Decode, convert channels (gray/RGBA/palette -> wanted), center-crop to square, resize."""
-    from PIL import Image, ImageOps
+    """uint8 [image_size, image_size, channels] pixels of an encoded image, decoded exactly
+    as the exported serving signature decodes it (common/images.py)."""
+    import tensorflow as tf
 
-    image = Image.open(io.BytesIO(data))
-    image = image.convert("L" if channels == 1 else "RGB")
-    image = ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if channels == 1 else array
+    from common.images import decode_square
+
+    return decode_square(tf.constant(data), image_size, channels).numpy()
 
 
 def augmenter(seed: int):
@@ -194,6 +192,7 @@ def augment_dataset(
             row["sha256"], config.val_fraction, config.test_fraction
         )
         by_split[split].append(row)
+    test_sources = by_split["test"]  # the champion is evaluated on these files (evaluate.py)
     missing = [s for s in ("train", "val") if not by_split[s]]
     if missing:
         raise ValueError(
@@ -217,6 +216,7 @@ def augment_dataset(
             "counts": counts, "images": {s: len(v) for s, v in by_split.items()},
             "labels": labels, "seed": config.seed}  # fmt: skip
     examples.write_metadata(examples_dir, labels, spec)
+    examples.write_sources(examples_dir, "test", test_sources)
     return spec
 
 

@@ -2,14 +2,15 @@
 
 The fingerprint is a digest of every object's (path, size, checksum) from the bucket
 listing (GCS md5/crc32c + generation; local sha256), sorted so listing order never
-matters. The push step records it in the version's metadata; on the next run this first
-step compares, and unchanged data ends the run before anything expensive happens. Being
-first, it also refuses settings that contradict the base (runs not started by the graft CLI,
-which checks the same before it starts one).
+matters. Every file counts, whatever its name: validate refuses a dataset holding anything
+that is not an image of a class, so the files fingerprinted are exactly the files trained on.
+The push step records it in the version's metadata; on the next run this first step
+compares, and unchanged data ends the run before anything expensive happens. Being first,
+it also refuses settings that contradict the base (runs not started by the graft CLI, which
+checks the same before it starts one).
 """
 
 import hashlib
-import json
 from dataclasses import dataclass
 
 from kfp.dsl import Artifact, Output
@@ -17,20 +18,16 @@ from kfp.dsl import Artifact, Output
 from common import storage
 from components.component import step_component
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
 
 @dataclass(frozen=True)
 class Fingerprint:
     digest: str
-    count: int  # image files counted into the digest
+    count: int  # files counted into the digest
 
 
 def dataset_fingerprint(files: list[storage.FileInfo]) -> Fingerprint:
-    """Order-independent digest over (relpath, size, checksum) of the image files."""
-    images = sorted(
-        (f.relpath, f.size, f.checksum) for f in files if f.relpath.lower().endswith(IMAGE_SUFFIXES)
-    )
+    """Order-independent digest over (relpath, size, checksum) of every file."""
+    images = sorted((f.relpath, f.size, f.checksum) for f in files)
     digest = hashlib.sha256()
     for relpath, size, checksum in images:
         digest.update(f"{relpath}\0{size}\0{checksum}\n".encode())
@@ -39,19 +36,6 @@ def dataset_fingerprint(files: list[storage.FileInfo]) -> Fingerprint:
 
 def fingerprint_uri(data_uri: str) -> Fingerprint:
     return dataset_fingerprint(storage.list_files(data_uri))
-
-
-def served_metadata(model_repo: str, model_name: str) -> dict | None:
-    """graft_metadata.json of the version being served, or None when nothing is served."""
-    from components.evaluate import served_version
-    from components.push import METADATA_FILE
-
-    version = served_version(model_repo, model_name)
-    if version is None:
-        return None
-    uri = storage.join(model_repo, model_name, str(version), METADATA_FILE)
-    metadata = json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
-    return {**metadata, "version": version}
 
 
 def should_train(
@@ -90,14 +74,16 @@ def check_data(
     (the gate for everything after)."""
     import json
 
+    from common.model_repository import check_writable, served_metadata
     from components.backbones import check_base_settings
-    from components.check_data import fingerprint_uri, served_metadata, should_train
+    from components.check_data import fingerprint_uri, should_train
     from components.config import step_config
 
     config = step_config(locals())
     check_base_settings(config)
     data_state.metadata["settings"] = config.used()
 
+    check_writable(model_repo, model_name)  # a read-only or full repository: say so before training
     current = fingerprint_uri(data_uri)
     served = served_metadata(model_repo, model_name)
     train, reason = should_train(current, served, force=force, min_new_images=min_new_images)

@@ -16,6 +16,7 @@ signatures are literals; tests/unit/test_config.py fails when one differs from h
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, fields
 
 # The one container image every component runs in; `graft compile --image` replaces it.
@@ -68,6 +69,25 @@ class GraftConfig:
     bless_min_accuracy: float = 0.5  # absolute floor on test accuracy
     bless_tolerance: float = 0.01  # how much worse than the champion overall is still fine
     bless_class_tolerance: float = 0.05  # per-class recall regression allowed vs the champion
+
+    def __post_init__(self):
+        """Refuse values no step can work with, naming the setting (issue 16: at start,
+        not three steps into a run). Reads fields past StepConfig's guard: this checks every
+        value, whichever a step was given."""
+        value = functools.partial(object.__getattribute__, self)
+        problems = [f"`{key}={value(key)}`: expected {rule}"
+                    for key, rule, ok in _RULES if not ok(value(key))]  # fmt: skip
+        if value("max_side") < value("min_side"):
+            problems.append(
+                f"`max_side={value('max_side')}` is below `min_side={value('min_side')}`"
+            )
+        if value("val_fraction") + value("test_fraction") >= 1:
+            problems.append(
+                f"`val_fraction={value('val_fraction')}` + `test_fraction={value('test_fraction')}` "
+                "leaves no training images: their sum must be below 1"
+            )
+        if problems:
+            raise ValueError("Received " + "; ".join(problems))
 
     def settings(self) -> dict:
         """Every setting by name (a step's StepConfig: only the ones it was given)."""
@@ -159,6 +179,43 @@ def describe_sources(config: GraftConfig, sources: dict[str, str]) -> str:
 def kfp_value(value):
     """A setting as a KFP parameter value (KFP has lists, not tuples)."""
     return list(value) if isinstance(value, tuple) else value
+
+
+def _at_least(low):
+    return lambda value: value >= low
+
+
+def _fraction(value) -> bool:
+    return 0 <= value < 1
+
+
+# Each setting's range: (name, what is expected, check).
+_RULES = (
+    ("min_images_per_class", ">= 1", _at_least(1)),
+    ("min_classes", ">= 2 (a classifier needs two labels)", _at_least(2)),
+    ("min_side", ">= 1", _at_least(1)),
+    ("max_pixels", ">= 1", _at_least(1)),
+    ("max_file_bytes", ">= 1", _at_least(1)),
+    ("max_imbalance_ratio", ">= 1", _at_least(1)),
+    ("image_size", ">= 1", _at_least(1)),
+    ("channels", "1 or 3", lambda v: v in (1, 3)),
+    ("views", ">= 0", _at_least(0)),
+    ("val_fraction", "in [0, 1)", _fraction),
+    ("test_fraction", "in [0, 1)", _fraction),
+    ("io_concurrency", ">= 1", _at_least(1)),
+    ("batch_size", ">= 1", _at_least(1)),
+    ("head_learning_rate", ">= 0", _at_least(0)),
+    ("head_max_epochs", ">= 1", _at_least(1)),
+    ("patience", ">= 1", _at_least(1)),
+    ("dropout", "in [0, 1)", _fraction),
+    ("fine_tune_layers", ">= 0", _at_least(0)),
+    ("fine_tune_learning_rate", ">= 0", _at_least(0)),  # 0: weights kept (tests use it)
+    ("fine_tune_max_epochs", ">= 0", _at_least(0)),
+    ("top_k", ">= 1", _at_least(1)),
+    ("bless_min_accuracy", ">= 0", _at_least(0)),  # above 1 blesses nothing: tests use it
+    ("bless_tolerance", ">= 0", _at_least(0)),
+    ("bless_class_tolerance", ">= 0", _at_least(0)),
+)
 
 
 def with_overrides(config: GraftConfig, assignments: list[str] | dict) -> GraftConfig:

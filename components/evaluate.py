@@ -1,15 +1,19 @@
 """evaluate: test metrics for the candidate, and a champion/challenger blessing.
 
-The champion is the version being served (the highest complete version under
-``<model_repo>/<model_name>/``). It is evaluated on the same test images through its own
-``predict_pixels`` signature, and the candidate is blessed only if it clears an absolute
-floor and is not worse than the champion beyond a tolerance, overall and per class.
-Classes are compared by name, so a champion with other labels is still comparable.
+The champion is the version being served (common/model_repository.py). It is evaluated on
+the same test images as the candidate, sent as the original file bytes through its own
+``serving_default`` signature, so each model sees the images prepared the way it expects
+(its own image size, channels and decoding), even after those settings changed between
+runs. The candidate is blessed only if it clears an absolute floor and is not worse than
+the champion beyond a tolerance overall and, beyond sampling noise, per class (see
+``class_regressions``). Classes are compared by name, so a champion with other labels is
+still comparable.
 """
 
 import html
 import json
 import logging
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,15 +21,25 @@ from pathlib import Path
 import numpy as np
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
+from common import model_repository as repository
 from common import storage
+from common.artifacts import EVALUATION_FILE, MODEL_FILE
 from common.progress import Progress
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
 
 log = logging.getLogger(__name__)
-EVALUATION_FILE = "evaluation.json"
 EVAL_BATCH = 256  # test images per forward pass: the test split is streamed, never loaded whole
+# 95% two-sided. Both recalls are estimates from a handful of test images per class: one
+# image of 14 (1.000 -> 0.929) or two of 8 (1.000 -> 0.750) is within their noise.
+RECALL_CONFIDENCE_Z = 1.96
+CLASS_RULE = (
+    "a class counts as regressed only when its recall fell by more than bless_class_tolerance "
+    "and the fall is beyond sampling noise: the 95% Newcombe interval (from the two Wilson "
+    "intervals, given each model's test images of that class) of the champion's recall minus "
+    "the candidate's lies entirely above 0"
+)
 
 
 def classification_metrics(
@@ -62,6 +76,51 @@ def classification_metrics(
     }
 
 
+def wilson_interval(recall: float, support: float, z: float = RECALL_CONFIDENCE_Z):
+    """(low, high) of the Wilson score interval for a recall measured on ``support`` images.
+
+    With no support given (``inf``) the recall is taken as exact.
+    """
+    if not math.isfinite(support):
+        return recall, recall
+    if support <= 0:
+        return 0.0, 1.0
+    z2 = z * z
+    centre = recall + z2 / (2 * support)
+    spread = z * math.sqrt(recall * (1 - recall) / support + z2 / (4 * support * support))
+    scale = 1 + z2 / support
+    return max(0.0, (centre - spread) / scale), min(1.0, (centre + spread) / scale)
+
+
+def recall_drop_lower_bound(champion: dict, candidate: dict) -> float:
+    """Lower end of the 95% Newcombe (hybrid score) interval of champion minus candidate
+    recall; above 0 means the candidate is worse beyond sampling noise."""
+    p1, n1 = champion["recall"], float(champion.get("support", math.inf))
+    p2, n2 = candidate["recall"], float(candidate.get("support", math.inf))
+    low1, _ = wilson_interval(p1, n1)
+    _, high2 = wilson_interval(p2, n2)
+    return (p1 - p2) - math.sqrt((p1 - low1) ** 2 + (high2 - p2) ** 2)
+
+
+def class_regressions(candidate: dict, champion: dict, class_tolerance: float) -> list[str]:
+    """Classes whose recall fell beyond ``class_tolerance`` AND beyond sampling noise."""
+    out = []
+    for name, theirs in champion["per_class"].items():
+        mine = candidate["per_class"].get(name)
+        if mine is None:
+            continue
+        low = recall_drop_lower_bound(theirs, mine)
+        if mine["recall"] < theirs["recall"] - class_tolerance and low > 0:
+            counts = " ".join(
+                f"{round(m['recall'] * m['support'])}/{m['support']}"
+                for m in (mine, theirs)
+                if math.isfinite(float(m.get("support", math.inf)))
+            )
+            noise = f" ({counts} right; fall at least {low:.3f} at 95%)" if counts else ""
+            out.append(f"{name} {mine['recall']:.3f} < {theirs['recall']:.3f}{noise}")
+    return out
+
+
 def is_blessed(
     candidate: dict,
     champion: dict | None,
@@ -72,7 +131,8 @@ def is_blessed(
 ) -> tuple[bool, str]:
     """Whether the candidate may replace the champion, and why, in one sentence.
 
-    ``candidate``/``champion`` hold ``accuracy`` and ``per_class`` {label: {"recall": r}}.
+    ``candidate``/``champion`` hold ``accuracy`` and ``per_class`` {label: {"recall": r,
+    "support": n}}; the per-class rule is CLASS_RULE.
     """
     accuracy = candidate["accuracy"]
     if accuracy < min_accuracy:
@@ -88,55 +148,55 @@ def is_blessed(
             f"test accuracy {accuracy:.4f} is worse than champion version {version} "
             f"({champion['accuracy']:.4f}) by more than {tolerance}"
         )
-    regressed = [
-        f"{name} {candidate['per_class'][name]['recall']:.3f} < {stats['recall']:.3f}"
-        for name, stats in champion["per_class"].items()
-        if name in candidate["per_class"]
-        and candidate["per_class"][name]["recall"] < stats["recall"] - class_tolerance
-    ]
+    regressed = class_regressions(candidate, champion, class_tolerance)
     if regressed:
-        return (
-            False,
-            f"per-class recall regressed vs champion version {version} beyond {class_tolerance}: {'; '.join(regressed)}",
+        return False, (
+            f"per-class recall regressed vs champion version {version} beyond {class_tolerance} "
+            f"and beyond sampling noise: {'; '.join(regressed)}"
         )
     return (
         True,
-        f"test accuracy {accuracy:.4f} vs champion version {version} {champion['accuracy']:.4f}; no class regressed",
+        f"test accuracy {accuracy:.4f} vs champion version {version} {champion['accuracy']:.4f}; "
+        "no class regressed beyond sampling noise",
     )
 
 
-def served_version(model_repo: str, model_name: str) -> int | None:
-    """The highest version under the model's folder that is complete (has saved_model.pb)."""
-    root = storage.join(model_repo, model_name)
-    for name in sorted((d for d in storage.list_dirs(root) if d.isdigit()), key=int, reverse=True):
-        if storage.exists(storage.join(root, name, "saved_model.pb")):
-            return int(name)
-    return None
+def champion_metrics(
+    model_repo: str, model_name: str, sources: list[tuple[str, str]]
+) -> dict | None:
+    """Evaluate the served version on the test images by label name; None if nothing is served.
 
-
-def champion_metrics(model_repo: str, model_name: str, batches, truth: list[str]) -> dict | None:
-    """Evaluate the served version on the test images (``batches``: an iterable of pixel
-    batches, streamed), by label name; None if nothing is served."""
+    ``sources`` are (image URI, label) pairs: the original files, sent as bytes through the
+    champion's own ``serving_default`` signature, which decodes, crops and resizes them to
+    the image size and channels that version was trained with.
+    """
     import tensorflow as tf
 
-    version = served_version(model_repo, model_name)
+    version = repository.served_version(model_repo, model_name)
     if version is None:
         return None
-    local = storage.download_tree(storage.join(model_repo, model_name, str(version)),
-                                  Path(tempfile.mkdtemp(prefix="graft-champion-")))  # fmt: skip
-    signature = tf.saved_model.load(str(local)).signatures["predict_pixels"]
     predicted = []
-    progress = Progress(log, f"evaluate: champion version {version}", len(truth))
-    for images in batches:
-        out = signature(pixels=tf.constant(images, tf.float32))
-        predicted += [row[0].decode() for row in out["labels"].numpy()]
-        progress.advance(len(images))
-    progress.done()
-    names = sorted(set(truth))
+    with tempfile.TemporaryDirectory(prefix="graft-champion-") as work:
+        uri = repository.version_uri(repository.model_root(model_repo, model_name), version)
+        signature = tf.saved_model.load(str(storage.download_tree(uri, work))).signatures[
+            "serving_default"
+        ]
+        progress = Progress(log, f"evaluate: champion version {version}", len(sources))
+        for start in range(0, len(sources), 64):
+            uris = [u for u, _ in sources[start : start + 64]]
+            batch = list(storage.read_many(uris))
+            out = signature(images=tf.constant(batch, tf.string))
+            predicted += [row[0].decode() for row in out["labels"].numpy()]
+            progress.advance(len(batch))
+        progress.done()
+    truth = [label for _, label in sources]
     per_class = {}
-    for name in names:
+    for name in sorted(set(truth)):
         rows = [p for p, t in zip(predicted, truth, strict=True) if t == name]
-        per_class[name] = {"recall": float(np.mean([p == name for p in rows])) if rows else 0.0}
+        per_class[name] = {
+            "recall": float(np.mean([p == name for p in rows])) if rows else 0.0,
+            "support": len(rows),
+        }
     accuracy = (
         float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)])) if truth else 0.0
     )
@@ -159,7 +219,7 @@ def evaluate_model(
     import keras
 
     labels = examples.read_labels(examples_dir)
-    model = keras.models.load_model(Path(model_dir) / "model.keras")
+    model = keras.models.load_model(Path(model_dir) / MODEL_FILE)
     test = lambda: examples.batches(examples_dir, "test", EVAL_BATCH).as_numpy_iterator()  # noqa: E731
     total = examples.read_spec(examples_dir).get("counts", {}).get("test")
     predicted, truth = [], []
@@ -177,8 +237,8 @@ def evaluate_model(
     metrics = classification_metrics(y, probabilities, labels, config.top_k)
     champion = None
     if model_repo and model_name:
-        pixels = (images for images, _ in test())
-        champion = champion_metrics(model_repo, model_name, pixels, [labels[i] for i in y])
+        sources = [(s["uri"], s["label"]) for s in examples.read_sources(examples_dir, "test")]
+        champion = champion_metrics(model_repo, model_name, sources)
     blessed, reason = is_blessed(
         metrics, champion, min_accuracy=config.bless_min_accuracy,
         tolerance=config.bless_tolerance, class_tolerance=config.bless_class_tolerance,
@@ -197,6 +257,7 @@ def evaluate_model(
 def render_markdown(evaluation: Evaluation) -> str:
     m = evaluation.metrics
     lines = [f"# Evaluation: {'blessed' if evaluation.blessed else 'NOT blessed'}", "", evaluation.reason, "",
+             f"Per-class rule: {CLASS_RULE}.", "",
              f"accuracy {m['accuracy']:.4f} on {m['examples']} test images", "",
              "| class | precision | recall | f1 | support |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     lines += [f"| {n} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']} |"
@@ -219,6 +280,7 @@ def render_html(evaluation: Evaluation) -> str:
     return (
         "<!doctype html><meta charset=utf-8><title>graft evaluation</title>"
         f"<h1>{'Blessed' if evaluation.blessed else 'NOT blessed'}</h1><p>{html.escape(evaluation.reason)}</p>"
+        f"<p>Per-class rule: {html.escape(CLASS_RULE)}.</p>"
         f"<p>accuracy {m['accuracy']:.4f} on {m['examples']} test images</p>"
         f"<h2>Confusion matrix (rows: true, columns: predicted)</h2><table><tr><th></th>{header}</tr>{body}</table>"
         f"<pre>{html.escape(render_markdown(evaluation))}</pre>"

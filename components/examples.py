@@ -7,6 +7,7 @@ An examples directory holds TFRecord shards per split plus two small files:
     <examples>/test-00000-of-00001.tfrecord    originals only
     <examples>/labels.txt                      one class name per line; line i is class id i
     <examples>/spec.json                       image_size, channels, views, counts per split
+    <examples>/test-sources.jsonl              {"uri", "label"} of each test image's source file
 
 Each record is a tf.train.Example with ``image`` (raw uint8 bytes, HxWxC, already
 resized), ``label`` (int64 class id), ``view`` (0 = the original image, 1..K =
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.artifacts import LABELS_FILE
+
 SPLITS = ("train", "val", "test")
-LABELS_FILE = "labels.txt"
 SPEC_FILE = "spec.json"
 
 
@@ -84,6 +86,26 @@ def write_metadata(examples_dir: str | Path, labels: list[str], spec: dict) -> N
     examples_dir = Path(examples_dir)
     (examples_dir / LABELS_FILE).write_text("".join(f"{name}\n" for name in labels))
     (examples_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
+
+
+def sources_path(examples_dir: str | Path, split: str) -> Path:
+    return Path(examples_dir) / f"{split}-sources.jsonl"
+
+
+def write_sources(examples_dir: str | Path, split: str, sources: Iterable[dict]) -> None:
+    """Where each image of ``split`` came from ({"uri", "label"} per line): evaluate sends
+    the champion the original files, so it prepares them its own way."""
+    lines = "".join(json.dumps({"uri": s["uri"], "label": s["label"]}) + "\n" for s in sources)
+    sources_path(examples_dir, split).write_text(lines)
+
+
+def read_sources(examples_dir: str | Path, split: str) -> list[dict]:
+    path = sources_path(examples_dir, split)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: rerun augment (it records each image's source)"
+        )
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def read_labels(examples_dir: str | Path) -> list[str]:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
+from common.artifacts import LABELS_FILE, MODEL_FILE, TRAINING_FILE
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
-from components.train_head import MODEL_FILE, TRAINING_FILE, progress_callback
+from components.train_head import progress_callback
 
 log = logging.getLogger(__name__)
 CANDIDATE_FILE = "finetuned_candidate.keras"  # the fine-tuned model, whether chosen or not
@@ -135,7 +136,7 @@ def fine_tune_model(
         )
         shutil.copyfile(head_model_dir / MODEL_FILE, out_dir / MODEL_FILE)
     log.info("fine_tune: chose %s: %s", chosen, reason)
-    shutil.copyfile(head_model_dir / examples.LABELS_FILE, out_dir / examples.LABELS_FILE)
+    shutil.copyfile(head_model_dir / LABELS_FILE, out_dir / LABELS_FILE)
     result = FineTuneResult(
         chosen, reason, head_accuracy, tuned_accuracy, unfrozen, len(history["val_loss"])
     )

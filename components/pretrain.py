@@ -89,6 +89,9 @@ def pretrain_base(
     """Train ``small_cnn`` on Fashion-MNIST ``classes``; save the base (no classifier) to ``out_uri``."""
     import keras
 
+    for name, value in (("epochs", epochs), ("per_class", per_class)):
+        if value < 1:
+            raise ValueError(f"Received `{name}={value}`: expected >= 1")
     keras.utils.set_random_seed(seed)
     images, labels = datasets.load_fashion_mnist("train", data_dir=data_dir)
     picked = datasets.pick_per_class(labels, list(classes), per_class, seed)

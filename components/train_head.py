@@ -17,14 +17,13 @@ from pathlib import Path
 import numpy as np
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
+from common.artifacts import LABELS_FILE, MODEL_FILE, TRAINING_FILE
 from common.progress import Progress
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.keras"
-TRAINING_FILE = "training.json"
 
 
 def head_converged(
@@ -295,7 +294,7 @@ def train_head_model(
                         result.scratch["val_accuracy"], result.val_accuracy)  # fmt: skip
 
     assemble(base, head, image_shape).save(out_dir / MODEL_FILE)
-    shutil.copyfile(Path(examples_dir) / examples.LABELS_FILE, out_dir / examples.LABELS_FILE)
+    shutil.copyfile(Path(examples_dir) / LABELS_FILE, out_dir / LABELS_FILE)
     record = {"step": "train_head", "chosen": "head", "base": config.base, "weights": config.weights,
               "params": config.settings(), **asdict(result)}  # fmt: skip
     (out_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str))

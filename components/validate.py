@@ -3,9 +3,13 @@
     graft validate --data gs://bucket/flowers --report /tmp/report
 
 The dataset contract is class folders ``<uri>/<label>/<image>`` (JPEG/PNG), or pre-split
-``<uri>/{train,val,test}/<label>/<image>``. Each file is opened once: its header gives
-the declared size (so a decompression bomb is caught before any pixel is decoded), then
-it is decoded fully to prove it is usable. The manifest (JSON Lines) feeds augment; the
+``<uri>/{train,val,test}/<label>/<image>`` with all three splits and every class in each,
+never the two layouts mixed. Hidden files and folders, symlinks and label names that cannot
+be told apart (``Cat`` and ``cat``) are refused with their paths: what validate accepts is
+exactly what augment trains on and what check_data fingerprints, every file listed. Each
+file is opened once: its header gives the declared size (so a decompression bomb is caught
+before any pixel is decoded), then it is decoded fully, by PIL and by the decoder the
+serving signature uses (common/images.py), to prove training and serving can both use it. The manifest (JSON Lines) feeds augment; the
 report (JSON + HTML) names each failed expectation and the files that broke it.
 """
 
@@ -15,6 +19,7 @@ import html
 import io
 import json
 import logging
+import os
 import threading
 import warnings
 from collections import Counter
@@ -115,9 +120,16 @@ def inspect_image(data: bytes, config: GraftConfig) -> dict:
             )
             return facts
         image.load()  # outside the lock: files decode in parallel in the storage pool
-        facts["decodable"] = True
     except (OSError, SyntaxError, ValueError) as err:
         facts["error"] = f"cannot decode: {err}"
+        return facts
+    from common.images import check_decodable
+
+    problem = check_decodable(data)
+    if problem:
+        facts["error"] = f"the serving decoder cannot decode it: {problem}"
+        return facts
+    facts["decodable"] = True
     return facts
 
 
@@ -161,6 +173,75 @@ def empty_class_folders(data_uri: str) -> list[str]:
             candidates.remove(root / split)
             candidates += [p for p in (root / split).iterdir() if p.is_dir()]
     return sorted(p.relative_to(root).as_posix() for p in candidates if not any(p.rglob("*.*")))
+
+
+def _layout_failure(name: str, description: str, paths: list[str]) -> Failure:
+    return Failure(name, description, sorted(paths)[:MAX_FILES_NAMED], len(paths))
+
+
+def layout_failures(rows: list[dict], data_uri: str) -> list[Failure]:
+    """Layouts validate could read but training could not use honestly, with their paths."""
+    import unicodedata
+
+    failures = []
+    hidden = [r["relpath"] for r in rows if any(p.startswith(".") for p in r["relpath"].split("/"))]
+    if hidden:
+        failures.append(_layout_failure("expect_no_hidden_paths",
+            "no hidden files or folders (.DS_Store, ._*, .git): they are not images of a class", hidden))  # fmt: skip
+    odd = [r["relpath"] for r in rows if r["label"] and (
+        any(unicodedata.category(c).startswith("C") for c in r["label"]) or "\\" in r["label"])]  # fmt: skip
+    if odd:
+        failures.append(_layout_failure("expect_printable_labels",
+            "label folder names have no control characters or backslashes", odd))  # fmt: skip
+    by_key: dict[str, set[str]] = {}
+    for row in rows:
+        if row["label"]:
+            key = unicodedata.normalize("NFC", row["label"]).casefold()
+            by_key.setdefault(key, set()).add(row["label"])
+    clashing = {label for labels in by_key.values() if len(labels) > 1 for label in labels}
+    if clashing:
+        failures.append(_layout_failure("expect_distinct_labels",
+            "label names differ by more than case or Unicode normalisation",
+            [r["relpath"] for r in rows if r["label"] in clashing]))  # fmt: skip
+    split_rows = [r for r in rows if r["split"]]
+    plain_rows = [r for r in rows if r["label"] and not r["split"]]
+    if split_rows and plain_rows:
+        failures.append(_layout_failure("expect_one_layout",
+            f"one layout: class folders or {'/'.join(SPLIT_FOLDERS)}/<label>/ folders, not both "
+            "(these files sit in class folders next to split folders)",
+            [r["relpath"] for r in plain_rows]))  # fmt: skip
+    if split_rows:
+        present = {r["split"] for r in split_rows}
+        missing = [f"{s}/ is missing" for s in SPLIT_FOLDERS if s not in present]
+        if missing:
+            failures.append(_layout_failure("expect_every_split",
+                f"a pre-split dataset has {', '.join(SPLIT_FOLDERS)} folders (val stops training, "
+                "test judges it)", missing))  # fmt: skip
+        labels = sorted({r["label"] for r in split_rows if r["label"]})
+        absent = [f"{split}/{label}/ has no images" for label in labels for split in SPLIT_FOLDERS
+                  if split in present and not any(r["split"] == split and r["label"] == label for r in split_rows)]  # fmt: skip
+        if absent:
+            failures.append(_layout_failure("expect_every_class_in_every_split",
+                "every class has images in every split (a class only in test cannot be learned)", absent))  # fmt: skip
+    links = symlinks(data_uri)
+    if links:
+        failures.append(_layout_failure("expect_no_symlinks",
+            "no symlinks (object stores have none, and a link can leave the dataset): copy the files in", links))  # fmt: skip
+    return failures
+
+
+def symlinks(data_uri: str) -> list[str]:
+    """Symlinked files and folders under a local dataset (GCS has none)."""
+    if storage.is_gcs(data_uri):
+        return []
+    root = Path(data_uri)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            if path.is_symlink():
+                found.append(path.relative_to(root).as_posix())
+    return found
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> None:
@@ -277,15 +358,22 @@ def validate_dataset(
     data_uri: str, report_dir: str | Path | None, config: GraftConfig, *, raise_on_failure=True
 ) -> ValidationResult:
     """Build the manifest, run the suite, write the report; raise DataValidationError on failure."""
+    if not storage.is_gcs(data_uri) and Path(data_uri).is_file():
+        raise ValueError(
+            f"Received `--data {data_uri}`: a file; expected a directory of <label>/ class folders"
+        )
     rows = build_manifest(data_uri, config)
     outcomes, failures = run_suite(rows, config)
     empty = empty_class_folders(data_uri)
+    extra = layout_failures(rows, data_uri)
     if empty:
-        failures.append(Failure("expect_class_folders_not_empty",
-                                "every class folder holds images", empty, len(empty)))  # fmt: skip
-        outcomes.append({"expectation": "expect_class_folders_not_empty", "column": None,
-                         "description": "every class folder holds images", "success": False,
-                         "unexpected": empty})  # fmt: skip
+        extra.append(Failure("expect_class_folders_not_empty",
+                             "every class folder holds images", empty, len(empty)))  # fmt: skip
+    for failure in extra:
+        failures.append(failure)
+        outcomes.append({"expectation": failure.expectation, "column": None,
+                         "description": failure.description, "success": False,
+                         "unexpected": failure.files})  # fmt: skip
     per_label = dict(sorted(Counter(str(r["label"]) for r in rows if r["label"]).items()))
     result = ValidationResult(not failures, len(rows), per_label, failures, outcomes, rows)
     if report_dir is not None:

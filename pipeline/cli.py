@@ -32,13 +32,18 @@ console = Console(stderr=True)
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one clear line and exit code 2."""
+    from common.model_repository import ModelRepositoryError
     from common.storage import StorageError
     from components.datasets import DatasetError
+    from pipeline.kfp_api import KfpApiError
     from serving.client import ServingError
+    from serving.server import ServerStartError
 
+    fixable = (StorageError, DatasetError, ServingError, ModelRepositoryError, KfpApiError,
+               ServerStartError, FileNotFoundError, ValueError)  # fmt: skip
     try:
         yield
-    except (StorageError, DatasetError, ServingError, FileNotFoundError, ValueError) as err:
+    except fixable as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
@@ -50,6 +55,22 @@ def _int_list(text: str) -> list[int]:
         raise ValueError(
             f"Received `{text}`: expected comma-separated integers like 1,3,5"
         ) from err
+
+
+def _check_count(flag: str, value: int, *, minimum: int = 1) -> None:
+    if value < minimum:
+        raise ValueError(f"Received `{flag} {value}`: expected >= {minimum}")
+
+
+def _check_port(flag: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"Received `{flag} {port}`: a port is 0..65535 (0 picks a free one)")
+
+
+def _check_target(target: str) -> None:
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"Received `--target {target}`: expected host:port with a port 1..65535")
 
 
 # --- data -------------------------------------------------------------------------------
@@ -67,6 +88,7 @@ def data_fashion_mnist(
     from components.datasets import export_fashion_mnist
 
     with user_errors():
+        _check_count("--per-class", per_class)
         counts = export_fashion_mnist(
             out, classes=_int_list(classes), per_class=per_class, seed=seed, split=split
         )
@@ -86,6 +108,9 @@ def data_synthetic(
     from components.datasets import write_synthetic_dataset
 
     with user_errors():
+        _check_count("--per-class", per_class)
+        _check_count("--classes", classes)
+        _check_count("--size", size)
         counts = write_synthetic_dataset(
             out, num_classes=classes, per_class=per_class, size=size, seed=seed
         )
@@ -141,11 +166,14 @@ def run(
     import json
     import os
 
+    from common.model_repository import check_writable
     from pipeline.in_containers import FORWARDED_ENV
     from pipeline.run import print_summary, run_local
 
     with user_errors():
         config = _run_settings(base, set_)
+        _check_count("--min-new-images", min_new_images, minimum=0)
+        check_writable(model_repo, model_name)  # a read-only or full repository: before training
         summary = run_local(
             data,
             model_repo,
@@ -182,6 +210,11 @@ def compile_(
 
     with user_errors():
         gpu = None
+        if not no_gpu and gpus < 1:
+            raise ValueError(
+                f"Received `--gpus {gpus}` with the GPU node selector {gpu_node_selector}: "
+                "training steps would wait for a GPU node and use none; give --gpus >= 1 or --no-gpu"
+            )
         if not no_gpu:
             key, sep, value = gpu_node_selector.partition("=")
             if not sep or not key or not value:
@@ -260,6 +293,8 @@ def pretrain(
         )
         raise typer.Exit(2)
     with user_errors():
+        _check_count("--epochs", epochs)
+        _check_count("--per-class", per_class)
         summary = pretrain_base(
             out, classes=_int_list(classes), per_class=per_class, epochs=epochs, seed=seed
         )
@@ -304,10 +339,11 @@ def serve(
 
     logging.basicConfig(level=logging.INFO)
     with user_errors():
+        _check_port("--port", port)
         server = ModelServer(model_repo, model_name, host=host, versions=versions, poll_seconds=poll_seconds,
                              max_message_mb=max_message_mb, batching=batching, max_batch_size=max_batch_size,
                              batch_timeout_ms=batch_timeout_ms, tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
-    server.serve_forever(port)
+        server.serve_forever(port)
 
 
 @app.command("predict")
@@ -326,6 +362,9 @@ def predict(
     from serving.client import PredictClient
 
     with user_errors():
+        if timeout <= 0:
+            raise ValueError(f"Received `--timeout {timeout}`: expected seconds > 0")
+        _check_target(target)
         payloads = [storage.read_bytes(path) for path in images]
         predictions = PredictClient(target, timeout=timeout).predict_images(
             model, payloads, version=version
@@ -481,6 +520,9 @@ def watch(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with user_errors():
         seconds = parse_duration(every)
+        _check_count("--stable-checks", stable_checks)
+        if max_polls is not None:
+            _check_count("--max-polls", max_polls)
         if host:
             settings = [*(set_ or []), *([f"base={base}"] if base else [])]
             params = _cluster_params(None, settings, label="--set")

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import storage
+from common import model_repository
 from components import datasets
 from components.config import describe_sources
 
@@ -164,7 +164,7 @@ def retrain_loop(bucket, repo, runs, config, target, server, payloads, truth) ->
     time.sleep(1)
     stop.set()
     thread.join()
-    versions = storage.list_dirs(storage.join(repo, MODEL_NAME))
+    versions = model_repository.complete_versions(model_repository.model_root(repo, MODEL_NAME))
     if summary.pushed_version:
         say(f"versions in the repository: {versions}; "
             f"{len(answered)} requests answered during the switch, {len(failures)} failed")  # fmt: skip

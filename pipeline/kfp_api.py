@@ -9,6 +9,7 @@ the spec and then points every executor at the one image given, so the image is 
 deploy-time choice, not a code change.
 """
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -49,10 +50,43 @@ def validate_cron(cron: str) -> str:
     return cron
 
 
+class KfpApiError(RuntimeError):
+    """The KFP API server could not be reached or refused a call; the message says which."""
+
+
+@contextlib.contextmanager
+def _api_calls(host: str):
+    """Turn transport and API errors into one KfpApiError naming the host."""
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    try:
+        yield
+    except urllib3.exceptions.HTTPError as err:
+        reason = getattr(err, "reason", None) or err
+        raise KfpApiError(
+            f"Cannot reach the KFP API server at {host} ({reason}): check --host "
+            "(e.g. http://localhost:8080 after kubectl port-forward)"
+        ) from None
+    except ApiException as err:
+        raise KfpApiError(
+            f"The KFP API server at {host} answered {err.status} {err.reason}: {err.body or ''}".strip()
+        ) from None
+
+
+def _package_file(package_path: str | Path) -> str:
+    if not Path(package_path).is_file():
+        raise FileNotFoundError(
+            f"No compiled pipeline at {package_path}: run `graft compile -o {package_path}` first"
+        )
+    return str(package_path)
+
+
 def client(host: str):
     import kfp
 
-    return kfp.Client(host=host)
+    with _api_calls(host):
+        return kfp.Client(host=host)
 
 
 def submit(
@@ -64,9 +98,11 @@ def submit(
     run_name: str | None = None,
 ) -> str:
     """Start one run of a compiled pipeline; return its run id."""
-    run = client(host).create_run_from_pipeline_package(
-        str(package_path), arguments=params, experiment_name=experiment, run_name=run_name
-    )
+    package = _package_file(package_path)
+    with _api_calls(host):
+        run = client(host).create_run_from_pipeline_package(
+            package, arguments=params, experiment_name=experiment, run_name=run_name
+        )
     return run.run_id
 
 
@@ -80,23 +116,26 @@ def create_schedule(
     experiment: str = "graft",
 ) -> str:
     """A recurring run: one at a time, and no catch-up burst after downtime."""
-    kfp_client = client(host)
-    experiment_id = kfp_client.create_experiment(name=experiment).experiment_id
-    job = kfp_client.create_recurring_run(
-        experiment_id=experiment_id,
-        job_name=name,
-        cron_expression=validate_cron(cron),
-        max_concurrency=1,
-        no_catchup=True,
-        pipeline_package_path=str(package_path),
-        params=params,
-        enable_caching=True,
-    )
+    package = _package_file(package_path)
+    with _api_calls(host):
+        kfp_client = client(host)
+        experiment_id = kfp_client.create_experiment(name=experiment).experiment_id
+        job = kfp_client.create_recurring_run(
+            experiment_id=experiment_id,
+            job_name=name,
+            cron_expression=validate_cron(cron),
+            max_concurrency=1,
+            no_catchup=True,
+            pipeline_package_path=package,
+            params=params,
+            enable_caching=True,
+        )
     return job.recurring_run_id
 
 
 def list_schedules(host: str) -> list[dict]:
-    response = client(host).list_recurring_runs(page_size=100)
+    with _api_calls(host):
+        response = client(host).list_recurring_runs(page_size=100)
     return [
         {"id": r.recurring_run_id, "name": r.display_name, "status": r.status,
          "cron": r.trigger.cron_schedule.cron if r.trigger and r.trigger.cron_schedule else None}
@@ -105,4 +144,5 @@ def list_schedules(host: str) -> list[dict]:
 
 
 def delete_schedule(host: str, schedule_id: str) -> None:
-    client(host).delete_recurring_run(schedule_id)
+    with _api_calls(host):
+        client(host).delete_recurring_run(schedule_id)

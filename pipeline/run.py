@@ -17,6 +17,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common.artifacts import EVALUATION_FILE
 from components.config import GraftConfig, kfp_value
 
 
@@ -203,7 +204,7 @@ def _outcome(tasks: dict[str, TaskResult], pushed_version: str | None) -> str:
         return "stopped: the head did not converge within head_max_epochs (raise it, or check the data)"
     evaluated = tasks.get("evaluate")
     if evaluated and evaluated.outputs.get("Output") is False:
-        evaluation = _json_in(evaluated.artifacts.get("evaluation"), "evaluation.json")
+        evaluation = _json_in(evaluated.artifacts.get("evaluation"), EVALUATION_FILE)
         return f"not pushed: candidate not blessed ({evaluation.get('reason', 'see the evaluation report')})"
     if pushed_version:
         return f"pushed version {pushed_version}"

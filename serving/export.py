@@ -5,8 +5,8 @@
 Signatures (the contract the dev server, the client and TF Serving share):
 
 - ``serving_default``: ``images`` tf.string [N] of encoded JPEG/PNG. Decoding, the center
-  crop, resizing and the base's preprocessing all happen inside the graph, as augment did
-  them in training, so a client sends file bytes and nothing can skew.
+  crop and resizing (common/images.py, the same function augment used) and the base's
+  preprocessing all happen inside the graph, so a client sends file bytes and nothing can skew.
 - ``predict_pixels``: ``pixels`` float32 [N, H, W, C] (0..255), for callers that decoded.
 
 Both return ``probabilities`` float32 [N, classes], ``classes`` int32 [N, k] (top-k ids)
@@ -17,6 +17,9 @@ and ``labels`` string [N, k]. Warmup requests go to
 from pathlib import Path
 
 import numpy as np
+
+from common.artifacts import LABELS_FILE, MODEL_FILE
+from common.images import decode_square
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 IMAGES_INPUT, PIXELS_INPUT = "images", "pixels"
@@ -47,14 +50,8 @@ def _serving_module(model, labels: list[str], image_size: int, channels: int, to
                     "labels": tf.gather(self.label_table, classes)}  # fmt: skip
 
         def _decode(self, encoded):
-            image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-            shape = tf.shape(image)
-            side = tf.minimum(shape[0], shape[1])
-            image = tf.image.crop_to_bounding_box(
-                image, (shape[0] - side) // 2, (shape[1] - side) // 2, side, side
-            )
-            image = tf.image.resize(image, (image_size, image_size), antialias=True)
-            return tf.ensure_shape(image, (image_size, image_size, channels))
+            # The very function augment decoded the training images with.
+            return tf.cast(decode_square(encoded, image_size, channels), tf.float32)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)])
         def serve_images(self, images):
@@ -118,8 +115,8 @@ def export_saved_model(
     import tensorflow as tf
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
-    model = keras.models.load_model(model_dir / "model.keras")
-    labels = [line for line in (model_dir / "labels.txt").read_text().splitlines() if line]
+    model = keras.models.load_model(model_dir / MODEL_FILE)
+    labels = [line for line in (model_dir / LABELS_FILE).read_text().splitlines() if line]
     _, image_size, _, channels = model.input_shape
     module = _serving_module(model, labels, image_size, channels, top_k)
     tf.saved_model.save(
@@ -161,7 +158,7 @@ def infra_validate(
         ].numpy()
     except (tf.errors.OpError, ValueError, OSError) as err:
         raise InfraValidationError(f"{export_dir} failed to load or answer: {err}") from err
-    expected = keras.models.load_model(Path(model_dir) / "model.keras").predict(
+    expected = keras.models.load_model(Path(model_dir) / MODEL_FILE).predict(
         pixels.astype("float32"), verbose=0
     )
     difference = float(np.max(np.abs(served - expected))) if len(pixels) else 0.0

@@ -13,11 +13,17 @@ only in Docker on x86 Linux; this runs wherever graft does (laptops, CI, ARM Mac
 cluster, use TF Serving itself (k8s/).
 
 Behaviour copied from TF Serving: versions are polled; a new version is loaded (and its
-warmup replayed) before the old one is unloaded; a version that fails to load is reported
-by GetModelStatus while the previous one keeps serving; a folder without saved_model.pb is
-not a version yet; unknown model/version/signature answer NOT_FOUND with "Servable".
+warmup replayed) before the old one is unloaded; a folder without saved_model.pb is not a
+version yet (common/model_repository.py says what a version is); unknown model/version
+answer NOT_FOUND with "Servable". A version that fails to load is reported by
+GetModelStatus and retried (MAX_LOAD_ATTEMPTS times with doubling waits, and again
+whenever its files change), while the best complete version that does load keeps
+serving, older ones included: a broken newest version never leaves the server empty.
+The port is bound exclusively (gRPC's SO_REUSEPORT is switched off), so a second server
+on a busy port fails at start instead of splitting clients between two repositories.
 """
 
+import errno
 import logging
 import signal
 import tempfile
@@ -29,11 +35,29 @@ from pathlib import Path
 
 import grpc
 
+from common import model_repository as repository
 from common import storage
 
 log = logging.getLogger(__name__)
 DEFAULT_SIGNATURE = "serving_default"
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MAX_LOAD_ATTEMPTS = 5  # then only a change to the version's files brings another try
+FIRST_RETRY_SECONDS = 1.0  # doubled after every failed attempt, capped at MAX_RETRY_SECONDS
+MAX_RETRY_SECONDS = 60.0
+
+
+class ServerStartError(RuntimeError):
+    """The server cannot start (address in use, unreadable TLS files, ...); says which."""
+
+
+@dataclass
+class FailedLoad:
+    """A version that did not load, and when it may be tried again."""
+
+    error: str
+    attempts: int
+    retry_at: float  # time.monotonic() of the next try (inf: wait for its files to change)
+    state: tuple  # the version's files when it failed (model_repository.version_state)
 
 
 @dataclass
@@ -86,13 +110,19 @@ class ModelServer:
         max_batch_size: int = 32,
         batch_timeout_ms: float = 2.0,
     ):
+        check_server_settings(
+            poll_seconds=poll_seconds, max_message_mb=max_message_mb, max_batch=max_batch,
+            max_workers=max_workers, tls_cert=tls_cert, tls_key=tls_key,
+            max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
+        )  # fmt: skip
         self.model_repo, self.model_name, self.host = model_repo, model_name, host
+        self.root = repository.model_root(model_repo, model_name)
         self.policy = parse_policy(versions)
         self.poll_seconds, self.max_batch, self.max_workers = poll_seconds, max_batch, max_workers
         self.max_message_bytes = max_message_mb * 1024 * 1024
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self.loaded: dict[int, LoadedVersion] = {}
-        self.failed: dict[int, str] = {}  # version -> why it did not load
+        self.failed: dict[int, FailedLoad] = {}
         self.unloaded: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -108,29 +138,20 @@ class ModelServer:
     # --- versions ------------------------------------------------------------------------
 
     def available_versions(self) -> list[int]:
-        """Complete versions on storage (integer folder holding saved_model.pb), ascending."""
-        root = storage.join(self.model_repo, self.model_name)
-        found = []
-        for name in storage.list_dirs(root):
-            if name.isdigit() and storage.exists(storage.join(root, name, "saved_model.pb")):
-                found.append(int(name))
-        return sorted(found)
-
-    def wanted_versions(self, available: list[int]) -> list[int]:
-        kind, numbers = self.policy
-        if kind == "latest":
-            return available[-numbers[0] :]
-        return [v for v in numbers if v in available]
+        """Complete versions on storage, ascending."""
+        return repository.complete_versions(self.root)
 
     def _load(self, version: int) -> LoadedVersion:
+        import shutil
+
         import tensorflow as tf
 
-        uri = storage.join(self.model_repo, self.model_name, str(version))
-        local = (
-            Path(uri)
-            if not storage.is_gcs(uri)
-            else storage.download_tree(uri, self._cache / str(version))
-        )
+        uri = repository.version_uri(self.root, version)
+        if storage.is_gcs(uri):
+            shutil.rmtree(self._cache / str(version), ignore_errors=True)  # a retry reads anew
+            local = storage.download_tree(uri, self._cache / str(version))
+        else:
+            local = Path(uri)
         module = tf.saved_model.load(str(local))
         loaded = LoadedVersion(
             version, local, module, dict(module.signatures), _signature_defs(local)
@@ -149,35 +170,78 @@ class ModelServer:
             signature = loaded.signatures[request.model_spec.signature_name or DEFAULT_SIGNATURE]
             signature(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
 
+    def _may_try(self, version: int, now: float) -> bool:
+        """Whether a version that failed before is due another load attempt."""
+        failed = self.failed.get(version)
+        if failed is None:
+            return True
+        if now >= failed.retry_at:
+            return True
+        try:
+            return repository.version_state(self.root, version) != failed.state
+        except (storage.StorageError, OSError):
+            return False
+
+    def _try_load(self, version: int) -> bool:
+        """Load one version; on failure record why and when to try again. True if loaded."""
+        try:
+            state = repository.version_state(self.root, version)
+        except (storage.StorageError, OSError):
+            state = ()
+        previous = self.failed.get(version)
+        try:
+            loaded = self._load(version)
+        except Exception as err:  # any load failure is reported via GetModelStatus, like TF Serving
+            changed = previous is not None and previous.state != state
+            attempts = 1 if previous is None or changed else previous.attempts + 1
+            wait = min(FIRST_RETRY_SECONDS * 2 ** (attempts - 1), MAX_RETRY_SECONDS)
+            retry_at = time.monotonic() + wait if attempts < MAX_LOAD_ATTEMPTS else float("inf")
+            with self._lock:
+                self.failed[version] = FailedLoad(
+                    f"{type(err).__name__}: {err}", attempts, retry_at, state
+                )
+            log.error("version %d failed to load (attempt %d): %s", version, attempts, err)
+            return False
+        with self._lock:
+            self.loaded[version] = loaded
+            self.failed.pop(version, None)
+            self.unloaded.discard(version)
+        log.info("version %d loaded", version)
+        return True
+
     def poll_once(self) -> None:
-        """Load wanted versions not yet loaded, then unload the ones no longer wanted."""
+        """Load what the policy wants, keep the best versions that load, unload the rest.
+
+        ``latest:N`` serves the N highest complete versions that load: a newest version
+        that fails is retried later while the next older one serves. ``specific:`` serves
+        exactly the versions named, as TF Serving does.
+        """
         try:
             available = self.available_versions()
         except (storage.StorageError, OSError) as err:
-            log.warning("poll: cannot list %s: %s", self.model_repo, err)
+            log.warning("poll: cannot list %s: %s", self.root, err)
             return
-        wanted = self.wanted_versions(available)
-        for version in wanted:
-            if version in self.loaded or version in self.failed:
-                continue
-            try:
-                loaded = self._load(version)
-            except (
-                Exception
-            ) as err:  # any load failure is reported via GetModelStatus, like TF Serving
-                self.failed[version] = f"{type(err).__name__}: {err}"
-                log.error("version %d failed to load: %s", version, self.failed[version])
-                continue
-            with self._lock:
-                self.loaded[version] = loaded
-            log.info("version %d loaded", version)
+        now = time.monotonic()
+        kind, numbers = self.policy
+        serving: list[int] = []
+        if kind == "latest":
+            candidates, limit = sorted(available, reverse=True), numbers[0]
+        else:
+            candidates = [v for v in numbers if v in available]
+            limit = len(candidates)
+        for version in candidates:
+            if len(serving) >= limit:
+                break
+            if version in self.loaded or (self._may_try(version, now) and self._try_load(version)):
+                serving.append(version)
         with self._lock:
-            keep = {v for v in self.loaded if v in wanted}
-            if keep:  # never drop the last servable version for one that failed to load
-                for version in set(self.loaded) - keep:
+            if serving:  # never drop the last servable version when nothing else loads
+                for version in set(self.loaded) - set(serving):
                     del self.loaded[version]
                     self.unloaded.add(version)
                     log.info("version %d unloaded", version)
+            for version in set(self.failed) - set(available):
+                del self.failed[version]  # removed from storage: nothing left to retry
         self._set_health()
 
     def _set_health(self) -> None:
@@ -198,13 +262,18 @@ class ModelServer:
             self.poll_once()
 
     def wait_for_version(self, version: int, timeout: float = 60.0) -> None:
+        """Block until ``version`` is loaded; a version that keeps failing raises with its error."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if version in self.loaded:
                 return
-            if version in self.failed:
-                raise RuntimeError(f"version {version} failed to load: {self.failed[version]}")
+            failed = self.failed.get(version)
+            if failed is not None and failed.retry_at == float("inf"):
+                break  # no retry is due until its files change
             time.sleep(0.1)
+        failed = self.failed.get(version)
+        if failed is not None:
+            raise RuntimeError(f"version {version} failed to load: {failed.error}")
         raise TimeoutError(f"version {version} of {self.model_name} not loaded after {timeout}s")
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -218,6 +287,9 @@ class ModelServer:
         options = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
+            # gRPC sets SO_REUSEPORT by default: a second server on the same port would
+            # start too and take half the clients, to another model repository.
+            ("grpc.so_reuseport", 0),
         ]
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.max_workers),
@@ -232,13 +304,21 @@ class ModelServer:
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         address = f"{self.host}:{port}"
-        if self.tls:
-            cert, key = (Path(p).read_bytes() for p in self.tls)
-            bound = self._server.add_secure_port(
-                address, grpc.ssl_server_credentials([(key, cert)])
-            )
-        else:
-            bound = self._server.add_insecure_port(address)
+        try:
+            if self.tls:
+                cert, key = (Path(p).read_bytes() for p in self.tls)
+                bound = self._server.add_secure_port(
+                    address, grpc.ssl_server_credentials([(key, cert)])
+                )
+            else:
+                bound = self._server.add_insecure_port(address)
+        except OSError as err:  # the TLS files
+            raise ServerStartError(f"Cannot read {err.filename}: {err.strerror}") from None
+        except RuntimeError as err:  # grpc: "Failed to bind to address ..."
+            bound = 0
+            log.debug("bind failed: %s", err)
+        if not bound:
+            raise ServerStartError(_bind_problem(self.host, port))
         self.poll_once()
         self._server.start()
         threading.Thread(target=self._poll_loop, daemon=True, name="graft-poll").start()
@@ -266,18 +346,65 @@ class ModelServer:
 
     def resolve(self, name: str, version: int | None) -> LoadedVersion:
         """The loaded version a request names; KeyError carries TF Serving's NOT_FOUND text."""
+        wanted = f"Latest({name})" if version is None else f"Specific({name}, {version})"
         with self._lock:
             if name != self.model_name or not self.loaded:
-                raise KeyError(f"Servable not found for request: Latest({name})")
+                raise KeyError(f"Servable not found for request: {wanted}")
             if version is None:
                 return self.loaded[max(self.loaded)]
             if version not in self.loaded:
-                raise KeyError(f"Servable not found for request: Specific({name}, {version})")
+                raise KeyError(f"Servable not found for request: {wanted}")
             return self.loaded[version]
 
     def status(self) -> list[tuple[int, str, str]]:
         """(version, state, error) for every version seen, newest first."""
-        rows = [(v, "AVAILABLE", "") for v in self.loaded]
-        rows += [(v, "END", err) for v, err in self.failed.items()]
-        rows += [(v, "END", "") for v in self.unloaded if v not in self.loaded]
+        with self._lock:  # the poll thread changes these while requests read them
+            rows = [(v, "AVAILABLE", "") for v in self.loaded]
+            rows += [(v, "END", f.error) for v, f in self.failed.items() if v not in self.loaded]
+            rows += [
+                (v, "END", "")
+                for v in self.unloaded
+                if v not in self.loaded and v not in self.failed
+            ]
         return sorted(rows, reverse=True)
+
+
+def _bind_problem(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be bound, in words (gRPC only says "Failed to bind")."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            return f"Cannot serve on {host}:{port}: address in use (another server is there; stop it or pick another --port)"
+        return f"Cannot serve on {host}:{port}: {err.strerror or err} (check --host and --port)"
+    return f"Cannot serve on {host}:{port}: gRPC could not bind it (check --host and --port)"
+
+
+def check_server_settings(
+    *, poll_seconds: float, max_message_mb: int, max_batch: int, max_workers: int,
+    tls_cert: str | None, tls_key: str | None, max_batch_size: int, batch_timeout_ms: float,
+) -> None:  # fmt: skip
+    """Refuse settings that cannot work together, before anything starts."""
+    problems = []
+    if bool(tls_cert) != bool(tls_key):
+        given, missing = ("--tls-cert", "--tls-key") if tls_cert else ("--tls-key", "--tls-cert")
+        problems.append(f"{given} was given without {missing}: TLS needs both")
+    for name, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+        if value and not Path(value).is_file():
+            problems.append(f"{name} {value}: no such file")
+    if not poll_seconds > 0:
+        problems.append(f"Received `--poll-seconds {poll_seconds}`: expected > 0")
+    for name, value in (("--max-message-mb", max_message_mb), ("max_batch", max_batch),
+                        ("max_workers", max_workers), ("--max-batch-size", max_batch_size)):  # fmt: skip
+        if value < 1:
+            problems.append(f"Received `{name} {value}`: expected >= 1")
+    if max_message_mb > 2047:  # gRPC message sizes are 32-bit signed byte counts
+        problems.append(f"Received `--max-message-mb {max_message_mb}`: gRPC allows at most 2047")
+    if batch_timeout_ms < 0:
+        problems.append(f"Received `--batch-timeout-ms {batch_timeout_ms}`: expected >= 0")
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -14,6 +14,69 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class _PreconditionFailed(Exception):
+    pass
+
+
+def _honour_generation_preconditions():
+    """Make gcp-storage-emulator refuse uploads whose ``ifGenerationMatch`` does not hold.
+
+    Real GCS answers 412 when ``if_generation_match=0`` meets an existing object (that is
+    how graft claims a version number atomically); the emulator (2026.7.19) ignores the
+    parameter, which would make every create-only write succeed. Uploads with the
+    parameter are checked and written under one lock, as GCS does atomically per object.
+    Media and multipart uploads are covered (graft's claim markers are small); resumable
+    uploads are not.
+    """
+    import threading
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server as emulator_server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    original = objects.insert
+    if getattr(original, "graft_preconditions", False):
+        return
+    lock = threading.Lock()
+
+    class CheckedStorage:
+        def __init__(self, storage, expected: int):
+            self._storage, self._expected = storage, expected
+
+        def __getattr__(self, name):
+            return getattr(self._storage, name)
+
+        def create_file(self, bucket_name, file_name, *args, **kwargs):
+            try:
+                current = int(self._storage.get_file_obj(bucket_name, file_name)["generation"])
+            except NotFound:
+                current = 0
+            if current != self._expected:
+                raise _PreconditionFailed(file_name)
+            return self._storage.create_file(bucket_name, file_name, *args, **kwargs)
+
+    def insert(request, response, storage, *args, **kwargs):
+        expected = request.query.get("ifGenerationMatch")
+        if not expected:
+            return original(request, response, storage, *args, **kwargs)
+        with lock:
+            try:
+                return original(request, response, CheckedStorage(storage, int(expected[0])))
+            except _PreconditionFailed as err:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                message = f"At least one of the pre-conditions you specified did not hold: {err}"
+                response.json({"error": {"code": 412, "message": message,
+                               "errors": [{"reason": "conditionNotMet", "message": message}]}})  # fmt: skip
+
+    insert.graft_preconditions = True
+    objects.insert = insert
+    for _, handlers in emulator_server.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler is original:
+                handlers[method] = insert
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A gcp-storage-emulator server on 127.0.0.1, in memory; yields its host:port.
@@ -23,6 +86,7 @@ def gcs_emulator():
     """
     from gcp_storage_emulator.server import create_server
 
+    _honour_generation_preconditions()
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
     server.start()

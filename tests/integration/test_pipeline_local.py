@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from common import storage
 from components import datasets
 from components.config import GraftConfig
 from pipeline.run import run_local
@@ -28,7 +27,9 @@ def _config(tiny_base, *extra) -> GraftConfig:
 
 
 def _versions(repo: str, name: str) -> list[str]:
-    return storage.list_dirs(storage.join(repo, name))
+    from common.model_repository import model_root, versions
+
+    return [str(v) for v in versions(model_root(repo, name))]
 
 
 def test_converging_head_runs_every_step_and_pushes_a_version(tmp_path, bucket, tiny_base):
@@ -61,7 +62,7 @@ def test_head_that_cannot_converge_skips_fine_tune_evaluate_and_push(tmp_path, b
     assert summary.ran() == ["check-data", "validate-data", "augment", "train-head"]
     assert summary.tasks["train-head"].outputs["Output"] is False
     assert "did not converge" in summary.outcome
-    assert not storage.exists(storage.join(repo, "tiny"))
+    assert _versions(repo, "tiny") == []  # nothing pushed
 
 
 def test_impossible_blessing_floor_skips_push(tmp_path, bucket, tiny_base):
@@ -72,7 +73,7 @@ def test_impossible_blessing_floor_skips_push(tmp_path, bucket, tiny_base):
     assert summary.ran()[-1] == "evaluate"
     assert summary.tasks["evaluate"].outputs["Output"] is False
     assert "not blessed" in summary.outcome
-    assert not storage.exists(storage.join(repo, "tiny"))
+    assert _versions(repo, "tiny") == []  # nothing pushed
 
 
 def test_invalid_data_stops_the_run_at_validation(tmp_path, bucket, tiny_base):
@@ -83,4 +84,4 @@ def test_invalid_data_stops_the_run_at_validation(tmp_path, bucket, tiny_base):
     assert summary.ran() == ["check-data", "validate-data"]
     assert not summary.tasks["validate-data"].succeeded
     assert "validate-data FAILED" in summary.outcome
-    assert not storage.exists(storage.join(repo, "tiny"))
+    assert _versions(repo, "tiny") == []  # nothing pushed

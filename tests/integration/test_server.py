@@ -118,11 +118,11 @@ def test_version_folder_without_saved_model_pb_is_never_loaded(server, repo, tmp
     [
         (lambda r: r.inputs["images"].CopyFrom(tf.make_tensor_proto([1.0, 2.0])), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
         (lambda r: r.inputs["images"].CopyFrom(tf.make_tensor_proto([[b"x"]])), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
-        (lambda r: r.inputs.pop("images"), grpc.StatusCode.INVALID_ARGUMENT, "Missing"),
-        (lambda r: r.inputs["extra"].CopyFrom(tf.make_tensor_proto([1])), grpc.StatusCode.INVALID_ARGUMENT, "Unknown input"),
+        (lambda r: r.inputs.pop("images"), grpc.StatusCode.INVALID_ARGUMENT, "Missing but required: {images}."),
+        (lambda r: r.inputs["extra"].CopyFrom(tf.make_tensor_proto([1])), grpc.StatusCode.INVALID_ARGUMENT, "Sent extra: {extra}."),
         (lambda r: setattr(r.model_spec, "name", "nope"), grpc.StatusCode.NOT_FOUND, "Servable"),
         (lambda r: r.model_spec.version.__setattr__("value", 99), grpc.StatusCode.NOT_FOUND, "Servable"),
-        (lambda r: setattr(r.model_spec, "signature_name", "nope"), grpc.StatusCode.NOT_FOUND, "Servable"),
+        (lambda r: setattr(r.model_spec, "signature_name", "nope"), grpc.StatusCode.FAILED_PRECONDITION, 'Serving signature key "nope" not found.'),
         (lambda r: r.inputs["images"].CopyFrom(tf.make_tensor_proto([b"not an image"])), grpc.StatusCode.INVALID_ARGUMENT, ""),
         (lambda r: r.inputs["images"].CopyFrom(tf.make_tensor_proto(np.array([], dtype=object), dtype=tf.string)), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
         (lambda r: r.inputs["images"].CopyFrom(tf.make_tensor_proto([b"x"] * 17)), grpc.StatusCode.INVALID_ARGUMENT, "max_batch"),
@@ -258,6 +258,9 @@ def test_push_verified_against_the_server_keeps_a_loaded_version_and_rolls_back_
         with pytest.raises(RuntimeError, match="did not become AVAILABLE"):
             push_model(make_model_dir(tmp_path / "m2", 2), evaluation, ex, str(repo), NAME, GraftConfig(top_k=2),
                        verify=wait_until_available(target, NAME, timeout=2, poll=0.2))  # fmt: skip
-        assert sorted(p.name for p in (repo / NAME).iterdir()) == [str(first.version)]
+        from common.model_repository import versions
+
+        assert versions(str(repo / NAME)) == [first.version]
+        assert not list((repo / NAME / ".claims").iterdir())  # the rolled-back claim is gone too
     finally:
         pinned.stop(1)

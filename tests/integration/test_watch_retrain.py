@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common import storage
+from common import model_repository, storage
 from components import datasets
 from components.check_data import Fingerprint, fingerprint_uri
 from pipeline.run import run_local
@@ -93,4 +93,7 @@ def test_new_images_in_the_bucket_lead_to_a_blessed_second_version(gcs, tmp_path
     )
     assert evaluation["champion"]["version"] == int(first.pushed_version)  # judged against v1
     assert int(second.pushed_version) > int(first.pushed_version)
-    assert storage.list_dirs(f"{repo}/tiny") == [first.pushed_version, second.pushed_version]
+    assert [str(v) for v in model_repository.versions(f"{repo}/tiny")] == [
+        first.pushed_version,
+        second.pushed_version,
+    ]

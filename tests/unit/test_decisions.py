@@ -1,5 +1,7 @@
 """The pure decisions the pipeline's gates show: convergence, blessing, skip-or-train."""
 
+import html
+
 import pytest
 
 from common.storage import FileInfo
@@ -84,6 +86,52 @@ def test_blessing_decision_table(candidate, champion, blessed, phrase):
     assert phrase in reason
 
 
+def counted(accuracy, **right_of):
+    """A model whose per-class recall comes from (right, support) counts."""
+    return {"accuracy": accuracy, "version": 7,
+            "per_class": {k: {"recall": r / n, "support": n} for k, (r, n) in right_of.items()}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "champion_right, right, support, blessed",
+    [
+        (14, 13, 14, True),  # make demo-retrain, round one: 1 image of 14 is noise
+        (14, 11, 14, True),  # Newcombe 95% lower bound of the fall: -0.042
+        (14, 10, 14, False),  # +0.012: the fall is real
+        (8, 6, 8, True),  # make demo-retrain, round two: 2 of 8 (1.000 -> 0.750) is noise
+        (8, 5, 8, True),  # -0.027
+        (8, 4, 8, False),  # +0.068
+        (100, 95, 100, True),  # real (+0.003) but not beyond bless_class_tolerance (0.05)
+        (100, 94, 100, False),  # real (+0.011) and 0.06 > 0.05
+        (95, 87, 100, True),  # -0.001
+        (95, 86, 100, False),  # +0.008
+    ],
+)
+def test_per_class_gate_allows_sampling_noise_and_refuses_beyond_it(
+    champion_right, right, support, blessed
+):
+    champion = counted(0.90, a=(champion_right, support), b=(support, support))
+    candidate = counted(0.95, a=(right, support), b=(support, support))
+    decision, reason = is_blessed(candidate, champion, **THRESHOLDS)
+    assert decision is blessed, reason
+    if not blessed:
+        expected = f"a {right / support:.3f} < {champion_right / support:.3f} ({right}/{support} {champion_right}/{support} right; fall at least"
+        assert expected in reason
+    else:
+        assert "no class regressed beyond sampling noise" in reason
+
+
+def test_evaluation_report_states_the_per_class_rule():
+    from components.evaluate import CLASS_RULE, Evaluation, render_html, render_markdown
+
+    metrics = {"accuracy": 1.0, "examples": 2, "labels": ["a"], "confusion_matrix": [[2]],
+               "per_class": {"a": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}}}  # fmt: skip
+    evaluation = Evaluation(metrics, None, True, "no champion")
+    assert "Newcombe interval" in CLASS_RULE and "bless_class_tolerance" in CLASS_RULE
+    assert CLASS_RULE in render_markdown(evaluation)
+    assert html.escape(CLASS_RULE) in render_html(evaluation)
+
+
 def test_classification_metrics_on_hand_made_predictions():
     import numpy as np
 
@@ -106,11 +154,13 @@ def files(*entries):
     return [FileInfo(f"/r/{p}", p, size, checksum) for p, size, checksum in entries]
 
 
-def test_fingerprint_is_order_independent_and_ignores_non_images():
+def test_fingerprint_is_order_independent_and_counts_every_file_validate_sees():
     a = files(("x/1.png", 10, "sha256:aa"), ("y/2.jpg", 20, "sha256:bb"))
-    b = list(reversed(a)) + files(("README.txt", 5, "sha256:cc"))
-    assert dataset_fingerprint(a) == dataset_fingerprint(b)
+    assert dataset_fingerprint(a) == dataset_fingerprint(list(reversed(a)))
     assert dataset_fingerprint(a).count == 2
+    # validate refuses a README or a photo named .webp, so they must change the fingerprint
+    for extra in (("README.txt", 5, "sha256:cc"), ("x/3.WEBP", 5, "sha256:dd")):
+        assert dataset_fingerprint(a + files(extra)).digest != dataset_fingerprint(a).digest
 
 
 @pytest.mark.parametrize(

@@ -12,16 +12,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from common import model_repository as repository
 from common import storage
 from components import examples
 from components.config import GraftConfig
-from components.push import (
-    NotBlessedError,
-    next_version,
-    publish,
-    push_model,
-    remove_incomplete_versions,
-)
+from components.push import NotBlessedError, push_model
 from serving.export import export_saved_model, infra_validate, read_warmup
 from tests.serving_models import LABELS, SIZE, keras_probabilities, make_model_dir, sample_images
 
@@ -113,9 +108,10 @@ def test_push_layout_metadata_and_idempotent_rerun(model_dir, examples_dir, tmp_
         model_dir, evaluation_file(tmp_path), examples_dir, repo, "m", CONFIG, data_state=state
     )
     assert (again.version, again.pushed) == (first.version, False)
-    assert storage.list_dirs(str(Path(repo, "m"))) == [
-        str(first.version)
-    ]  # no staging left, no new version
+    root = str(Path(repo, "m"))
+    assert repository.versions(root) == [first.version]  # no new version
+    assert [d for d in storage.list_dirs(root) if d.startswith(".staging")] == []
+    assert not list(Path(root, ".claims").glob("*.json"))  # the claim was released
 
     other = make_model_dir(tmp_path / "model-2", seed=2)
     second = push_model(
@@ -145,8 +141,8 @@ def test_unblessed_model_is_never_pushed(model_dir, examples_dir, tmp_path):
 
 def test_versions_strictly_increase_even_when_the_clock_goes_back(tmp_path):
     (tmp_path / "m" / "2000000000").mkdir(parents=True)
-    assert next_version(str(tmp_path / "m"), now=1_000_000_000) == 2_000_000_001
-    assert next_version(str(tmp_path / "empty"), now=1_700_000_000) == 1_700_000_000
+    assert repository.next_version(str(tmp_path / "m"), now=1_000_000_000) == 2_000_000_001
+    assert repository.next_version(str(tmp_path / "empty"), now=1_700_000_000) == 1_700_000_000
 
 
 def test_failed_verification_rolls_the_version_back(model_dir, examples_dir, tmp_path):
@@ -161,7 +157,7 @@ def test_failed_verification_rolls_the_version_back(model_dir, examples_dir, tmp
             CONFIG,
             verify=lambda v: False,
         )
-    assert storage.list_dirs(str(Path(repo, "m"))) == []
+    assert repository.versions(str(Path(repo, "m"))) == []
 
 
 KILLED_PUSH = """
@@ -180,7 +176,8 @@ storage.copy_tree(sys.argv[1], sys.argv[2], last=("saved_model.pb",))
 def test_push_killed_midway_never_exposes_saved_model_pb_without_variables(
     where, model_dir, tmp_path, request
 ):
-    """A copy killed between files leaves no complete-looking version; the rerun finishes it."""
+    """A copy killed between files leaves no complete-looking version; once its lease has
+    run out the next push removes it (never before: it could be a live push) and publishes."""
     _, pngs = sample_images(2)
     export_saved_model(model_dir, tmp_path / "export", warmup_images=pngs, top_k=2)
     root = (
@@ -203,26 +200,49 @@ def test_push_killed_midway_never_exposes_saved_model_pb_without_variables(
     copied = {f.relpath for f in storage.list_files(target)}
     assert copied and "saved_model.pb" not in copied  # killed midway, and the marker is not there
 
-    assert remove_incomplete_versions(root) == [5]
+    repo, name = root.rsplit("/", 1)
+    assert repository.remove_abandoned(repo, name) == []  # within the lease: maybe still copying
+    assert storage.exists(target)
+    later = time.time() + repository.DEFAULT_LEASE_SECONDS + 1
+    assert repository.remove_abandoned(repo, name, now=later) == [5]
     assert not storage.exists(target)
-    publish(tmp_path / "export", root, 5)  # the rerun
+    claim = repository.claim_version(repo, name)  # the rerun
+    uri = repository.publish(tmp_path / "export", claim)
     assert {"saved_model.pb", "variables/variables.index"} <= {
-        f.relpath for f in storage.list_files(target)
+        f.relpath for f in storage.list_files(uri)
     }
 
 
 def test_push_to_gcs_and_the_champion_is_found_there(model_dir, examples_dir, tmp_path, gcs):
-    from components.evaluate import champion_metrics, served_version
+    from components.evaluate import champion_metrics
 
     repo = f"{gcs}/models"
     result = push_model(model_dir, evaluation_file(tmp_path), examples_dir, repo, "m", CONFIG)
     assert result.uri == f"{repo}/m/{result.version}"
-    assert served_version(repo, "m") == result.version
-    pixels, _ = sample_images(6, seed=3)
+    assert repository.served_version(repo, "m") == result.version
+    pixels, pngs = sample_images(6, seed=3)
     truth = [LABELS[i % 3] for i in range(6)]
-    champion = champion_metrics(repo, "m", [pixels.astype("float32")], truth)  # one batch
+    sources = []
+    for i, png in enumerate(pngs):
+        storage.write_bytes(f"{gcs}/data/{truth[i]}/{i}.png", png)
+        sources.append((f"{gcs}/data/{truth[i]}/{i}.png", truth[i]))
+    champion = champion_metrics(repo, "m", sources)
     expected = keras_probabilities(tmp_path, 1, 1, pixels).argmax(axis=1)
     assert champion["version"] == result.version
     assert champion["accuracy"] == pytest.approx(
         np.mean([LABELS[e] == t for e, t in zip(expected, truth, strict=True)])
     )
+
+
+def test_push_leaves_no_temporary_export_behind(model_dir, examples_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    repo = str(tmp_path / "repo")
+    push_model(model_dir, evaluation_file(tmp_path), examples_dir, repo, "m", CONFIG)
+    with pytest.raises(RuntimeError, match="did not become AVAILABLE"):  # and when it fails
+        push_model(make_model_dir(tmp_path / "other", seed=5), evaluation_file(tmp_path),
+                   examples_dir, repo, "m", CONFIG, verify=lambda v: False)  # fmt: skip
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("graft-")] == []
