@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -173,6 +174,11 @@ def run(
     with user_errors():
         config = _run_settings(base, set_)
         _check_count("--min-new-images", min_new_images, minimum=0)
+        if image:  # paths no container can see are the first thing to say
+            from pipeline.in_containers import refuse_unmounted_paths
+
+            refuse_unmounted_paths(Path(pipeline_root).resolve(), data=data, model_repo=model_repo,
+                                   base=config.base, weights=config.weights)  # fmt: skip
         check_writable(model_repo, model_name)  # a read-only or full repository: before training
         summary = run_local(
             data,

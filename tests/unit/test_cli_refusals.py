@@ -13,8 +13,10 @@ def refused(*args) -> str:
     assert result.exit_code == 2, result.output
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
     lines = result.output.strip().splitlines()
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    return " ".join(line.strip() for line in lines)  # rich wraps long lines
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    # What comes before it is the run's settings report (pipeline/settings.py), not an error.
+    return " ".join(line.strip() for line in lines[errors[0] :])  # rich wraps long lines
 
 
 def test_predict_on_a_directory_names_it(tmp_path):
@@ -97,7 +99,7 @@ def test_run_with_a_read_only_model_repository_stops_before_training(tmp_path):
         (["run", "--data", "d", "--model-repo", "r", "--set", "top_k=0"], "`top_k=0`: expected >= 1"),
         (["run", "--data", "d", "--model-repo", "r", "--set", "min_images_per_class=0"],
          "`min_images_per_class=0`: expected >= 1"),
-        (["validate", "--data", "d", "--set", "channels=2"], "`channels=2`: expected 1 or 3"),
+        (["run", "--data", "d", "--model-repo", "r", "--set", "channels=2"], "`channels=2`: expected 1 or 3"),
         (["run", "--data", "d", "--model-repo", "r", "--set", "val_fraction=0.5", "--set", "test_fraction=0.5"],
          "leaves no training images"),
         (["watch", "--data", "d", "--model-repo", "r", "--every", "0s"], "expected a duration"),

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common import storage
+from common import model_repository, storage
 from components import datasets
-from components.push import publish
 
 
 @contextlib.contextmanager
@@ -78,7 +77,8 @@ def test_a_published_model_version_is_readable_by_another_uid(tmp_path):
     for path in export.rglob("*"):
         path.chmod(0o600 if path.is_file() else 0o700)  # as a private temp dir would leave them
     with umask(0o022):
-        target = Path(publish(export, str(tmp_path / "repo" / "m"), 7))
+        claim = model_repository.try_claim(str(tmp_path / "repo"), "m", 7)
+        target = Path(model_repository.publish(export, claim))
     files = sorted(p for p in target.rglob("*") if p.is_file())
     assert [p.relative_to(target).as_posix() for p in files] == [
         "graft_metadata.json", "saved_model.pb", "variables/variables.index",
