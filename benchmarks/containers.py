@@ -21,40 +21,10 @@ from components import datasets
 from components.config import GraftConfig, with_overrides
 from pipeline.run import run_local
 from tests.containers import engine as engines
+from tests.integration.conftest import TINY
+from tests.integration.conftest import make_tiny_base as tiny_base
 
-SETTINGS = [
-    "image_size=32",
-    "views=1",
-    "batch_size=16",
-    "head_max_epochs=40",
-    "patience=2",
-    "head_learning_rate=0.01",
-    "fine_tune_max_epochs=2",
-    "fine_tune_layers=2",
-    "bless_min_accuracy=0.3",
-]  # fmt: skip  (the integration tests' tiny settings)
-
-
-def tiny_base(path: Path) -> str:
-    """A small conv base pretrained briefly on other synthetic shapes (as the tests make it)."""
-    import keras
-    import numpy as np
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((None, None, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
-    x = keras.layers.BatchNormalization(momentum=0.8)(x)
-    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
-    base = keras.Model(inputs, x, name="tiny_base")
-    source = datasets.synthetic_images(num_classes=3, per_class=60, size=32, seed=99)
-    images = np.stack([img for imgs in source.values() for img in imgs]).astype("float32")
-    pooled = keras.layers.GlobalAveragePooling2D()(base.output)
-    classifier = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(pooled))
-    classifier.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    classifier.fit(images, np.repeat(np.arange(3), 60), epochs=8, batch_size=16, verbose=0)
-    base.save(path)
-    return str(path)
+SETTINGS = TINY  # the integration tests' tiny settings
 
 
 def main() -> None:

@@ -256,12 +256,23 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def _temp_beside(target: Path) -> tuple[int, Path]:
-    """A new, empty temp file next to ``target`` (same filesystem, so it can be renamed or
-    linked into place). Not mkstemp: its 0600 would hide the file from a reader with another
-    uid (TF Serving, the next step's container); 0o666 here gets the umask's permissions."""
+def _temp_beside(target: Path, data: bytes) -> Path:
+    """``data`` in a new temp file next to ``target``, on disk (same filesystem, so it can be
+    renamed or linked into place). Not mkstemp: its 0600 would hide the file from a reader
+    with another uid (TF Serving, the next step's container); 0o666 here gets the umask's
+    permissions."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -276,16 +287,11 @@ def write_bytes(uri: str, data: bytes) -> None:
         bucket.blob(name).upload_from_string(data, retry=_retry())
         return
     target = Path(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_beside(target)
+    tmp = _temp_beside(target, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -433,18 +439,13 @@ def create_exclusive(uri: str, data: bytes) -> bool:
                 return False
         return True
     target = Path(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_beside(target)
+    tmp = _temp_beside(target, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.link(tmp, target)
     except FileExistsError:
         return False
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return True
 
 

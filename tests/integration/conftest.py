@@ -24,13 +24,12 @@ def tiny_config(base: str, *extra: str) -> GraftConfig:
     return with_overrides(GraftConfig(), [*TINY, f"base={base}", *extra])
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> str:
-    """A small conv base pretrained for a few epochs on other synthetic images, saved as .keras."""
+def make_tiny_base(path) -> str:
+    """A small conv base pretrained for a few epochs on other synthetic images, saved as .keras
+    at ``path`` (the benchmarks build the same one)."""
     import keras
     import numpy as np
 
-    path = tmp_path_factory.mktemp("base") / "base.keras"
     keras.utils.set_random_seed(0)
     inputs = keras.Input((None, None, 3))
     x = keras.layers.Rescaling(1 / 255.0)(inputs)
@@ -47,3 +46,8 @@ def tiny_base(tmp_path_factory) -> str:
     classifier.fit(images, labels, epochs=8, batch_size=16, verbose=0, shuffle=True)
     base.save(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    return make_tiny_base(tmp_path_factory.mktemp("base") / "base.keras")
