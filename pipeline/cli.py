@@ -179,7 +179,10 @@ def run(
 
             refuse_unmounted_paths(Path(pipeline_root).resolve(), data=data, model_repo=model_repo,
                                    base=config.base, weights=config.weights)  # fmt: skip
-        check_writable(model_repo, model_name)  # a read-only or full repository: before training
+        if not (image and not model_repo.startswith("gs://")):
+            # Before training: a read-only or full repository. A local one a container writes
+            # to is probed by check_data in the container, as the uid that will write there.
+            check_writable(model_repo, model_name)
         summary = run_local(
             data,
             model_repo,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from common import model_repository as repository
 from common import storage
 from components import datasets
 from components.config import SETTINGS, GraftConfig, kfp_value, with_overrides
@@ -28,6 +29,7 @@ EVERY_SETTING_CHANGED = {
     "max_pixels": 39_000_000,
     "max_file_bytes": 29_000_000,
     "max_imbalance_ratio": 19.0,
+    "io_concurrency": 3,
     "allowed_formats": ("PNG",),
     "image_size": 24,
     "channels": 1,
@@ -135,7 +137,7 @@ def test_a_pretrained_base_runs_with_no_set_and_a_contradiction_is_refused_first
     assert "from base: image_size=28, channels=1" in ran.output
     summary = json.loads(ran.output[ran.output.rindex('{\n  "run_dir"') :])
     assert summary["pushed_version"], summary["outcome"]
-    assert storage.list_dirs(storage.join(str(repo), "fm")) == [summary["pushed_version"]]
+    assert repository.versions(storage.join(str(repo), "fm")) == [int(summary["pushed_version"])]
 
 
 def test_a_run_not_started_by_the_cli_is_refused_by_its_first_step(tmp_path):
