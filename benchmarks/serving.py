@@ -9,7 +9,8 @@ For each model, exported the way push exports (serving_default: encoded image by
   matters) with graft's head at 224 px: what a realistic model costs.
 1. p50/p99 latency of one-image requests through gRPC vs calling the same SavedModel
    signature in-process (the ratio is the server's overhead).
-2. Throughput with 16 concurrent clients for a fixed time, dynamic batching off vs on.
+2. In-process cost per image at batch 1, 4 and 16: the most batching can gain on this machine.
+3. Throughput with 16 concurrent clients for a fixed time, dynamic batching off vs on.
 The last line is JSON: per-model figures, and the goals' figures for the realistic model.
 """
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--batch-timeout-ms", type=float, default=2.0)
     args = parser.parse_args()
 
     figures = {}
@@ -69,6 +71,14 @@ def measure(model: str, args) -> dict:
         started = time.perf_counter()
         signature(images=tf.constant([image]))
         in_process.append(time.perf_counter() - started)
+    per_image_ms = {}  # what batching can gain at best: does a bigger call cost less per image?
+    for rows in (1, 4, 16):
+        batch = tf.constant([image] * rows)
+        signature(images=batch)
+        started = time.perf_counter()
+        for _ in range(5):
+            signature(images=batch)
+        per_image_ms[rows] = round((time.perf_counter() - started) / 5 / rows * 1000, 2)
     del signature
 
     server = ModelServer(str(work / "repo"), "bench", max_workers=args.clients)
@@ -95,6 +105,10 @@ def measure(model: str, args) -> dict:
         f"  over gRPC  p50 {percentile_ms(over_grpc, 50):.2f} ms p99 {percentile_ms(over_grpc, 99):.2f} ms"
     )
     print(f"  gRPC/in-process: p50 {p50_ratio:.2f}x, p99 {p99_ratio:.2f}x")
+    print(
+        "  in-process ms per image at batch "
+        + ", ".join(f"{k}: {v}" for k, v in per_image_ms.items())
+    )
     for label, run in (("batching off", unbatched), ("batching on", batched)):
         print(f"  {args.clients} clients x {args.seconds:.0f}s, {label}: {run['rps']:.1f} requests/s, "
               f"{run['failed']} failed, {run['calls']} model calls")  # fmt: skip
@@ -105,6 +119,7 @@ def measure(model: str, args) -> dict:
             "inproc_p50_ms": round(percentile_ms(in_process, 50), 2), "inproc_p99_ms": round(percentile_ms(in_process, 99), 2),
             "rps_batching_off": round(unbatched["rps"], 1), "rps_batching_on": round(batched["rps"], 1),
             "batching_ratio": round(batching_ratio, 2), "model_calls_on": batched["calls"],
+            "inproc_ms_per_image_at_batch": per_image_ms,
             "failed": unbatched["failed"] + batched["failed"]}  # fmt: skip
 
 
@@ -114,7 +129,7 @@ def throughput(work: Path, image: bytes, args, *, batching: bool) -> dict:
     from serving.server import ModelServer
 
     server = ModelServer(str(work / "repo"), "bench", max_workers=args.clients, batching=batching,
-                         max_batch_size=args.clients, batch_timeout_ms=2.0)  # fmt: skip
+                         max_batch_size=args.clients, batch_timeout_ms=args.batch_timeout_ms)  # fmt: skip
     target = f"127.0.0.1:{server.start(0)}"
     PredictClient(target).predict_images("bench", [image])
     done, failures, stop = [], [], threading.Event()
