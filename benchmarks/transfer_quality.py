@@ -30,8 +30,8 @@ def write_examples(out: Path, x, y, x_val, y_val, views: int, seed: int) -> None
             (img, int(lbl), view, f"t{i}")
             for i, (img, lbl) in enumerate(zip(augmented, y, strict=True))
         ]
-    examples.write_split(out, "train", train)
-    examples.write_split(
+    counts = {"train": examples.write_split(out, "train", train)}
+    counts["val"] = examples.write_split(
         out,
         "val",
         [
@@ -39,9 +39,11 @@ def write_examples(out: Path, x, y, x_val, y_val, views: int, seed: int) -> None
             for i, (img, lbl) in enumerate(zip(x_val, y_val, strict=True))
         ],
     )
-    examples.write_split(out, "test", [(x_val[0], int(y_val[0]), 0, "unused")])
+    counts["test"] = examples.write_split(out, "test", [(x_val[0], int(y_val[0]), 0, "unused")])
     examples.write_metadata(
-        out, [str(c) for c in range(5)], {"image_size": 28, "channels": 1, "views": views}
+        out,
+        [str(c) for c in range(5)],
+        {"image_size": 28, "channels": 1, "views": views, "counts": counts},
     )
 
 
