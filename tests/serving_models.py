@@ -34,6 +34,17 @@ def sample_images(count: int = 4, seed: int = 0) -> tuple[np.ndarray, list[bytes
     return pixels, [datasets.encode_png(image[..., 0]) for image in pixels]
 
 
+def write_examples(out: Path, count: int, seed: int = 3) -> Path:
+    """An examples directory of ``count`` sample images in every split (what push reads)."""
+    from components import examples
+
+    pixels, _ = sample_images(count, seed=seed)
+    for split in examples.SPLITS:
+        examples.write_split(out, split, [(p, i % 3, 0, f"s{i}") for i, p in enumerate(pixels)])
+    examples.write_metadata(out, list(LABELS), {"image_size": SIZE, "channels": 1, "views": 0})
+    return out
+
+
 def export_version(repo: Path, name: str, version: int, seed: int, work: Path) -> Path:
     """Export a tiny model as ``<repo>/<name>/<version>`` with warmup requests."""
     from serving.export import export_saved_model

@@ -186,14 +186,9 @@ print(json.dumps({"version": result.version, "pushed": result.pushed}))
 
 
 def test_two_whole_pushes_at_once_give_two_complete_versions(tmp_path):
-    from components import examples
-    from tests.serving_models import LABELS, SIZE
+    from tests.serving_models import write_examples
 
-    pixels, _ = sample_images(6, seed=3)
-    ex = tmp_path / "examples"
-    for split in examples.SPLITS:
-        examples.write_split(ex, split, [(p, i % 3, 0, f"s{i}") for i, p in enumerate(pixels)])
-    examples.write_metadata(ex, list(LABELS), {"image_size": SIZE, "channels": 1, "views": 0})
+    ex = write_examples(tmp_path / "examples", 6)
     evaluation = tmp_path / "evaluation.json"
     evaluation.write_text(json.dumps({"blessed": True, "reason": "ok", "metrics": {"accuracy": 1}}))
     repo = str(tmp_path / "models")

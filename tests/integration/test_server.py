@@ -226,17 +226,12 @@ def test_push_verified_against_the_server_keeps_a_loaded_version_and_rolls_back_
 ):
     import json
 
-    from components import examples
     from components.config import GraftConfig
     from components.push import push_model
     from serving.client import wait_until_available
-    from tests.serving_models import SIZE, make_model_dir
+    from tests.serving_models import make_model_dir, write_examples
 
-    pixels, _ = sample_images(4, seed=3)
-    ex = tmp_path / "examples"
-    for split in examples.SPLITS:
-        examples.write_split(ex, split, [(p, i % 3, 0, f"s{i}") for i, p in enumerate(pixels)])
-    examples.write_metadata(ex, list(LABELS), {"image_size": SIZE, "channels": 1, "views": 0})
+    ex = write_examples(tmp_path / "examples", 4)
     evaluation = tmp_path / "evaluation.json"
     evaluation.write_text(
         json.dumps({"blessed": True, "reason": "ok", "metrics": {"accuracy": 1.0}})

@@ -14,11 +14,16 @@ import tensorflow as tf
 
 from common import model_repository as repository
 from common import storage
-from components import examples
 from components.config import GraftConfig
 from components.push import NotBlessedError, push_model
 from serving.export import export_saved_model, infra_validate, read_warmup
-from tests.serving_models import LABELS, SIZE, keras_probabilities, make_model_dir, sample_images
+from tests.serving_models import (
+    LABELS,
+    keras_probabilities,
+    make_model_dir,
+    sample_images,
+    write_examples,
+)
 
 CONFIG = GraftConfig(top_k=2)
 
@@ -30,12 +35,7 @@ def model_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def examples_dir(tmp_path) -> Path:
-    pixels, _ = sample_images(6, seed=3)
-    out = tmp_path / "examples"
-    for split in examples.SPLITS:
-        examples.write_split(out, split, [(p, i % 3, 0, f"sha{i}") for i, p in enumerate(pixels)])
-    examples.write_metadata(out, list(LABELS), {"image_size": SIZE, "channels": 1, "views": 0})
-    return out
+    return write_examples(tmp_path / "examples", 6)
 
 
 def evaluation_file(tmp_path, blessed=True) -> Path:
