@@ -9,24 +9,32 @@ unless it gets more validation images right than the head, the head-only model i
 this step outputs, saying so. (A stricter "more than one standard error" rule kept the
 head on 18 of 27 benchmark runs, though fine-tuning won on test in 24; see
 benchmarks/RESULTS.md.)
+
+The layers below the unfrozen top do not change while it trains, and graft's views are made
+once and stored, so what those layers hand up is the same every epoch: like train_head's
+feature cache, it is computed once (``frozen_frontier``) and only the top runs each epoch.
 """
 
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from common.artifacts import LABELS_FILE, MODEL_FILE, TRAINING_FILE
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
-from components.train_head import progress_callback
+from components.train_head import FEATURE_BATCH, feature_batch_size, progress_callback
 
 log = logging.getLogger(__name__)
 CANDIDATE_FILE = "finetuned_candidate.keras"  # the fine-tuned model, whether chosen or not
+# Above this many bytes of cached frozen activations, every epoch runs the whole base again.
+FROZEN_CACHE_BYTES = 1 << 30
 
 
 class HeadNotConvergedError(ValueError):
@@ -41,6 +49,8 @@ class FineTuneResult:
     tuned_val_accuracy: float
     unfrozen_layers: list[str]
     epochs: int
+    steps: int = 0  # optimizer steps taken
+    cached: dict = field(default_factory=dict)  # the frozen part's cache: tensors, bytes, seconds
 
 
 def unfreeze_top(base, *, layers: int, from_layer: str = "") -> list[str]:
@@ -70,6 +80,66 @@ def unfreeze_top(base, *, layers: int, from_layer: str = "") -> list[str]:
     return unfrozen
 
 
+def frozen_frontier(base) -> list:
+    """The tensors of ``base``'s graph that no trainable weight influences but that a trainable
+    layer or the output consumes: everything the frozen lower part hands up. Empty when no
+    weighted layer is frozen below the trainable ones (caching would save nothing)."""
+    nodes = base._nodes_by_depth  # Keras' own map of the functional graph; deepest = inputs
+    live, frontier, frozen_work = set(), {}, False
+    for depth in sorted(nodes, reverse=True):
+        for node in nodes[depth]:
+            if node.is_input:
+                continue
+            inputs = node.input_tensors
+            if node.operation.trainable_weights or any(id(t) in live for t in inputs):
+                live.update(id(t) for t in node.output_tensors)
+                frontier.update((id(t), t) for t in inputs if id(t) not in live)
+            elif node.operation.weights:
+                frozen_work = True
+    frontier.update((id(t), t) for t in base.outputs if id(t) not in live)
+    return list(frontier.values()) if frozen_work else []
+
+
+def _frozen_activations(lower, examples_dir, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """``lower``'s outputs for every record of ``split``, one batch shape (the last batch is
+    padded, its padding dropped, as train_head's feature pass does), and the labels."""
+    total = examples.read_spec(examples_dir)["counts"][split]
+    batch = feature_batch_size(total, FEATURE_BATCH)
+    outputs, labels, filled = None, np.empty(total, np.int64), 0
+    for x, y in examples.dataset(examples_dir, split).batch(batch).as_numpy_iterator():
+        count = len(y)
+        padded = np.zeros((batch, *x.shape[1:]), "float32")
+        padded[:count] = x
+        values = lower.predict_on_batch(padded)
+        values = [np.asarray(v) for v in (values if isinstance(values, list | tuple) else [values])]
+        if outputs is None:
+            outputs = [np.empty((total, *v.shape[1:]), "float32") for v in values]
+        for out, value in zip(outputs, values, strict=True):
+            out[filled : filled + count] = value[:count]
+        labels[filled : filled + count] = y
+        filled += count
+    return outputs, labels
+
+
+def _on_frozen_activations(model, base, frontier: list, shapes: list):
+    """``model`` from ``frontier`` up: the same layer objects (training it trains ``model``),
+    fed the frozen part's cached outputs instead of pixels."""
+    import keras
+
+    def one_or_all(tensors: list):
+        return tensors if len(tensors) > 1 else tensors[0]
+
+    upper = keras.Model(one_or_all(frontier), one_or_all(base.outputs))
+    inputs = [
+        keras.Input(shape[1:], dtype=t.dtype) for t, shape in zip(frontier, shapes, strict=True)
+    ]
+    x = upper(one_or_all(inputs), training=False)
+    after_base = model.layers[model.layers.index(base) + 1 :]  # pooling, then the head
+    for layer in after_base:
+        x = layer(x)
+    return keras.Model(inputs, x, name="fine_tune_top")
+
+
 def fine_tune_model(
     examples_dir: str | Path, head_model_dir: str | Path, out_dir: str | Path, config: GraftConfig
 ) -> FineTuneResult:
@@ -88,37 +158,78 @@ def fine_tune_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     model = keras.models.load_model(head_model_dir / MODEL_FILE)
-    val = examples.batches(examples_dir, "val", config.batch_size)
     counts = examples.read_spec(examples_dir)["counts"]
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    head_accuracy = float(model.evaluate(val, verbose=0)[1])
-
+    base = find_base(model)
     unfrozen = unfreeze_top(
-        find_base(model), layers=config.fine_tune_layers, from_layer=config.fine_tune_from_layer
+        base, layers=config.fine_tune_layers, from_layer=config.fine_tune_from_layer
     )
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    # Every stored record, originals and their augmented views, as the head saw them.
-    # Originals alone with fresh augmentation each epoch (the tutorials' way) stayed 1 point
-    # under scratch at 100 labels/class; see benchmarks/RESULTS.md.
-    train = examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed)
-    history = model.fit(
-        train, validation_data=val, epochs=config.fine_tune_max_epochs, verbose=2,
-        shuffle=False,  # the dataset is shuffled above
+    spec = examples.read_spec(examples_dir)
+    frontier, cached = frozen_frontier(base), {}
+    if frontier:
+        lower = keras.Model(base.inputs, frontier)
+        image_shape = (None, spec["image_size"], spec["image_size"], spec["channels"])
+        shapes = lower.compute_output_shape(image_shape)  # the base's own sizes may be None
+        shapes = [shapes] if isinstance(shapes[0], int | None) else list(shapes)
+        cache_bytes = sum(4 * int(np.prod(shape[1:])) for shape in shapes) * (
+            counts["train"] + counts["val"]
+        )
+        if cache_bytes > FROZEN_CACHE_BYTES:
+            log.info("fine_tune: the frozen part's outputs would take %.1f GB (> %.1f); running "
+                     "the whole base every epoch", cache_bytes / 1e9, FROZEN_CACHE_BYTES / 1e9)  # fmt: skip
+            frontier = []
+    if frontier:
+        started = time.perf_counter()
+        train_x, train_y = _frozen_activations(lower, examples_dir, "train")
+        val_x, val_y = _frozen_activations(lower, examples_dir, "val")
+        cached = {"tensors": [t.name for t in frontier], "bytes": cache_bytes,
+                  "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+        log.info("fine_tune: the frozen part ran once over %d records (%.1f MB cached, %.1fs); "
+                 "only the top trains each epoch", len(train_y) + len(val_y), cache_bytes / 1e6,
+                 cached["seconds"])  # fmt: skip
+        trained = _on_frozen_activations(model, base, frontier, shapes)
+        unpack = (lambda xs: xs) if len(frontier) > 1 else (lambda xs: xs[0])
+        train = {
+            "x": unpack(train_x),
+            "y": train_y,
+            "batch_size": config.batch_size,
+            "shuffle": True,
+        }
+        val = (unpack(val_x), val_y)
+    else:
+        trained = model
+        # Every stored record, originals and their augmented views, as the head saw them.
+        # Originals alone with fresh augmentation each epoch (the tutorials' way) stayed 1
+        # point under scratch at 100 labels/class; see benchmarks/RESULTS.md.
+        train = {
+            "x": examples.batches(
+                examples_dir, "train", config.batch_size, shuffle_seed=config.seed
+            ),
+            "shuffle": False,  # the dataset is shuffled above
+        }
+        val = examples.batches(examples_dir, "val", config.batch_size)
+    for compiled in {id(model): model, id(trained): trained}.values():
+        compiled.compile(
+            optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+
+    def val_accuracy() -> float:
+        if isinstance(val, tuple):
+            return float(trained.evaluate(*val, batch_size=config.batch_size, verbose=0)[1])
+        return float(trained.evaluate(val, verbose=0)[1])
+
+    head_accuracy = val_accuracy()  # the weights are still the head model's
+    history = trained.fit(
+        **train, validation_data=val, epochs=config.fine_tune_max_epochs, verbose=2,
         callbacks=[
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
             keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
             progress_callback("fine_tune", counts["train"], config.batch_size),
         ],
     ).history  # fmt: skip
-    tuned_accuracy = float(model.evaluate(val, verbose=0)[1])
+    tuned_accuracy = val_accuracy()
+    steps = int(trained.optimizer.iterations.numpy())
     val_images = counts["val"]
     model.save(out_dir / CANDIDATE_FILE)  # kept either way, so the comparison can be inspected
 
@@ -138,7 +249,14 @@ def fine_tune_model(
     log.info("fine_tune: chose %s: %s", chosen, reason)
     shutil.copyfile(head_model_dir / LABELS_FILE, out_dir / LABELS_FILE)
     result = FineTuneResult(
-        chosen, reason, head_accuracy, tuned_accuracy, unfrozen, len(history["val_loss"])
+        chosen,
+        reason,
+        head_accuracy,
+        tuned_accuracy,
+        unfrozen,
+        len(history["val_loss"]),
+        steps,
+        cached,
     )
     record = {**head_record, "step": "fine_tune", **asdict(result),
               "params": {**head_record.get("params", {}), **config.settings()},

@@ -10,13 +10,18 @@ import numpy as np
 import pytest
 
 from common import storage
-from components import datasets, examples
+from components import datasets, examples, fine_tune
 from components.augment import augment_dataset
 from components.backbones import build_base
 from components.config import GraftConfig
-from components.fine_tune import HeadNotConvergedError, fine_tune_model
-from components.pretrain import rotations
-from components.train_head import pooled_features, train_head_model
+from components.fine_tune import (
+    HeadNotConvergedError,
+    fine_tune_model,
+    frozen_frontier,
+    unfreeze_top,
+)
+from components.pretrain import rotations, small_cnn
+from components.train_head import assemble, build_head, pooled_features, train_head_model
 
 CONFIG = GraftConfig(
     image_size=16, channels=3, views=1, batch_size=16, head_learning_rate=0.01, head_max_epochs=60,
@@ -148,9 +153,7 @@ def test_fine_tune_trains_on_every_stored_view_not_only_the_originals(examples_d
     spec = examples.read_spec(examples_dir)
     records, originals = spec["counts"]["train"], spec["images"]["train"]
     assert records == originals * (1 + CONFIG.views)
-    candidate = keras.models.load_model(tmp_path / "tuned" / "finetuned_candidate.keras")
-    steps = int(candidate.optimizer.iterations.numpy())
-    assert steps == result.epochs * -(-records // CONFIG.batch_size)
+    assert result.steps == result.epochs * -(-records // CONFIG.batch_size)
 
 
 def test_fine_tune_guard_chooses_the_tuned_model_when_it_gets_more_validation_images_right(
@@ -169,6 +172,66 @@ def test_fine_tune_guard_chooses_the_tuned_model_when_it_gets_more_validation_im
     assert_same_weights(
         tmp_path / "tuned" / "finetuned_candidate.keras", tmp_path / "tuned" / "model.keras"
     )
+
+
+def test_fine_tune_runs_the_frozen_part_once_and_trains_only_the_top(examples_dir, tmp_path):
+    base_path = tiny_base(tmp_path / "base.keras", counting=True)  # counts images through it
+    config = replace(CONFIG, base=base_path, fine_tune_layers=1, fine_tune_max_epochs=3)
+    train_head_model(examples_dir, tmp_path / "head", config)
+    counts = examples.read_spec(examples_dir)["counts"]
+    records = counts["train"] + counts["val"]
+    seen = keras.models.load_model(tmp_path / "head" / "model.keras").get_layer("tiny")
+    assert float(seen.get_layer("counter").seen.numpy()) == records  # the head's feature pass
+    result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
+    assert result.cached["tensors"] and result.cached["bytes"] > 0 and result.epochs >= 1
+    tuned = keras.models.load_model(tmp_path / "tuned" / "finetuned_candidate.keras")
+    # Once more over every record for the cache, not once per epoch and per evaluation.
+    assert float(tuned.get_layer("tiny").get_layer("counter").seen.numpy()) == 2 * records
+    assert result.steps == result.epochs * -(-counts["train"] // CONFIG.batch_size)
+
+
+def test_fine_tune_streams_every_epoch_when_the_cache_would_not_fit(
+    examples_dir, tmp_path, monkeypatch
+):
+    base_path = tiny_base(tmp_path / "base.keras", counting=True)
+    config = replace(CONFIG, base=base_path, fine_tune_layers=1, fine_tune_max_epochs=2, patience=5)
+    train_head_model(examples_dir, tmp_path / "head", config)
+    monkeypatch.setattr(fine_tune, "FROZEN_CACHE_BYTES", 0)
+    result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
+    counts = examples.read_spec(examples_dir)["counts"]
+    tuned = keras.models.load_model(tmp_path / "tuned" / "finetuned_candidate.keras")
+    seen = float(tuned.get_layer("tiny").get_layer("counter").seen.numpy())
+    assert result.cached == {} and result.epochs == 2
+    # head pass + 2 epochs of training + validation after each epoch and before/after fitting
+    assert seen == sum(counts.values()) - counts["test"] + 2 * counts["train"] + 4 * counts["val"]
+
+
+def test_the_top_on_cached_activations_computes_what_the_whole_model_does():
+    keras.utils.set_random_seed(0)
+    base = small_cnn(channels=1, width=4)
+    model = assemble(base, build_head(base.output_shape[-1], 5, CONFIG), (28, 28, 1))
+    unfrozen = unfreeze_top(base, layers=4)  # the last block: conv, bn, conv, bn
+    assert unfrozen == ["b2_conv0", "b2_conv1"]
+    frontier = frozen_frontier(base)
+    # the last block's input, and the pooled outputs of the two frozen blocks
+    assert sorted(t._keras_history.operation.name for t in frontier) == [
+        "b0_avg", "b0_max", "b1_avg", "b1_max", "b1_pool"
+    ]  # fmt: skip
+    lower = keras.Model(base.inputs, frontier)
+    shapes = lower.compute_output_shape((None, 28, 28, 1))
+    top = fine_tune._on_frozen_activations(model, base, frontier, list(shapes))
+    pixels = np.random.default_rng(0).uniform(0, 255, (6, 28, 28, 1)).astype("float32")
+    np.testing.assert_allclose(
+        top.predict_on_batch(lower.predict_on_batch(pixels)), model.predict_on_batch(pixels),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    assert {w.path for w in top.trainable_weights} <= {w.path for w in model.trainable_weights}
+
+
+def test_nothing_is_cached_when_every_weighted_layer_trains():
+    base = small_cnn(channels=1, width=4)
+    unfreeze_top(base, layers=12)
+    assert frozen_frontier(base) == []
 
 
 def test_fine_tune_refuses_a_head_that_did_not_converge(examples_dir, tmp_path):
