@@ -80,6 +80,24 @@ def unfreeze_top(base, *, layers: int, from_layer: str = "") -> list[str]:
     return unfrozen
 
 
+def flattened(model):
+    """``model`` with its nested functional models (an application inside graft's base)
+    replayed inline: one graph of the very same layer objects, so the line between frozen
+    and trainable layers can be drawn inside the nested model."""
+    import keras
+
+    def replay(functional, tensors):
+        def operation(op):
+            if isinstance(op, keras.Model) and hasattr(op, "_nodes_by_depth"):
+                return lambda *args, **kwargs: replay(op, args[0] if len(args) == 1 else args)
+            return op
+
+        return functional._run_through_graph(tensors, operation_fn=operation)
+
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in model.inputs]
+    return keras.Model(inputs, replay(model, inputs), name=f"{model.name}_flat")
+
+
 def frozen_frontier(base) -> list:
     """The tensors of ``base``'s graph that no trainable weight influences but that a trainable
     layer or the output consumes: everything the frozen lower part hands up. Empty when no
@@ -98,6 +116,12 @@ def frozen_frontier(base) -> list:
                 frozen_work = True
     frontier.update((id(t), t) for t in base.outputs if id(t) not in live)
     return list(frontier.values()) if frozen_work else []
+
+
+def output_shapes(model, input_shape: tuple) -> list[tuple]:
+    """The shape of each of ``model``'s outputs for inputs of ``input_shape``, as a list."""
+    shapes = model.compute_output_shape(input_shape)
+    return [tuple(shapes)] if isinstance(shapes[0], int | None) else [tuple(s) for s in shapes]
 
 
 def _frozen_activations(lower, examples_dir, split: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -121,15 +145,15 @@ def _frozen_activations(lower, examples_dir, split: str) -> tuple[list[np.ndarra
     return outputs, labels
 
 
-def _on_frozen_activations(model, base, frontier: list, shapes: list):
-    """``model`` from ``frontier`` up: the same layer objects (training it trains ``model``),
-    fed the frozen part's cached outputs instead of pixels."""
+def _on_frozen_activations(model, base, flat, frontier: list, shapes: list):
+    """``model`` from ``frontier`` (tensors of ``flat``, the flattened ``base``) up: the same
+    layer objects (training it trains ``model``), fed the frozen part's cached outputs."""
     import keras
 
     def one_or_all(tensors: list):
         return tensors if len(tensors) > 1 else tensors[0]
 
-    upper = keras.Model(one_or_all(frontier), one_or_all(base.outputs))
+    upper = keras.Model(one_or_all(frontier), one_or_all(flat.outputs))
     inputs = [
         keras.Input(shape[1:], dtype=t.dtype) for t, shape in zip(frontier, shapes, strict=True)
     ]
@@ -164,12 +188,12 @@ def fine_tune_model(
         base, layers=config.fine_tune_layers, from_layer=config.fine_tune_from_layer
     )
     spec = examples.read_spec(examples_dir)
-    frontier, cached = frozen_frontier(base), {}
+    flat = flattened(base)
+    frontier, cached = frozen_frontier(flat), {}
     if frontier:
-        lower = keras.Model(base.inputs, frontier)
+        lower = keras.Model(flat.inputs, frontier)
         image_shape = (None, spec["image_size"], spec["image_size"], spec["channels"])
-        shapes = lower.compute_output_shape(image_shape)  # the base's own sizes may be None
-        shapes = [shapes] if isinstance(shapes[0], int | None) else list(shapes)
+        shapes = output_shapes(lower, image_shape)  # the base's own sizes may be None
         cache_bytes = sum(4 * int(np.prod(shape[1:])) for shape in shapes) * (
             counts["train"] + counts["val"]
         )
@@ -186,7 +210,7 @@ def fine_tune_model(
         log.info("fine_tune: the frozen part ran once over %d records (%.1f MB cached, %.1fs); "
                  "only the top trains each epoch", len(train_y) + len(val_y), cache_bytes / 1e6,
                  cached["seconds"])  # fmt: skip
-        trained = _on_frozen_activations(model, base, frontier, shapes)
+        trained = _on_frozen_activations(model, base, flat, frontier, shapes)
         unpack = (lambda xs: xs) if len(frontier) > 1 else (lambda xs: xs[0])
         train = {
             "x": unpack(train_x),
@@ -223,7 +247,7 @@ def fine_tune_model(
     history = trained.fit(
         **train, validation_data=val, epochs=config.fine_tune_max_epochs, verbose=2,
         callbacks=[
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.fine_tune_patience, restore_best_weights=True),
             keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
             progress_callback("fine_tune", counts["train"], config.batch_size),
         ],
@@ -275,7 +299,7 @@ def fine_tune(
     fine_tune_from_layer: str = "",
     fine_tune_learning_rate: float = 1e-5,
     fine_tune_max_epochs: int = 10,
-    patience: int = 3,
+    fine_tune_patience: int = 3,
     batch_size: int = 32,
     seed: int = 0,
 ):

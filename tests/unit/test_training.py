@@ -17,7 +17,9 @@ from components.config import GraftConfig
 from components.fine_tune import (
     HeadNotConvergedError,
     fine_tune_model,
+    flattened,
     frozen_frontier,
+    output_shapes,
     unfreeze_top,
 )
 from components.pretrain import rotations, small_cnn
@@ -194,7 +196,9 @@ def test_fine_tune_streams_every_epoch_when_the_cache_would_not_fit(
     examples_dir, tmp_path, monkeypatch
 ):
     base_path = tiny_base(tmp_path / "base.keras", counting=True)
-    config = replace(CONFIG, base=base_path, fine_tune_layers=1, fine_tune_max_epochs=2, patience=5)
+    config = replace(
+        CONFIG, base=base_path, fine_tune_layers=1, fine_tune_max_epochs=2, fine_tune_patience=5
+    )
     train_head_model(examples_dir, tmp_path / "head", config)
     monkeypatch.setattr(fine_tune, "FROZEN_CACHE_BYTES", 0)
     result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
@@ -212,14 +216,15 @@ def test_the_top_on_cached_activations_computes_what_the_whole_model_does():
     model = assemble(base, build_head(base.output_shape[-1], 5, CONFIG), (28, 28, 1))
     unfrozen = unfreeze_top(base, layers=4)  # the last block: conv, bn, conv, bn
     assert unfrozen == ["b2_conv0", "b2_conv1"]
-    frontier = frozen_frontier(base)
+    flat = flattened(base)
+    frontier = frozen_frontier(flat)
     # the last block's input, and the pooled outputs of the two frozen blocks
     assert sorted(t._keras_history.operation.name for t in frontier) == [
         "b0_avg", "b0_max", "b1_avg", "b1_max", "b1_pool"
     ]  # fmt: skip
-    lower = keras.Model(base.inputs, frontier)
-    shapes = lower.compute_output_shape((None, 28, 28, 1))
-    top = fine_tune._on_frozen_activations(model, base, frontier, list(shapes))
+    lower = keras.Model(flat.inputs, frontier)
+    shapes = output_shapes(lower, (None, 28, 28, 1))
+    top = fine_tune._on_frozen_activations(model, base, flat, frontier, shapes)
     pixels = np.random.default_rng(0).uniform(0, 255, (6, 28, 28, 1)).astype("float32")
     np.testing.assert_allclose(
         top.predict_on_batch(lower.predict_on_batch(pixels)), model.predict_on_batch(pixels),
@@ -231,7 +236,29 @@ def test_the_top_on_cached_activations_computes_what_the_whole_model_does():
 def test_nothing_is_cached_when_every_weighted_layer_trains():
     base = small_cnn(channels=1, width=4)
     unfreeze_top(base, layers=12)
-    assert frozen_frontier(base) == []
+    assert frozen_frontier(flattened(base)) == []
+
+
+def test_the_frozen_part_of_a_nested_application_is_cached_inside_it():
+    """graft's application bases nest the keras.applications model: the frontier must be
+    drawn inside it, and the cached top must still compute what the whole model does."""
+    keras.utils.set_random_seed(0)
+    base = build_base("mobilenet_v2", image_size=32, channels=3, weights="none")
+    model = assemble(base, build_head(base.output_shape[-1], 3, CONFIG), (32, 32, 3))
+    unfreeze_top(base, layers=5)
+    flat = flattened(base)
+    frontier = frozen_frontier(flat)
+    # top 5 weighted layers: block_16_depthwise_BN, block_16_project(+BN), Conv_1(+BN)
+    assert len(frontier) == 1 and frontier[0].shape[-1] == 960  # block_16_project's input
+    lower = keras.Model(flat.inputs, frontier)
+    top = fine_tune._on_frozen_activations(
+        model, base, flat, frontier, output_shapes(lower, (None, 32, 32, 3))
+    )
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        top.predict_on_batch(lower.predict_on_batch(pixels)), model.predict_on_batch(pixels),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
 
 
 def test_fine_tune_refuses_a_head_that_did_not_converge(examples_dir, tmp_path):
