@@ -24,7 +24,10 @@ The sides take turns going first per (budget, seed), in one process. Last line: 
 object with mean accuracies and seconds, `min_margin_points` (smallest over budgets of graft's
 mean accuracy minus the MOST accurate guide variant's, in points) and `min_speedup` (smallest
 over budgets of the FASTEST guide variant's mean training time over graft's): both figures
-are taken against the guide variant least favourable to graft.
+are taken against the guide variant least favourable to graft. The same two figures for
+graft's head-only model (what train_head outputs, views + head phase only, before any
+fine-tuning) are `head_min_margin_points` and `head_min_speedup`: how soon graft has a model
+better than the guide's final one.
 """
 
 import argparse
@@ -71,7 +74,8 @@ def guide_recipe(
 
 def graft_training(work: Path, x, y, x_val, y_val, config) -> tuple[Path, dict]:
     """Views + train_head + (gate) fine_tune, exactly the steps' functions.
-    Returns the chosen model's file and the seconds each phase took."""
+    Returns the chosen model's file and the seconds each phase took (the head-only model
+    is in ``work / "head"``)."""
     from benchmarks.transfer_quality import write_examples
     from components.fine_tune import fine_tune_model
     from components.train_head import MODEL_FILE, train_head_model
@@ -122,7 +126,8 @@ def main() -> None:
     x_test, y_test = target_images(None, 0, split="test")
     print(f"graft settings: views={config.views} head_lr={config.head_learning_rate} "
           f"patience={config.patience} fine_tune_layers={config.fine_tune_layers} "
-          f"fine_tune_lr={config.fine_tune_learning_rate}; guide variants {list(variants)}", flush=True)  # fmt: skip
+          f"fine_tune_lr={config.fine_tune_learning_rate} fine_tune_patience={config.fine_tune_patience}; "
+          f"guide variants {list(variants)}", flush=True)  # fmt: skip
     rows = []
     for index, (budget, seed) in enumerate(
         (int(b), int(s)) for b in args.budgets.split(",") for s in args.seeds.split(",")
@@ -141,6 +146,9 @@ def main() -> None:
                 )
                 row["graft_phases"] = {k: round(v, 1) for k, v in phases.items()}
                 row["graft_seconds"] = time.perf_counter() - started
+                row["head_seconds"] = phases["views"] + phases["head"]
+                head_model = keras.models.load_model(work / "head" / model_file.name)
+                row["head"] = accuracy_on(head_model, x_test, y_test)
                 model = keras.models.load_model(model_file)
             else:
                 head_epochs, tune_epochs = variants[side]
@@ -154,12 +162,13 @@ def main() -> None:
             for v in variants
         )
         print(f"budget {budget:>3}/class seed {seed}: graft {row['graft']:.4f} in "
-              f"{row['graft_seconds']:.1f}s {row['graft_phases']}; {guides}", flush=True)  # fmt: skip
+              f"{row['graft_seconds']:.1f}s {row['graft_phases']} (head-only {row['head']:.4f}); "
+              f"{guides}", flush=True)  # fmt: skip
 
     summary = {}
     for budget in sorted({r["budget"] for r in rows}):
         group = [r for r in rows if r["budget"] == budget]
-        keys = ["graft", *variants]
+        keys = ["graft", "head", *variants]
         mean = {k: float(np.mean([r[k] for r in group])) for k in keys}
         seconds = {k: float(np.mean([r[k + "_seconds"] for r in group])) for k in keys}
         best_guide = max(variants, key=lambda v: mean[v])
@@ -169,16 +178,21 @@ def main() -> None:
             "best_guide": best_guide,
             "margin_points": round(100 * (mean["graft"] - mean[best_guide]), 2),
             "speedup": round(min(seconds[v] for v in variants) / seconds["graft"], 2),
+            "head_margin_points": round(100 * (mean["head"] - mean[best_guide]), 2),
+            "head_speedup": round(min(seconds[v] for v in variants) / seconds["head"], 2),
         }
         s = summary[str(budget)]
         print(f"budget {budget:>3}: mean graft {mean['graft']:.4f} in {seconds['graft']:.1f}s; "
               + "; ".join(f"{v} {mean[v]:.4f} in {seconds[v]:.1f}s" for v in variants)
               + f"; graft - best guide {s['margin_points']:+.2f} points; "
-              f"speedup vs the fastest guide {s['speedup']:.2f}x")  # fmt: skip
+              f"speedup vs the fastest guide {s['speedup']:.2f}x; head-only {mean['head']:.4f} in "
+              f"{seconds['head']:.1f}s: {s['head_margin_points']:+.2f} points, {s['head_speedup']:.2f}x")  # fmt: skip
     print(json.dumps({
         "mean": summary,
         "min_margin_points": min(s["margin_points"] for s in summary.values()),
         "min_speedup": min(s["speedup"] for s in summary.values()),
+        "head_min_margin_points": min(s["head_margin_points"] for s in summary.values()),
+        "head_min_speedup": min(s["head_speedup"] for s in summary.values()),
         "seeds": args.seeds, "guide_epochs": args.guide_epochs,
         "views": config.views, "test_images": int(len(y_test)),
     }))  # fmt: skip
