@@ -72,7 +72,7 @@ def main() -> None:
         image_size=args.size, channels=1 if demo else 3, views=args.views, seed=args.seed,
         head_learning_rate=0.01, head_max_epochs=20, fine_tune_layers=args.layers,
         fine_tune_learning_rate=1e-4, fine_tune_max_epochs=args.epochs,
-        fine_tune_patience=args.epochs + 1,  # every epoch runs on both sides
+        patience=args.epochs + 1,  # every epoch runs on both sides (the head is trained first)
     )  # fmt: skip
     head = train_head_model(work / "examples", work / "head", config)
     if not head.converged:  # fine_tune refuses an unconverged head; mark it for the benchmark

@@ -126,7 +126,7 @@ def main() -> None:
     x_test, y_test = target_images(None, 0, split="test")
     print(f"graft settings: views={config.views} head_lr={config.head_learning_rate} "
           f"patience={config.patience} fine_tune_layers={config.fine_tune_layers} "
-          f"fine_tune_lr={config.fine_tune_learning_rate} fine_tune_patience={config.fine_tune_patience}; "
+          f"fine_tune_lr={config.fine_tune_learning_rate}; "
           f"guide variants {list(variants)}", flush=True)  # fmt: skip
     rows = []
     for index, (budget, seed) in enumerate(

@@ -62,7 +62,6 @@ class GraftConfig:
     fine_tune_from_layer: str = ""  # or unfreeze from this named layer upward
     fine_tune_learning_rate: float = 1e-5  # low, so pretrained features are nudged, not erased
     fine_tune_max_epochs: int = 10  # an epoch is every stored record: originals + their views
-    fine_tune_patience: int = 3  # its own: the best fine-tuned epoch comes early (RESULTS.md)
     scratch_baseline: bool = False  # also train the same net from random init, for comparison
 
     # --- evaluate: when a candidate may replace the served model ---
@@ -212,7 +211,6 @@ _RULES = (
     ("fine_tune_layers", ">= 0", _at_least(0)),
     ("fine_tune_learning_rate", ">= 0", _at_least(0)),  # 0: weights kept (tests use it)
     ("fine_tune_max_epochs", ">= 0", _at_least(0)),
-    ("fine_tune_patience", ">= 1", _at_least(1)),
     ("top_k", ">= 1", _at_least(1)),
     ("bless_min_accuracy", ">= 0", _at_least(0)),  # above 1 blesses nothing: tests use it
     ("bless_tolerance", ">= 0", _at_least(0)),

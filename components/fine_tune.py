@@ -247,7 +247,7 @@ def fine_tune_model(
     history = trained.fit(
         **train, validation_data=val, epochs=config.fine_tune_max_epochs, verbose=2,
         callbacks=[
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.fine_tune_patience, restore_best_weights=True),
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
             keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
             progress_callback("fine_tune", counts["train"], config.batch_size),
         ],
@@ -299,7 +299,7 @@ def fine_tune(
     fine_tune_from_layer: str = "",
     fine_tune_learning_rate: float = 1e-5,
     fine_tune_max_epochs: int = 10,
-    fine_tune_patience: int = 3,
+    patience: int = 3,
     batch_size: int = 32,
     seed: int = 0,
 ):

@@ -50,7 +50,6 @@ EVERY_SETTING_CHANGED = {
     "fine_tune_from_layer": "top_conv",
     "fine_tune_learning_rate": 1e-4,
     "fine_tune_max_epochs": 1,
-    "fine_tune_patience": 2,
     "scratch_baseline": True,
     "top_k": 2,
     "bless_min_accuracy": 0.05,
