@@ -338,6 +338,11 @@ def serve(
     batch_timeout_ms: float = typer.Option(
         2.0, help="With --batching: how long a request waits for company."
     ),
+    batch_threads: int = typer.Option(
+        None,
+        help="With --batching: merged calls run at once (default: the CPU count, as TF Serving).",
+        show_default=False,
+    ),
     tls_cert: str = typer.Option(None, help="PEM certificate: serve TLS (with --tls-key)."),
     tls_key: str = typer.Option(None, help="PEM private key for --tls-cert."),
 ) -> None:
@@ -351,7 +356,8 @@ def serve(
         _check_port("--port", port)
         server = ModelServer(model_repo, model_name, host=host, versions=versions, poll_seconds=poll_seconds,
                              max_message_mb=max_message_mb, batching=batching, max_batch_size=max_batch_size,
-                             batch_timeout_ms=batch_timeout_ms, tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
+                             batch_timeout_ms=batch_timeout_ms, batch_threads=batch_threads,
+                             tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
         server.serve_forever(port)
 
 

@@ -109,11 +109,13 @@ class ModelServer:
         batching: bool = False,
         max_batch_size: int = 32,
         batch_timeout_ms: float = 2.0,
+        batch_threads: int | None = None,
     ):
         check_server_settings(
             poll_seconds=poll_seconds, max_message_mb=max_message_mb, max_batch=max_batch,
             max_workers=max_workers, tls_cert=tls_cert, tls_key=tls_key,
             max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
+            batch_threads=batch_threads,
         )  # fmt: skip
         self.model_repo, self.model_name, self.host = model_repo, model_name, host
         self.root = repository.model_root(model_repo, model_name)
@@ -133,7 +135,7 @@ class ModelServer:
         if batching:
             from serving.batching import DynamicBatcher
 
-            self.batcher = DynamicBatcher(max_batch_size, batch_timeout_ms)
+            self.batcher = DynamicBatcher(max_batch_size, batch_timeout_ms, batch_threads)
 
     # --- versions ------------------------------------------------------------------------
 
@@ -330,6 +332,8 @@ class ModelServer:
         self._stop.set()
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self.batcher is not None:
+            self.batcher.close()
 
     def serve_forever(self, port: int) -> None:
         """Run until SIGTERM/SIGINT, then drain gracefully."""
@@ -387,6 +391,7 @@ def _bind_problem(host: str, port: int) -> str:
 def check_server_settings(
     *, poll_seconds: float, max_message_mb: int, max_batch: int, max_workers: int,
     tls_cert: str | None, tls_key: str | None, max_batch_size: int, batch_timeout_ms: float,
+    batch_threads: int | None = None,
 ) -> None:  # fmt: skip
     """Refuse settings that cannot work together, before anything starts."""
     problems = []
@@ -404,6 +409,8 @@ def check_server_settings(
             problems.append(f"Received `{name} {value}`: expected >= 1")
     if max_message_mb > 2047:  # gRPC message sizes are 32-bit signed byte counts
         problems.append(f"Received `--max-message-mb {max_message_mb}`: gRPC allows at most 2047")
+    if batch_threads is not None and batch_threads < 1:
+        problems.append(f"Received `--batch-threads {batch_threads}`: expected >= 1")
     if batch_timeout_ms < 0:
         problems.append(f"Received `--batch-timeout-ms {batch_timeout_ms}`: expected >= 0")
     if problems:

@@ -321,6 +321,7 @@ def test_status_honours_the_requested_version(two_versions):
         ({"max_message_mb": 4096}, "at most 2047"),
         ({"max_batch_size": 0}, "--max-batch-size 0"),
         ({"batch_timeout_ms": -1}, "--batch-timeout-ms -1"),
+        ({"batch_threads": 0}, "--batch-threads 0"),
     ],
 )
 def test_server_refuses_settings_that_cannot_work(repo, settings, message):

@@ -91,6 +91,7 @@ def test_run_with_a_read_only_model_repository_stops_before_training(tmp_path):
         (["serve", "--model-repo", "r", "--model-name", "m", "--poll-seconds", "0"], "`--poll-seconds 0.0`: expected > 0"),
         (["serve", "--model-repo", "r", "--model-name", "m", "--max-message-mb", "0"], "`--max-message-mb 0`"),
         (["serve", "--model-repo", "r", "--model-name", "m", "--batching", "--max-batch-size", "0"], "`--max-batch-size 0`"),
+        (["serve", "--model-repo", "r", "--model-name", "m", "--batching", "--batch-threads", "0"], "`--batch-threads 0`: expected >= 1"),
         (["serve", "--model-repo", "r", "--model-name", "m", "--host", "10.255.255.1", "--port", "0"],
          "Cannot serve on 10.255.255.1:0: Cannot assign requested address"),
         (["predict", "--model", "m", "--target", "localhost:99999", "x.png"], "host:port with a port 1..65535"),
