@@ -9,7 +9,9 @@ For each model, exported the way push exports (serving_default: encoded image by
 - ``mobilenet_v2``: graft's default base (MobileNetV2, random weights: cost, not accuracy,
   matters) with graft's head at 224 px: what a realistic model costs.
 1. p50/p99 latency of one-image requests through gRPC vs calling the same SavedModel
-   signature in-process (the ratio is the server's overhead).
+   signature in-process (the ratio is the server's overhead), the two alternated in
+   ``--rounds`` blocks (measured one after the other, a quiet machine's drift showed as
+   1.56x once where alternated blocks gave 1.05x-1.3x); the client is in this process.
 2. In-process cost per image at batch 1, 4, 8 and 16, and what the first call at each new
    batch size costs (the signature's input shape is [None]: a new size does not retrace).
 3. The batching ceiling, in-process, configurations alternated in ``--rounds`` rounds:
@@ -102,11 +104,20 @@ def measure(model: str, args) -> dict:
 
     signature = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
     signature(images=tf.constant([image]))
-    in_process = []
-    for _ in range(requests):
-        started = time.perf_counter()
-        signature(images=tf.constant([image]))
-        in_process.append(time.perf_counter() - started)
+    server = ModelServer(str(work / "repo"), "bench", max_workers=args.clients)
+    client = PredictClient(f"127.0.0.1:{server.start(0)}")
+    client.predict_images("bench", [image])
+    calls = {"in_process": lambda: signature(images=tf.constant([image])),
+             "grpc": lambda: client.predict_images("bench", [image])}  # fmt: skip
+    latency = {"in_process": [], "grpc": []}
+    for round_ in range(args.rounds):  # alternated: the machine drifts between blocks
+        for side in calls if round_ % 2 == 0 else reversed(calls):
+            for _ in range(-(-requests // args.rounds)):
+                started = time.perf_counter()
+                calls[side]()
+                latency[side].append(time.perf_counter() - started)
+    server.stop(1)
+    in_process, over_grpc = latency["in_process"], latency["grpc"]
     per_image_ms, first_call_ms = {}, {}  # does a bigger call cost less per image?
     for rows in (1, 4, 8, 16):
         batch = tf.constant([image] * rows)
@@ -118,18 +129,6 @@ def measure(model: str, args) -> dict:
             signature(images=batch)
         per_image_ms[rows] = round((time.perf_counter() - started) / 5 / rows * 1000, 2)
     ceiling = batching_ceiling(signature, image, args)
-    del signature
-
-    server = ModelServer(str(work / "repo"), "bench", max_workers=args.clients)
-    target = f"127.0.0.1:{server.start(0)}"
-    client = PredictClient(target)
-    client.predict_images("bench", [image])
-    over_grpc = []
-    for _ in range(requests):
-        started = time.perf_counter()
-        client.predict_images("bench", [image])
-        over_grpc.append(time.perf_counter() - started)
-    server.stop(1)
 
     runs = throughput(work, image, args)
     unbatched = runs["off"]
