@@ -26,6 +26,7 @@ import numpy as np
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from common.artifacts import LABELS_FILE, MODEL_FILE, TRAINING_FILE
+from common.progress import Progress
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
@@ -124,7 +125,9 @@ def output_shapes(model, input_shape: tuple) -> list[tuple]:
     return [tuple(shapes)] if isinstance(shapes[0], int | None) else [tuple(s) for s in shapes]
 
 
-def _frozen_activations(lower, examples_dir, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+def _frozen_activations(
+    lower, examples_dir, split: str, progress: Progress
+) -> tuple[list[np.ndarray], np.ndarray]:
     """``lower``'s outputs for every record of ``split``, one batch shape (the last batch is
     padded, its padding dropped, as train_head's feature pass does), and the labels."""
     total = examples.read_spec(examples_dir)["counts"][split]
@@ -142,6 +145,7 @@ def _frozen_activations(lower, examples_dir, split: str) -> tuple[list[np.ndarra
             out[filled : filled + count] = value[:count]
         labels[filled : filled + count] = y
         filled += count
+        progress.advance(count)
     return outputs, labels
 
 
@@ -164,6 +168,50 @@ def _on_frozen_activations(model, base, flat, frontier: list, shapes: list):
     return keras.Model(inputs, x, name="fine_tune_top")
 
 
+def _what_to_fit(model, base, examples_dir, spec: dict, config: GraftConfig):
+    """(the model fit trains, fit's data arguments, validation data, the cache's record).
+
+    With frozen weighted layers below the unfrozen top (and their outputs under
+    FROZEN_CACHE_BYTES), the frozen part runs once here and the top trains on its cached
+    outputs; otherwise the whole model trains on the stored records, streamed."""
+    import keras
+
+    counts = spec["counts"]
+    flat = flattened(base)
+    frontier = frozen_frontier(flat)
+    if frontier:
+        lower = keras.Model(flat.inputs, frontier)
+        image_shape = (None, spec["image_size"], spec["image_size"], spec["channels"])
+        shapes = output_shapes(lower, image_shape)  # the base's own sizes may be None
+        records = counts["train"] + counts["val"]
+        cache_bytes = sum(4 * int(np.prod(shape[1:])) for shape in shapes) * records
+        if cache_bytes > FROZEN_CACHE_BYTES:
+            log.info("fine_tune: the frozen part's outputs would take %.1f GB (> %.1f); running "
+                     "the whole base every epoch", cache_bytes / 1e9, FROZEN_CACHE_BYTES / 1e9)  # fmt: skip
+            frontier = []
+    if not frontier:
+        # Every stored record, originals and their augmented views, as the head saw them.
+        # Originals alone with fresh augmentation each epoch (the tutorials' way) stayed 1
+        # point under scratch at 100 labels/class; see benchmarks/RESULTS.md.
+        shuffled = examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed)  # fmt: skip
+        train = {"x": shuffled, "shuffle": False}  # the dataset is shuffled already
+        return model, train, examples.batches(examples_dir, "val", config.batch_size), {}
+
+    started = time.perf_counter()
+    progress = Progress(log, "fine_tune: the frozen part, once", records, unit="records")
+    train_x, train_y = _frozen_activations(lower, examples_dir, "train", progress)
+    val_x, val_y = _frozen_activations(lower, examples_dir, "val", progress)
+    progress.done()
+    cached = {"tensors": [t.name for t in frontier], "bytes": cache_bytes,
+              "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+    log.info("fine_tune: the frozen part ran once over %d records (%.1f MB cached, %.1fs); only "
+             "the top trains each epoch", records, cache_bytes / 1e6, cached["seconds"])  # fmt: skip
+    unpack = (lambda xs: xs) if len(frontier) > 1 else (lambda xs: xs[0])
+    train = {"x": unpack(train_x), "y": train_y, "batch_size": config.batch_size, "shuffle": True}
+    top = _on_frozen_activations(model, base, flat, frontier, shapes)
+    return top, train, (unpack(val_x), val_y), cached
+
+
 def fine_tune_model(
     examples_dir: str | Path, head_model_dir: str | Path, out_dir: str | Path, config: GraftConfig
 ) -> FineTuneResult:
@@ -182,55 +230,13 @@ def fine_tune_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     model = keras.models.load_model(head_model_dir / MODEL_FILE)
-    counts = examples.read_spec(examples_dir)["counts"]
+    spec = examples.read_spec(examples_dir)
+    counts = spec["counts"]
     base = find_base(model)
     unfrozen = unfreeze_top(
         base, layers=config.fine_tune_layers, from_layer=config.fine_tune_from_layer
     )
-    spec = examples.read_spec(examples_dir)
-    flat = flattened(base)
-    frontier, cached = frozen_frontier(flat), {}
-    if frontier:
-        lower = keras.Model(flat.inputs, frontier)
-        image_shape = (None, spec["image_size"], spec["image_size"], spec["channels"])
-        shapes = output_shapes(lower, image_shape)  # the base's own sizes may be None
-        cache_bytes = sum(4 * int(np.prod(shape[1:])) for shape in shapes) * (
-            counts["train"] + counts["val"]
-        )
-        if cache_bytes > FROZEN_CACHE_BYTES:
-            log.info("fine_tune: the frozen part's outputs would take %.1f GB (> %.1f); running "
-                     "the whole base every epoch", cache_bytes / 1e9, FROZEN_CACHE_BYTES / 1e9)  # fmt: skip
-            frontier = []
-    if frontier:
-        started = time.perf_counter()
-        train_x, train_y = _frozen_activations(lower, examples_dir, "train")
-        val_x, val_y = _frozen_activations(lower, examples_dir, "val")
-        cached = {"tensors": [t.name for t in frontier], "bytes": cache_bytes,
-                  "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
-        log.info("fine_tune: the frozen part ran once over %d records (%.1f MB cached, %.1fs); "
-                 "only the top trains each epoch", len(train_y) + len(val_y), cache_bytes / 1e6,
-                 cached["seconds"])  # fmt: skip
-        trained = _on_frozen_activations(model, base, flat, frontier, shapes)
-        unpack = (lambda xs: xs) if len(frontier) > 1 else (lambda xs: xs[0])
-        train = {
-            "x": unpack(train_x),
-            "y": train_y,
-            "batch_size": config.batch_size,
-            "shuffle": True,
-        }
-        val = (unpack(val_x), val_y)
-    else:
-        trained = model
-        # Every stored record, originals and their augmented views, as the head saw them.
-        # Originals alone with fresh augmentation each epoch (the tutorials' way) stayed 1
-        # point under scratch at 100 labels/class; see benchmarks/RESULTS.md.
-        train = {
-            "x": examples.batches(
-                examples_dir, "train", config.batch_size, shuffle_seed=config.seed
-            ),
-            "shuffle": False,  # the dataset is shuffled above
-        }
-        val = examples.batches(examples_dir, "val", config.batch_size)
+    trained, train, val, cached = _what_to_fit(model, base, examples_dir, spec, config)
     for compiled in {id(model): model, id(trained): trained}.values():
         compiled.compile(
             optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
