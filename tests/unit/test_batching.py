@@ -75,17 +75,23 @@ def test_at_most_n_merged_calls_run_at_once_and_n_do_when_requests_pile_up():
     assert {v: int(a[0]) for v, a in answers.items()} == {v: 2 * v for v in range(6)}
 
 
-def test_requests_that_arrive_while_every_thread_is_busy_share_the_next_call():
-    model = ScriptedModel()
-    batcher = DynamicBatcher(max_batch_size=16, timeout_ms=0, num_threads=1)
+def _queued_behind_one_call(batcher, model, waiting: list[int]) -> dict:
+    """Request 0 occupies the one batch thread, ``waiting`` queue behind it; then all run."""
     answers = {}
     _submit(batcher, model, [0], answers)
     _until(lambda: model.running == 1, "the one thread is busy")
-    _submit(batcher, model, [1, 2, 3, 4, 5], answers)
-    _until(lambda: batcher.queued() == 5, "5 requests wait")
+    _submit(batcher, model, waiting, answers)
+    _until(lambda: batcher.queued() == len(waiting), f"{len(waiting)} requests wait")
     model.gate.set()
-    _until(lambda: len(answers) == 6, "every request is answered")
+    _until(lambda: len(answers) == 1 + len(waiting), "every request is answered")
     batcher.close()
+    return answers
+
+
+def test_requests_that_arrive_while_every_thread_is_busy_share_the_next_call():
+    model = ScriptedModel()
+    batcher = DynamicBatcher(max_batch_size=16, timeout_ms=0, num_threads=1)
+    answers = _queued_behind_one_call(batcher, model, [1, 2, 3, 4, 5])
     assert [len(rows) for rows in model.batches] == [1, 5]
     assert batcher.calls == 2
     assert {v: int(a[0]) for v, a in answers.items()} == {v: 2 * v for v in range(6)}
@@ -94,15 +100,8 @@ def test_requests_that_arrive_while_every_thread_is_busy_share_the_next_call():
 def test_a_batch_holds_at_most_max_batch_size_rows():
     model = ScriptedModel()
     batcher = DynamicBatcher(max_batch_size=2, timeout_ms=0, num_threads=1)
-    answers = {}
-    _submit(batcher, model, [0], answers)
-    _until(lambda: model.running == 1, "the one thread is busy")
-    _submit(batcher, model, [1, 2, 3, 4, 5], answers)
-    _until(lambda: batcher.queued() == 5, "5 requests wait")
-    model.gate.set()
-    _until(lambda: len(answers) == 6, "every request is answered")
-    batcher.close()
-    assert sorted(len(rows) for rows in model.batches[1:]) == [1, 2, 2]
+    answers = _queued_behind_one_call(batcher, model, [1, 2, 3, 4, 5])
+    assert len(answers) == 6 and sorted(len(rows) for rows in model.batches[1:]) == [1, 2, 2]
 
 
 def test_a_bad_request_in_a_merged_call_fails_alone():
