@@ -178,7 +178,7 @@ def _what_to_fit(model, base, examples_dir, spec: dict, config: GraftConfig):
 
     counts = spec["counts"]
     flat = flattened(base)
-    frontier = frozen_frontier(flat)
+    frontier = frozen_frontier(flat) if config.fine_tune_max_epochs else []  # 0: nothing trains
     if frontier:
         lower = keras.Model(flat.inputs, frontier)
         image_shape = (None, spec["image_size"], spec["image_size"], spec["channels"])
@@ -275,6 +275,8 @@ def fine_tune_model(
             f"fine-tuning did not beat the head on validation "
             f"({tuned_accuracy:.4f} vs {head_accuracy:.4f} on {val_images} images); kept the head-only model"
         )
+        if not config.fine_tune_max_epochs:
+            reason = "fine_tune_max_epochs=0: no fine-tuning; kept the head-only model"
         shutil.copyfile(head_model_dir / MODEL_FILE, out_dir / MODEL_FILE)
     log.info("fine_tune: chose %s: %s", chosen, reason)
     shutil.copyfile(head_model_dir / LABELS_FILE, out_dir / LABELS_FILE)
@@ -284,7 +286,7 @@ def fine_tune_model(
         head_accuracy,
         tuned_accuracy,
         unfrozen,
-        len(history["val_loss"]),
+        len(history.get("val_loss", [])),
         steps,
         cached,
     )

@@ -343,3 +343,13 @@ def test_stream_features_refuses_a_short_stream(tmp_path):
     batches = [np.zeros((4, 16, 16, 3), "uint8")]
     with pytest.raises(ValueError, match="Expected 6 images for the feature pass, received 4"):
         stream_features(base, batches, 6, 4)
+
+
+def test_fine_tune_with_no_epochs_keeps_the_head(examples_dir, tmp_path):
+    """`fine_tune_max_epochs=0` is allowed (skip fine-tuning, keep the pipeline's shape)."""
+    config = replace(CONFIG, base=tiny_base(tmp_path / "base.keras"), fine_tune_max_epochs=0)
+    train_head_model(examples_dir, tmp_path / "head", config)
+    result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
+    assert (result.chosen, result.epochs, result.steps) == ("head", 0, 0)
+    assert result.reason == "fine_tune_max_epochs=0: no fine-tuning; kept the head-only model"
+    assert_same_weights(tmp_path / "head" / "model.keras", tmp_path / "tuned" / "model.keras")
