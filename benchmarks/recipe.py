@@ -1,6 +1,6 @@
 """graft's training vs the Keras "Transfer learning & fine-tuning" guide's recipe, side by side.
 
-    .venv/bin/python -m benchmarks.recipe [--budgets 10,30,100] [--seeds 0,1,2]
+    .venv/bin/python -m benchmarks.recipe [--budgets 10,30,100] [--seeds 0,1,2] [--set KEY=VALUE]
 
 Same base (the demo's, pretrained offline on Fashion-MNIST classes 0,2,4,6,8), same labelled
 images, same validation images, same label budget; target classes 1,3,5,7,9; accuracy on the
@@ -97,17 +97,22 @@ def accuracy_on(model, x_test, y_test) -> float:
     return float((scores.argmax(1) == y_test).mean())
 
 
-def graft_config(base: str):
-    """The settings `graft run --base <the demo base>` trains with: the base's own, no --set."""
+def graft_config(base: str, assignments: list[str] = ()):
+    """The settings `graft run --base <the demo base> [--set k=v ...]` trains with: the
+    base's own, then the assignments."""
     from pipeline.settings import run_settings
 
-    return run_settings([], base=base).config
+    return run_settings(list(assignments), base=base).config
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budgets", default="10,30,100")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a graft setting, as `graft run --set` (e.g. fine_tune_max_epochs=0: head only)",
+    )  # fmt: skip
     parser.add_argument(
         "--guide-epochs",
         default="20+10,100+20",
@@ -119,7 +124,7 @@ def main() -> None:
     import keras
 
     base = pretrained_base()
-    config = graft_config(base)
+    config = graft_config(base, args.set)
     variants = {
         f"guide_{v}": tuple(int(e) for e in v.split("+")) for v in args.guide_epochs.split(",")
     }
@@ -193,7 +198,7 @@ def main() -> None:
         "min_speedup": min(s["speedup"] for s in summary.values()),
         "head_min_margin_points": min(s["head_margin_points"] for s in summary.values()),
         "head_min_speedup": min(s["head_speedup"] for s in summary.values()),
-        "seeds": args.seeds, "guide_epochs": args.guide_epochs,
+        "seeds": args.seeds, "guide_epochs": args.guide_epochs, "graft_set": args.set,
         "views": config.views, "test_images": int(len(y_test)),
     }))  # fmt: skip
 
