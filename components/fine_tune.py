@@ -178,7 +178,7 @@ def _what_to_fit(model, base, examples_dir, spec: dict, config: GraftConfig):
 
     counts = spec["counts"]
     flat = flattened(base)
-    frontier = frozen_frontier(flat) if config.fine_tune_max_epochs else []  # 0: nothing trains
+    frontier = frozen_frontier(flat)
     if frontier:
         lower = keras.Model(flat.inputs, frontier)
         image_shape = (None, spec["image_size"], spec["image_size"], spec["channels"])
@@ -228,6 +228,14 @@ def fine_tune_model(
             "fine-tuning needs a converged head; raise head_max_epochs or check the data"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not config.fine_tune_max_epochs:  # the head-only model asked for: nothing to load or train
+        accuracy = float(head_record.get("val_accuracy", 0.0))
+        reason = "fine_tune_max_epochs=0: no fine-tuning; kept the head-only model"
+        log.info("fine_tune: %s", reason)
+        return _keep_and_record(
+            FineTuneResult("head", reason, accuracy, accuracy, [], 0),
+            head_model_dir, out_dir, head_record, config, {},
+        )  # fmt: skip
     keras.utils.set_random_seed(config.seed)
     model = keras.models.load_model(head_model_dir / MODEL_FILE)
     spec = examples.read_spec(examples_dir)
@@ -268,28 +276,29 @@ def fine_tune_model(
             "fine_tuned",
             f"val accuracy {tuned_accuracy:.4f} > head-only {head_accuracy:.4f} on {val_images} images",
         )
-        shutil.copyfile(out_dir / CANDIDATE_FILE, out_dir / MODEL_FILE)
     else:
         chosen = "head"
         reason = (
             f"fine-tuning did not beat the head on validation "
             f"({tuned_accuracy:.4f} vs {head_accuracy:.4f} on {val_images} images); kept the head-only model"
         )
-        if not config.fine_tune_max_epochs:
-            reason = "fine_tune_max_epochs=0: no fine-tuning; kept the head-only model"
-        shutil.copyfile(head_model_dir / MODEL_FILE, out_dir / MODEL_FILE)
     log.info("fine_tune: chose %s: %s", chosen, reason)
-    shutil.copyfile(head_model_dir / LABELS_FILE, out_dir / LABELS_FILE)
+    epochs = len(history.get("val_loss", []))
     result = FineTuneResult(
-        chosen,
-        reason,
-        head_accuracy,
-        tuned_accuracy,
-        unfrozen,
-        len(history.get("val_loss", [])),
-        steps,
-        cached,
+        chosen, reason, head_accuracy, tuned_accuracy, unfrozen, epochs, steps, cached
     )
+    return _keep_and_record(result, head_model_dir, out_dir, head_record, config, history)
+
+
+def _keep_and_record(
+    result: FineTuneResult, head_model_dir: Path, out_dir: Path, head_record: dict, config, history
+) -> FineTuneResult:
+    """Write the chosen model, the labels and the training record to ``out_dir``."""
+    chosen = (
+        out_dir / CANDIDATE_FILE if result.chosen == "fine_tuned" else head_model_dir / MODEL_FILE
+    )
+    shutil.copyfile(chosen, out_dir / MODEL_FILE)
+    shutil.copyfile(head_model_dir / LABELS_FILE, out_dir / LABELS_FILE)
     record = {**head_record, "step": "fine_tune", **asdict(result),
               "params": {**head_record.get("params", {}), **config.settings()},
               "fine_tune_history": {k: [float(v) for v in vs] for k, vs in history.items()}}  # fmt: skip
