@@ -30,7 +30,7 @@ from common.progress import Progress
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
-from components.train_head import FEATURE_BATCH, feature_batch_size, progress_callback
+from components.train_head import labelled_outputs, progress_callback
 
 log = logging.getLogger(__name__)
 CANDIDATE_FILE = "finetuned_candidate.keras"  # the fine-tuned model, whether chosen or not
@@ -125,30 +125,6 @@ def output_shapes(model, input_shape: tuple) -> list[tuple]:
     return [tuple(shapes)] if isinstance(shapes[0], int | None) else [tuple(s) for s in shapes]
 
 
-def _frozen_activations(
-    lower, examples_dir, split: str, progress: Progress
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """``lower``'s outputs for every record of ``split``, one batch shape (the last batch is
-    padded, its padding dropped, as train_head's feature pass does), and the labels."""
-    total = examples.read_spec(examples_dir)["counts"][split]
-    batch = feature_batch_size(total, FEATURE_BATCH)
-    outputs, labels, filled = None, np.empty(total, np.int64), 0
-    for x, y in examples.dataset(examples_dir, split).batch(batch).as_numpy_iterator():
-        count = len(y)
-        padded = np.zeros((batch, *x.shape[1:]), "float32")
-        padded[:count] = x
-        values = lower.predict_on_batch(padded)
-        values = [np.asarray(v) for v in (values if isinstance(values, list | tuple) else [values])]
-        if outputs is None:
-            outputs = [np.empty((total, *v.shape[1:]), "float32") for v in values]
-        for out, value in zip(outputs, values, strict=True):
-            out[filled : filled + count] = value[:count]
-        labels[filled : filled + count] = y
-        filled += count
-        progress.advance(count)
-    return outputs, labels
-
-
 def _on_frozen_activations(model, base, flat, frontier: list, shapes: list):
     """``model`` from ``frontier`` (tensors of ``flat``, the flattened ``base``) up: the same
     layer objects (training it trains ``model``), fed the frozen part's cached outputs."""
@@ -199,8 +175,12 @@ def _what_to_fit(model, base, examples_dir, spec: dict, config: GraftConfig):
 
     started = time.perf_counter()
     progress = Progress(log, "fine_tune: the frozen part, once", records, unit="records")
-    train_x, train_y = _frozen_activations(lower, examples_dir, "train", progress)
-    val_x, val_y = _frozen_activations(lower, examples_dir, "val", progress)
+    train_x, train_y = labelled_outputs(
+        lower, examples.dataset(examples_dir, "train"), counts["train"], progress, pool=False
+    )
+    val_x, val_y = labelled_outputs(
+        lower, examples.dataset(examples_dir, "val"), counts["val"], progress, pool=False
+    )
     progress.done()
     cached = {"tensors": [t.name for t in frontier], "bytes": cache_bytes,
               "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip

@@ -77,30 +77,43 @@ def feature_batch_size(total: int, batch_size: int = FEATURE_BATCH) -> int:
     return max(1, min(batch_size, total))
 
 
-def stream_features(base, batches, total: int, batch_size: int, progress=None) -> np.ndarray:
-    """The base's features for ``total`` images arriving in ``batches`` of ``batch_size``
-    (the last may be short), spatially averaged if 4D, into one [total, D] float32 matrix.
+def stream_outputs(
+    model, batches, total: int, batch_size: int, progress=None, *, pool: bool = False
+) -> list[np.ndarray]:
+    """``model``'s outputs for ``total`` images arriving in ``batches`` of ``batch_size``
+    (the last may be short), each output into one [total, ...] float32 array; with ``pool``,
+    4D outputs are spatially averaged first. Empty list when there are no images.
 
     Only one batch of images is in memory at a time. Every batch has one shape: the last is
-    padded with zeros whose features are dropped. A second batch shape makes Keras retrace,
+    padded with zeros whose outputs are dropped. A second batch shape makes Keras retrace,
     which cost a fresh process 2.5 s on the demo base at 96 px (the whole pass of 750
     images then took 5.2 s instead of 2.8 s)."""
-    features, filled = None, 0
+    outputs, filled = [], 0
     for images in batches:
         count = len(images)
         padded = np.zeros((batch_size, *images.shape[1:]), "float32")
         padded[:count] = images
-        out = np.asarray(base.predict_on_batch(padded))[:count]
-        out = out.mean(axis=(1, 2)) if out.ndim == 4 else out
-        if features is None:
-            features = np.empty((total, out.shape[-1]), "float32")
-        features[filled : filled + count] = out
+        values = model.predict_on_batch(padded)
+        values = [np.asarray(v)[:count] for v in (values if isinstance(values, list | tuple) else [values])]  # fmt: skip
+        if pool:
+            values = [v.mean(axis=(1, 2)) if v.ndim == 4 else v for v in values]
+        if not outputs:
+            outputs = [np.empty((total, *v.shape[1:]), "float32") for v in values]
+        for out, value in zip(outputs, values, strict=True):
+            out[filled : filled + count] = value
         filled += count
         if progress is not None:
             progress.advance(count)
     if filled != total:
         raise ValueError(f"Expected {total} images for the feature pass, received {filled}")
-    return features if features is not None else np.zeros((0, 0), "float32")
+    return outputs
+
+
+def stream_features(base, batches, total: int, batch_size: int, progress=None) -> np.ndarray:
+    """The base's features, spatially averaged if 4D, as one [total, D] float32 matrix
+    (``stream_outputs`` with one output)."""
+    outputs = stream_outputs(base, batches, total, batch_size, progress, pool=True)
+    return outputs[0] if outputs else np.zeros((0, 0), "float32")
 
 
 def pooled_features(base, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -110,17 +123,11 @@ def pooled_features(base, images: np.ndarray, batch_size: int) -> np.ndarray:
     return stream_features(base, batches, len(images), batch)
 
 
-def cached_features(base, examples_dir: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """Features and labels of every train record then every val record, read from the shards
-    batch by batch in one pass of the base; returns (features, labels, number of train rows)."""
-    counts = examples.read_spec(examples_dir)["counts"]
-    total = counts["train"] + counts["val"]
+def labelled_outputs(model, records, total: int, progress, *, pool: bool):
+    """``stream_outputs`` over a dataset of ``total`` (image, label) records, in one batch
+    shape; returns (outputs, labels int64 [total])."""
     batch = feature_batch_size(total)
-    records = examples.dataset(examples_dir, "train").concatenate(
-        examples.dataset(examples_dir, "val")
-    )
-    labels = np.empty(total, np.int64)
-    filled = 0
+    labels, filled = np.empty(total, np.int64), 0
 
     def images():
         nonlocal filled
@@ -129,9 +136,21 @@ def cached_features(base, examples_dir: str | Path) -> tuple[np.ndarray, np.ndar
             filled += len(y)
             yield x
 
+    return stream_outputs(model, images(), total, batch, progress, pool=pool), labels
+
+
+def cached_features(base, examples_dir: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """Features and labels of every train record then every val record, read from the shards
+    batch by batch in one pass of the base; returns (features, labels, number of train rows)."""
+    counts = examples.read_spec(examples_dir)["counts"]
+    total = counts["train"] + counts["val"]
+    records = examples.dataset(examples_dir, "train").concatenate(
+        examples.dataset(examples_dir, "val")
+    )
     progress = Progress(log, "train_head: base features", total, unit="records")
-    features = stream_features(base, images(), total, batch, progress)
+    outputs, labels = labelled_outputs(base, records, total, progress, pool=True)
     progress.done()
+    features = outputs[0] if outputs else np.zeros((0, 0), "float32")
     return features, labels, counts["train"]
 
 
