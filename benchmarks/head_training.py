@@ -22,7 +22,8 @@ def tutorial_way(base, x, y, x_val, y_val, args, config) -> tuple[float, float]:
     import keras
 
     from components.augment import augmenter
-    from components.train_head import assemble, build_head, pooled_features
+    from components.train_head import assemble, build_head
+    from components.training import pooled_features
 
     keras.utils.set_random_seed(args.seed)
     with Timer() as timer:
@@ -45,7 +46,8 @@ def feature_cache(base, x, y, x_val, y_val, args, config) -> tuple[float, float]
     import keras
 
     from components.augment import make_views
-    from components.train_head import build_head, pooled_features
+    from components.train_head import build_head
+    from components.training import pooled_features
 
     keras.utils.set_random_seed(args.seed)
     with Timer() as timer:

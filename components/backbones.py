@@ -32,6 +32,9 @@ APPLICATIONS = {
     "efficientnet_b0": ("EfficientNetB0", "none"),  # rescales inside the application itself
 }
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# graft's own input layers around an application: fixed arithmetic, never trained
+# (fine-tuning them would let the exported model's preprocessing drift from the base's).
+PREPROCESSING_LAYERS = frozenset({"gray_to_rgb", "preprocess", "caffe_preprocess"})
 SETTINGS_ENTRY = "graft_settings.json"  # inside a .keras base, next to Keras' config.json
 log = logging.getLogger(__name__)
 

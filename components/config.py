@@ -64,6 +64,13 @@ class GraftConfig:
     fine_tune_max_epochs: int = 10  # an epoch is every stored record: originals + their views;
     # 0 skips fine-tuning (the head-only model goes on: benchmarks/RESULTS.md, recipe)
     scratch_baseline: bool = False  # also train the same net from random init, for comparison
+    precision: str = "auto"  # one dtype policy for every training step (a step that trained in
+    # float16 and one that did not would not share weights safely): "auto" = mixed_float16 on
+    # a GPU with float16 tensor cores, else float32; "float32"; "mixed_float16" (loss-scaled)
+    replicas: int = 0  # devices training is mirrored over (tf.distribute.MirroredStrategy);
+    # 0 = every visible GPU. batch_size stays the GLOBAL batch (each replica gets
+    # batch_size/replicas) and learning rates are unchanged, so 1 and N replicas train the
+    # same model; raise batch_size (and the LR with it) yourself to use more GPUs' memory
 
     # --- evaluate: when a candidate may replace the served model ---
     top_k: int = 3  # top-k accuracy reported and top-k labels returned by serving
@@ -212,6 +219,12 @@ _RULES = (
     ("fine_tune_layers", ">= 0", _at_least(0)),
     ("fine_tune_learning_rate", ">= 0", _at_least(0)),  # 0: weights kept (tests use it)
     ("fine_tune_max_epochs", ">= 0", _at_least(0)),
+    (
+        "precision",
+        "one of auto, float32, mixed_float16",
+        lambda v: v in ("auto", "float32", "mixed_float16"),
+    ),
+    ("replicas", ">= 0 (0: every visible GPU)", _at_least(0)),
     ("top_k", ">= 1", _at_least(1)),
     ("bless_min_accuracy", ">= 0", _at_least(0)),  # above 1 blesses nothing: tests use it
     ("bless_tolerance", ">= 0", _at_least(0)),

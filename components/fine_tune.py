@@ -10,9 +10,11 @@ this step outputs, saying so. (A stricter "more than one standard error" rule ke
 head on 18 of 27 benchmark runs, though fine-tuning won on test in 24; see
 benchmarks/RESULTS.md.)
 
-The layers below the unfrozen top do not change while it trains, and graft's views are made
-once and stored, so what those layers hand up is the same every epoch: like train_head's
-feature cache, it is computed once (``frozen_frontier``) and only the top runs each epoch.
+The layers below the unfrozen top do not change while it trains, so what they hand up is
+computed once and only the top trains each epoch, where that is the same computation
+(components/frozen.py decides, and training.json says why when it is not). The training
+machinery (precision, devices, the one fit with early stopping and resumption) is
+components/training.py.
 """
 
 import json
@@ -27,10 +29,10 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from common.artifacts import LABELS_FILE, MODEL_FILE, TRAINING_FILE
 from common.progress import Progress
-from components import examples
+from components import examples, frozen, training
 from components.component import step_component
 from components.config import GraftConfig
-from components.train_head import labelled_outputs, progress_callback
+from components.frozen import unfreeze_top
 
 log = logging.getLogger(__name__)
 CANDIDATE_FILE = "finetuned_candidate.keras"  # the fine-tuned model, whether chosen or not
@@ -52,144 +54,72 @@ class FineTuneResult:
     epochs: int
     steps: int = 0  # optimizer steps taken
     cached: dict = field(default_factory=dict)  # the frozen part's cache: tensors, bytes, seconds
+    uncached_reason: str = ""  # why the whole model trained every epoch, when it did
+    resumed_from_epoch: int = 0  # epochs a killed earlier run of this step had completed
+    precision: str = "float32"  # the dtype policy the step trained with
+    replicas: int = 1
 
 
-def unfreeze_top(base, *, layers: int, from_layer: str = "") -> list[str]:
-    """Make the top ``layers`` weighted layers (or those from ``from_layer`` up) trainable.
-    BatchNorm stays frozen. Returns the names of the layers now trainable."""
-    import keras
+def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: Path):
+    """(the model fit trains, fit's data arguments, validation data, the cache's record, why
+    there is no cache).
 
-    from components.backbones import leaf_layers
-
-    leaves = [layer for layer in leaf_layers(base) if layer.weights]
-    if from_layer:
-        names = [layer.name for layer in leaves]
-        if from_layer not in names:
-            raise ValueError(
-                f"Received `fine_tune_from_layer={from_layer!r}`: no such layer in {base.name}"
-            )
-        start = names.index(from_layer)
-    else:
-        start = max(0, len(leaves) - layers)
-    base.trainable = True
-    unfrozen = []
-    for layer in leaf_layers(base):
-        is_bn = isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = (not is_bn) and layer in leaves[start:]
-        if layer.trainable and layer.weights:
-            unfrozen.append(layer.name)
-    return unfrozen
-
-
-def flattened(model):
-    """``model`` with its nested functional models (an application inside graft's base)
-    replayed inline: one graph of the very same layer objects, so the line between frozen
-    and trainable layers can be drawn inside the nested model."""
-    import keras
-
-    def replay(functional, tensors):
-        def operation(op):
-            if isinstance(op, keras.Model) and hasattr(op, "_nodes_by_depth"):
-                return lambda *args, **kwargs: replay(op, args[0] if len(args) == 1 else args)
-            return op
-
-        return functional._run_through_graph(tensors, operation_fn=operation)
-
-    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype) for t in model.inputs]
-    return keras.Model(inputs, replay(model, inputs), name=f"{model.name}_flat")
-
-
-def frozen_frontier(base) -> list:
-    """The tensors of ``base``'s graph that no trainable weight influences but that a trainable
-    layer or the output consumes: everything the frozen lower part hands up. Empty when no
-    weighted layer is frozen below the trainable ones (caching would save nothing)."""
-    nodes = base._nodes_by_depth  # Keras' own map of the functional graph; deepest = inputs
-    live, frontier, frozen_work = set(), {}, False
-    for depth in sorted(nodes, reverse=True):
-        for node in nodes[depth]:
-            if node.is_input:
-                continue
-            inputs = node.input_tensors
-            if node.operation.trainable_weights or any(id(t) in live for t in inputs):
-                live.update(id(t) for t in node.output_tensors)
-                frontier.update((id(t), t) for t in inputs if id(t) not in live)
-            elif node.operation.weights:
-                frozen_work = True
-    frontier.update((id(t), t) for t in base.outputs if id(t) not in live)
-    return list(frontier.values()) if frozen_work else []
-
-
-def output_shapes(model, input_shape: tuple) -> list[tuple]:
-    """The shape of each of ``model``'s outputs for inputs of ``input_shape``, as a list."""
-    shapes = model.compute_output_shape(input_shape)
-    return [tuple(shapes)] if isinstance(shapes[0], int | None) else [tuple(s) for s in shapes]
-
-
-def _on_frozen_activations(model, base, flat, frontier: list, shapes: list):
-    """``model`` from ``frontier`` (tensors of ``flat``, the flattened ``base``) up: the same
-    layer objects (training it trains ``model``), fed the frozen part's cached outputs."""
-    import keras
-
-    def one_or_all(tensors: list):
-        return tensors if len(tensors) > 1 else tensors[0]
-
-    upper = keras.Model(one_or_all(frontier), one_or_all(flat.outputs))
-    inputs = [
-        keras.Input(shape[1:], dtype=t.dtype) for t, shape in zip(frontier, shapes, strict=True)
-    ]
-    x = upper(one_or_all(inputs), training=False)
-    after_base = model.layers[model.layers.index(base) + 1 :]  # pooling, then the head
-    for layer in after_base:
-        x = layer(x)
-    return keras.Model(inputs, x, name="fine_tune_top")
-
-
-def _what_to_fit(model, base, examples_dir, spec: dict, config: GraftConfig):
-    """(the model fit trains, fit's data arguments, validation data, the cache's record).
-
-    With frozen weighted layers below the unfrozen top (and their outputs under
-    FROZEN_CACHE_BYTES), the frozen part runs once here and the top trains on its cached
-    outputs; otherwise the whole model trains on the stored records, streamed."""
-    import keras
-
+    With frozen weighted layers below the unfrozen top that compute in training what they
+    compute in inference (and their outputs under FROZEN_CACHE_BYTES), the frozen part runs
+    once here (or its complete cache from a killed earlier run is read) and the top trains
+    on its cached outputs; otherwise the whole model trains on the stored records, streamed."""
     counts = spec["counts"]
-    flat = flattened(base)
-    frontier = frozen_frontier(flat)
-    if frontier:
-        lower = keras.Model(flat.inputs, frontier)
+    part = frozen.split(model)
+    reason = part.refusal
+    if part.frontier:
+        lower = frozen.lower_part(part)
         image_shape = (None, spec["image_size"], spec["image_size"], spec["channels"])
-        shapes = output_shapes(lower, image_shape)  # the base's own sizes may be None
+        shapes = frozen.output_shapes(lower, image_shape)  # the base's own sizes may be None
         records = counts["train"] + counts["val"]
         cache_bytes = sum(4 * int(np.prod(shape[1:])) for shape in shapes) * records
         if cache_bytes > FROZEN_CACHE_BYTES:
-            log.info("fine_tune: the frozen part's outputs would take %.1f GB (> %.1f); running "
-                     "the whole base every epoch", cache_bytes / 1e9, FROZEN_CACHE_BYTES / 1e9)  # fmt: skip
-            frontier = []
-    if not frontier:
+            reason = (f"the frozen part's outputs would take {cache_bytes / 1e9:.1f} GB "
+                      f"(> FROZEN_CACHE_BYTES {FROZEN_CACHE_BYTES / 1e9:.1f} GB)")  # fmt: skip
+    if reason:
+        log.info("fine_tune: the whole model trains every epoch: %s", reason)
         # Every stored record, originals and their augmented views, as the head saw them.
         # Originals alone with fresh augmentation each epoch (the tutorials' way) stayed 1
         # point under scratch at 100 labels/class; see benchmarks/RESULTS.md.
         shuffled = examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed)  # fmt: skip
         train = {"x": shuffled, "shuffle": False}  # the dataset is shuffled already
-        return model, train, examples.batches(examples_dir, "val", config.batch_size), {}
+        return model, train, examples.batches(examples_dir, "val", config.batch_size), {}, reason
 
     started = time.perf_counter()
-    progress = Progress(log, "fine_tune: the frozen part, once", records, unit="records")
-    train_x, train_y = labelled_outputs(
-        lower, examples.dataset(examples_dir, "train"), counts["train"], progress, pool=False
+    names = [t.name for t in part.frontier]
+
+    def compute() -> dict:
+        progress = Progress(log, "fine_tune: the frozen part, once", records, unit="records")
+        arrays = {}
+        for split in ("train", "val"):
+            outputs, labels = training.labelled_outputs(
+                lower, examples.dataset(examples_dir, split), counts[split], progress, pool=False
+            )
+            arrays.update({f"{split}_{i}": x for i, x in enumerate(outputs)}, **{f"{split}_y": labels})  # fmt: skip
+        progress.done()
+        return arrays
+
+    key = training.cache_key(
+        settings=config.settings(), spec=spec, frontier=names, step="fine_tune"
     )
-    val_x, val_y = labelled_outputs(
-        lower, examples.dataset(examples_dir, "val"), counts["val"], progress, pool=False
+    arrays, reused = training.reuse_or_compute(
+        training.resume_dir(out_dir) / "frozen_part.npz", key, compute
     )
-    progress.done()
-    cached = {"tensors": [t.name for t in frontier], "bytes": cache_bytes,
+    cached = {"tensors": names, "bytes": cache_bytes, "reused": reused,
               "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
     log.info("fine_tune: the frozen part ran once over %d records (%.1f MB cached, %.1fs); only "
              "the top trains each epoch", records, cache_bytes / 1e6, cached["seconds"])  # fmt: skip
-    unpack = (lambda xs: xs) if len(frontier) > 1 else (lambda xs: xs[0])
-    train = {"x": unpack(train_x), "y": train_y, "batch_size": config.batch_size, "shuffle": True}
-    top = _on_frozen_activations(model, base, flat, frontier, shapes)
-    return top, train, (unpack(val_x), val_y), cached
+
+    def inputs(split: str):
+        xs = [arrays[f"{split}_{i}"] for i in range(len(names))]
+        return xs if len(xs) > 1 else xs[0]
+
+    train = {"x": inputs("train"), "y": arrays["train_y"], "batch_size": config.batch_size, "shuffle": True}  # fmt: skip
+    return frozen.cached_top(part, shapes), train, (inputs("val"), arrays["val_y"]), cached, ""
 
 
 def fine_tune_model(
@@ -217,39 +147,33 @@ def fine_tune_model(
             head_model_dir, out_dir, head_record, config, {},
         )  # fmt: skip
     keras.utils.set_random_seed(config.seed)
-    model = keras.models.load_model(head_model_dir / MODEL_FILE)
     spec = examples.read_spec(examples_dir)
     counts = spec["counts"]
-    base = find_base(model)
-    unfrozen = unfreeze_top(
-        base, layers=config.fine_tune_layers, from_layer=config.fine_tune_from_layer
-    )
-    trained, train, val, cached = _what_to_fit(model, base, examples_dir, spec, config)
-    for compiled in {id(model): model, id(trained): trained}.values():
-        compiled.compile(
-            optimizer=keras.optimizers.Adam(config.fine_tune_learning_rate),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
+    with training.training_setup(config.precision, config.replicas) as setup:
+        with setup.strategy.scope():
+            model = keras.models.load_model(head_model_dir / MODEL_FILE)
+            unfrozen = unfreeze_top(
+                find_base(model), layers=config.fine_tune_layers, from_layer=config.fine_tune_from_layer
+            )  # fmt: skip
+            trained, train, val, cached, uncached = _what_to_fit(model, examples_dir, spec, config, out_dir)  # fmt: skip
+            for compiled in {id(model): model, id(trained): trained}.values():
+                compiled.compile(optimizer=setup.optimizer(config.fine_tune_learning_rate),
+                                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
 
-    def val_accuracy() -> float:
-        if isinstance(val, tuple):
-            return float(trained.evaluate(*val, batch_size=config.batch_size, verbose=0)[1])
-        return float(trained.evaluate(val, verbose=0)[1])
+        def val_accuracy() -> float:
+            if isinstance(val, tuple):
+                return float(trained.evaluate(*val, batch_size=config.batch_size, verbose=0)[1])
+            return float(trained.evaluate(val, verbose=0)[1])
 
-    head_accuracy = val_accuracy()  # the weights are still the head model's
-    history = trained.fit(
-        **train, validation_data=val, epochs=config.fine_tune_max_epochs, verbose=2,
-        callbacks=[
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
-            keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
-            progress_callback("fine_tune", counts["train"], config.batch_size),
-        ],
-    ).history  # fmt: skip
-    tuned_accuracy = val_accuracy()
-    steps = int(trained.optimizer.iterations.numpy())
+        head_accuracy = val_accuracy()  # the weights are still the head model's
+        run = training.fit(
+            trained, train, val, config=config, epochs=config.fine_tune_max_epochs,
+            out_dir=out_dir, what="fine_tune", records=counts["train"], name="fine_tune",
+        )  # fmt: skip
+        tuned_accuracy = val_accuracy()
+        steps = int(trained.optimizer.iterations.numpy())
+        model.save(out_dir / CANDIDATE_FILE)  # kept either way, so the comparison can be inspected
     val_images = counts["val"]
-    model.save(out_dir / CANDIDATE_FILE)  # kept either way, so the comparison can be inspected
 
     if round(tuned_accuracy * val_images) > round(head_accuracy * val_images):
         chosen, reason = (
@@ -263,11 +187,13 @@ def fine_tune_model(
             f"({tuned_accuracy:.4f} vs {head_accuracy:.4f} on {val_images} images); kept the head-only model"
         )
     log.info("fine_tune: chose %s: %s", chosen, reason)
-    epochs = len(history.get("val_loss", []))
     result = FineTuneResult(
-        chosen, reason, head_accuracy, tuned_accuracy, unfrozen, epochs, steps, cached
-    )
-    return _keep_and_record(result, head_model_dir, out_dir, head_record, config, history)
+        chosen, reason, head_accuracy, tuned_accuracy, unfrozen, run.epochs, steps, cached,
+        uncached, run.resumed_from_epoch, setup.policy, setup.replicas,
+    )  # fmt: skip
+    kept = _keep_and_record(result, head_model_dir, out_dir, head_record, config, run.history)
+    training.finished(out_dir)
+    return kept
 
 
 def _keep_and_record(
@@ -297,8 +223,11 @@ def fine_tune(
     fine_tune_learning_rate: float = 1e-5,
     fine_tune_max_epochs: int = 10,
     patience: int = 3,
+    min_delta: float = 1e-3,
     batch_size: int = 32,
     seed: int = 0,
+    precision: str = "auto",
+    replicas: int = 0,
 ):
     """Fine-tune the top of the base; output the chosen model: the tuned one if it validates
     better than the head-only one, else the head-only one."""

@@ -4,7 +4,10 @@ The base is frozen (``trainable=False``, called with ``training=False``), so its
 an image never changes during head training. The tutorials recompute it every epoch
 anyway; here every training view and the validation set go through the base ONCE, in
 batched inference, and the head trains on those features (benchmarks/head_training.py).
-The step reports whether the head converged: fine-tuning only starts from a head that did.
+The step reports whether the head converged (Keras' EarlyStopping stopped it within the
+budget): fine-tuning only starts from a head that did. The training machinery (precision,
+devices, the padded pass, the one fit with early stopping and resumption) is
+components/training.py.
 """
 
 import json
@@ -19,124 +22,28 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from common.artifacts import LABELS_FILE, MODEL_FILE, TRAINING_FILE
 from common.progress import Progress
-from components import examples
+from components import examples, training
 from components.component import step_component
 from components.config import GraftConfig
 
 log = logging.getLogger(__name__)
 
 
-def head_converged(
-    val_losses: list[float], *, patience: int, min_delta: float, max_epochs: int
-) -> bool:
-    """True when val loss stopped improving by ``min_delta`` for ``patience`` epochs within
-    ``max_epochs``. A head still improving when the budget ran out has not converged."""
-    if patience < 1:
-        raise ValueError(f"Received `patience={patience}`: expected >= 1")
-    best, wait = float("inf"), 0
-    for epoch, loss in enumerate(val_losses[:max_epochs], start=1):
-        if loss < best - min_delta:
-            best, wait = loss, 0
-        else:
-            wait += 1
-            if wait >= patience:
-                return epoch <= max_epochs
-    return False
-
-
 @dataclass
 class HeadResult:
-    converged: bool
+    converged: bool  # Keras' EarlyStopping stopped the head within head_max_epochs
     epochs: int
-    val_loss: float
+    val_loss: float  # at the best epoch (lowest val loss), whose weights are kept
     val_accuracy: float
     history: dict
     feature_seconds: float  # the one pass of the base over every example
     head_seconds: float
+    best_epoch: int = 0  # 0-based
+    resumed_from_epoch: int = 0  # epochs a killed earlier run of this step had completed
+    precision: str = "float32"  # the dtype policy the step trained with
+    replicas: int = 1
+    features_reused: bool = False  # the feature cache of a killed earlier run was complete
     scratch: dict = field(default_factory=dict)  # the from-random-init baseline, if asked for
-
-
-def strategy_and_precision():
-    """MirroredStrategy + mixed precision when GPUs are present; the default strategy otherwise."""
-    import keras
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return tf.distribute.get_strategy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    log.info("training on %d GPU(s) with mixed precision", len(gpus))
-    return tf.distribute.MirroredStrategy()
-
-
-FEATURE_BATCH = 256  # images per forward pass of the frozen base when caching features
-
-
-def feature_batch_size(total: int, batch_size: int = FEATURE_BATCH) -> int:
-    """The one batch shape of a feature pass over ``total`` images."""
-    return max(1, min(batch_size, total))
-
-
-def stream_outputs(
-    model, batches, total: int, batch_size: int, progress=None, *, pool: bool = False
-) -> list[np.ndarray]:
-    """``model``'s outputs for ``total`` images arriving in ``batches`` of ``batch_size``
-    (the last may be short), each output into one [total, ...] float32 array; with ``pool``,
-    4D outputs are spatially averaged first. Empty list when there are no images.
-
-    Only one batch of images is in memory at a time. Every batch has one shape: the last is
-    padded with zeros whose outputs are dropped. A second batch shape makes Keras retrace,
-    which cost a fresh process 2.5 s on the demo base at 96 px (the whole pass of 750
-    images then took 5.2 s instead of 2.8 s)."""
-    outputs, filled = [], 0
-    for images in batches:
-        count = len(images)
-        padded = np.zeros((batch_size, *images.shape[1:]), "float32")
-        padded[:count] = images
-        values = model.predict_on_batch(padded)
-        values = [np.asarray(v)[:count] for v in (values if isinstance(values, list | tuple) else [values])]  # fmt: skip
-        if pool:
-            values = [v.mean(axis=(1, 2)) if v.ndim == 4 else v for v in values]
-        if not outputs:
-            outputs = [np.empty((total, *v.shape[1:]), "float32") for v in values]
-        for out, value in zip(outputs, values, strict=True):
-            out[filled : filled + count] = value
-        filled += count
-        if progress is not None:
-            progress.advance(count)
-    if filled != total:
-        raise ValueError(f"Expected {total} images for the feature pass, received {filled}")
-    return outputs
-
-
-def stream_features(base, batches, total: int, batch_size: int, progress=None) -> np.ndarray:
-    """The base's features, spatially averaged if 4D, as one [total, D] float32 matrix
-    (``stream_outputs`` with one output)."""
-    outputs = stream_outputs(base, batches, total, batch_size, progress, pool=True)
-    return outputs[0] if outputs else np.zeros((0, 0), "float32")
-
-
-def pooled_features(base, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """``stream_features`` over an in-memory array of images."""
-    batch = feature_batch_size(len(images), batch_size)
-    batches = (images[i : i + batch] for i in range(0, len(images), batch))
-    return stream_features(base, batches, len(images), batch)
-
-
-def labelled_outputs(model, records, total: int, progress, *, pool: bool):
-    """``stream_outputs`` over a dataset of ``total`` (image, label) records, in one batch
-    shape; returns (outputs, labels int64 [total])."""
-    batch = feature_batch_size(total)
-    labels, filled = np.empty(total, np.int64), 0
-
-    def images():
-        nonlocal filled
-        for x, y in records.batch(batch).prefetch(2).as_numpy_iterator():
-            labels[filled : filled + len(y)] = y
-            filled += len(y)
-            yield x
-
-    return stream_outputs(model, images(), total, batch, progress, pool=pool), labels
 
 
 def cached_features(base, examples_dir: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
@@ -148,7 +55,7 @@ def cached_features(base, examples_dir: str | Path) -> tuple[np.ndarray, np.ndar
         examples.dataset(examples_dir, "val")
     )
     progress = Progress(log, "train_head: base features", total, unit="records")
-    outputs, labels = labelled_outputs(base, records, total, progress, pool=True)
+    outputs, labels = training.labelled_outputs(base, records, total, progress, pool=True)
     progress.done()
     features = outputs[0] if outputs else np.zeros((0, 0), "float32")
     return features, labels, counts["train"]
@@ -176,85 +83,67 @@ def build_head(feature_dim: int, num_classes: int, config: GraftConfig, adapt_to
     return keras.Model(inputs, outputs, name="head")
 
 
-def assemble(base, head, image_shape: tuple[int, int, int]):
-    """pixels -> frozen base (inference mode) -> pooling -> head: the model that is exported."""
+def assemble(base, head, image_shape: tuple[int, int, int], *, frozen: bool = True):
+    """pixels -> base -> pooling -> head: the model that is exported. A ``frozen`` base is
+    called in inference mode (BatchNorm statistics kept); a base trained from scratch not."""
     import keras
 
     inputs = keras.Input(image_shape, name="pixels")
-    features = base(inputs, training=False)
+    features = base(inputs, training=False) if frozen else base(inputs)
     if len(features.shape) == 4:
         features = keras.layers.GlobalAveragePooling2D(name="pool")(features)
     return keras.Model(inputs, head(features), name="graft_classifier")
 
 
-def _callbacks(config: GraftConfig, out_dir: Path, monitor: str = "val_loss") -> list:
+def scratch_network(base, num_classes: int, config: GraftConfig, image_shape: tuple):
+    """``base``'s architecture from random init, every layer trainable, with a head: the
+    baseline that says whether transfer helps. ``clone_model`` keeps the frozen base's
+    ``trainable=False`` (a clone with no trainable weight), so it is switched back on; graft's
+    own preprocessing keeps its fixed weights and stays frozen."""
     import keras
 
-    return [
-        keras.callbacks.EarlyStopping(
-            monitor=monitor,
-            patience=config.patience,
-            min_delta=config.min_delta,
-            restore_best_weights=True,
-        ),
-        keras.callbacks.TensorBoard(str(out_dir / "tensorboard")),
-    ]
+    from components.backbones import PREPROCESSING_LAYERS, leaf_layers
 
-
-def _fit(
-    model, x, y, x_val, y_val, config: GraftConfig, epochs: int, out_dir: Path, monitor="val_loss"
-):
-    return model.fit(
-        x, y, validation_data=(x_val, y_val), epochs=epochs, batch_size=config.batch_size,
-        callbacks=_callbacks(config, out_dir, monitor), verbose=2, shuffle=True,
-    ).history  # fmt: skip
-
-
-def progress_callback(what: str, records: int, batch_size: int):
-    """A Keras callback logging training progress through common.progress at a steady rate
-    (verbose=2 prints only at the end of an epoch, which on 100k records is a long silence)."""
-    import keras
-
-    class LogProgress(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.progress = Progress(log, f"{what}: epoch {epoch + 1}", records, unit="records")
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.progress.advance(min(batch_size, records - self.progress.count))
-
-    return LogProgress()
+    fresh = keras.models.clone_model(base)  # same layers, re-initialised weights
+    fresh.trainable = True
+    fixed = {layer.name: layer for layer in leaf_layers(base) if layer.name in PREPROCESSING_LAYERS}
+    for layer in leaf_layers(fresh):
+        layer.trainable = layer.name not in fixed
+        if layer.name in fixed:
+            layer.set_weights(fixed[layer.name].get_weights())
+    head = build_head(base.output_shape[-1], num_classes, config)
+    return assemble(fresh, head, image_shape, frozen=False)
 
 
 def scratch_baseline(
-    base, examples_dir, num_classes: int, config: GraftConfig, out_dir: Path
+    base, examples_dir, num_classes: int, config: GraftConfig, out_dir: Path, setup
 ) -> dict:
-    """The same architecture from random init, same data and epoch budget: is transfer helping?"""
-    import keras
+    """The same architecture from random init, same data, epoch budget and fit as the head,
+    reported at the same epoch rule (its lowest val loss): is transfer helping?"""
 
     spec = examples.read_spec(examples_dir)
     image_shape = (spec["image_size"], spec["image_size"], spec["channels"])
-    fresh_base = keras.models.clone_model(base)  # same layers, re-initialised weights
-    model = assemble(
-        fresh_base, build_head(base.output_shape[-1], num_classes, config), image_shape
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.head_learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    history = model.fit(
-        examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed),
-        validation_data=examples.batches(examples_dir, "val", config.batch_size),
-        epochs=config.head_max_epochs, verbose=2,
-        callbacks=_callbacks(config, out_dir / "scratch"),
-    ).history  # fmt: skip
-    return {"val_accuracy": float(max(history["val_accuracy"])), "epochs": len(history["val_loss"])}
+    with setup.strategy.scope():
+        model = scratch_network(base, num_classes, config, image_shape)
+        model.compile(optimizer=setup.optimizer(config.head_learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
+    train = examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed)
+    run = training.fit(
+        model, {"x": train, "shuffle": False}, examples.batches(examples_dir, "val", config.batch_size),
+        config=config, epochs=config.head_max_epochs, out_dir=out_dir, what="scratch baseline",
+        records=spec["counts"]["train"], name="scratch",
+    )  # fmt: skip
+    return {"val_accuracy": run.at_best("val_accuracy"), "val_loss": run.at_best("val_loss"),
+            "best_epoch": run.best_epoch, "epochs": run.epochs, "history": run.history,
+            "trainable_weights": len(model.trainable_weights), "weights": len(model.weights)}  # fmt: skip
 
 
 def train_head_model(
     examples_dir: str | Path, out_dir: str | Path, config: GraftConfig
 ) -> HeadResult:
-    """Train the head on cached base features; write model.keras, labels.txt, training.json."""
+    """Train the head on cached base features; write model.keras, labels.txt, training.json.
+    Run again after a kill with the same ``out_dir``, it reuses a complete feature cache and
+    resumes the head's training from its last completed epoch."""
     import keras
 
     from components.backbones import build_base
@@ -265,58 +154,60 @@ def train_head_model(
     spec, labels = examples.read_spec(examples_dir), examples.read_labels(examples_dir)
     image_shape = (spec["image_size"], spec["image_size"], spec["channels"])
 
-    strategy = strategy_and_precision()
-    with strategy.scope():
-        base = build_base(
-            config.base,
-            image_size=spec["image_size"],
-            channels=spec["channels"],
-            weights=config.weights,
-        )
-        base.trainable = False
+    with training.training_setup(config.precision, config.replicas) as setup:
+        with setup.strategy.scope():
+            base = build_base(config.base, image_size=spec["image_size"],
+                              channels=spec["channels"], weights=config.weights)  # fmt: skip
+            base.trainable = False
         started = time.perf_counter()
-        both, both_labels, train_rows = cached_features(base, examples_dir)  # one pass, one shape
+        key = training.cache_key(settings=config.settings(), spec=spec, step="train_head")
+
+        def compute() -> dict:  # one pass, one shape
+            features, labels_, train_rows = cached_features(base, examples_dir)
+            return {"features": features, "labels": labels_, "train_rows": np.asarray(train_rows)}
+
+        cache, reused = training.reuse_or_compute(
+            training.resume_dir(out_dir) / "features.npz", key, compute
+        )
+        both, both_labels, train_rows = cache["features"], cache["labels"], int(cache["train_rows"])
         features, val_features = both[:train_rows], both[train_rows:]
         y, y_val = both_labels[:train_rows], both_labels[train_rows:]
         feature_seconds = time.perf_counter() - started
         log.info("feature cache: %d train + %d val examples through the base once in %.1fs",
                  len(y), len(y_val), feature_seconds)  # fmt: skip
-        head = build_head(features.shape[-1], len(labels), config, adapt_to=features)
-        head.compile(
-            optimizer=keras.optimizers.Adam(config.head_learning_rate),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-    started = time.perf_counter()
-    history = _fit(head, features, y, val_features, y_val, config, config.head_max_epochs, out_dir)
-    head_seconds = time.perf_counter() - started
+        with setup.strategy.scope():
+            head = build_head(features.shape[-1], len(labels), config, adapt_to=features)
+            head.compile(optimizer=setup.optimizer(config.head_learning_rate),
+                         loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
+        started = time.perf_counter()
+        run = training.fit(
+            head, {"x": features, "y": y, "batch_size": config.batch_size, "shuffle": True},
+            (val_features, y_val), config=config, epochs=config.head_max_epochs, out_dir=out_dir,
+            what="train_head", records=len(y), name="head",
+        )  # fmt: skip
+        head_seconds = time.perf_counter() - started
+        result = HeadResult(
+            run.converged, run.epochs, run.at_best("val_loss"), run.at_best("val_accuracy"),
+            run.history, feature_seconds, head_seconds, run.best_epoch, run.resumed_from_epoch,
+            setup.policy, setup.replicas, reused,
+        )  # fmt: skip
+        log.info("head %s after %d epochs: val_loss %.4f, val_accuracy %.4f",
+                 "converged" if result.converged else "DID NOT converge", result.epochs, result.val_loss, result.val_accuracy)  # fmt: skip
 
-    converged = head_converged(
-        history["val_loss"],
-        patience=config.patience,
-        min_delta=config.min_delta,
-        max_epochs=config.head_max_epochs,
-    )
-    best = int(np.argmin(history["val_loss"]))
-    result = HeadResult(
-        converged, len(history["val_loss"]), float(history["val_loss"][best]),
-        float(history["val_accuracy"][best]), {k: [float(v) for v in vs] for k, vs in history.items()},
-        feature_seconds, head_seconds,
-    )  # fmt: skip
-    log.info("head %s after %d epochs: val_loss %.4f, val_accuracy %.4f",
-             "converged" if converged else "DID NOT converge", result.epochs, result.val_loss, result.val_accuracy)  # fmt: skip
+        if config.scratch_baseline:
+            result.scratch = scratch_baseline(
+                base, examples_dir, len(labels), config, out_dir, setup
+            )
+            if result.scratch["val_accuracy"] > result.val_accuracy:
+                log.warning("NEGATIVE TRANSFER: scratch val_accuracy %.4f beats the transferred head %.4f",
+                            result.scratch["val_accuracy"], result.val_accuracy)  # fmt: skip
 
-    if config.scratch_baseline:
-        result.scratch = scratch_baseline(base, examples_dir, len(labels), config, out_dir)
-        if result.scratch["val_accuracy"] > result.val_accuracy:
-            log.warning("NEGATIVE TRANSFER: scratch val_accuracy %.4f beats the transferred head %.4f",
-                        result.scratch["val_accuracy"], result.val_accuracy)  # fmt: skip
-
-    assemble(base, head, image_shape).save(out_dir / MODEL_FILE)
+        assemble(base, head, image_shape).save(out_dir / MODEL_FILE)
     shutil.copyfile(Path(examples_dir) / LABELS_FILE, out_dir / LABELS_FILE)
     record = {"step": "train_head", "chosen": "head", "base": config.base, "weights": config.weights,
               "params": config.settings(), **asdict(result)}  # fmt: skip
     (out_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str))
+    training.finished(out_dir)
     return result
 
 
@@ -336,6 +227,8 @@ def train_head(
     min_delta: float = 1e-3,
     seed: int = 0,
     scratch_baseline: bool = False,
+    precision: str = "auto",
+    replicas: int = 0,
 ) -> bool:
     """Train the head on a frozen base; return whether it converged (the fine-tune gate)."""
     import logging

@@ -7,7 +7,7 @@ import pytest
 from common.storage import FileInfo
 from components.check_data import Fingerprint, dataset_fingerprint, should_train
 from components.evaluate import classification_metrics, is_blessed
-from components.train_head import head_converged
+from components.training import head_converged
 
 # --- head_converged: scripted val-loss histories -------------------------------------------
 

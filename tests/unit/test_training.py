@@ -10,20 +10,15 @@ import numpy as np
 import pytest
 
 from common import storage
-from components import datasets, examples, fine_tune
+from components import datasets, examples, fine_tune, frozen
 from components.augment import augment_dataset
 from components.backbones import build_base
 from components.config import GraftConfig
-from components.fine_tune import (
-    HeadNotConvergedError,
-    fine_tune_model,
-    flattened,
-    frozen_frontier,
-    output_shapes,
-    unfreeze_top,
-)
+from components.fine_tune import HeadNotConvergedError, fine_tune_model
+from components.frozen import output_shapes, unfreeze_top
 from components.pretrain import rotations, small_cnn
-from components.train_head import assemble, build_head, pooled_features, train_head_model
+from components.train_head import assemble, build_head, train_head_model
+from components.training import pooled_features
 
 CONFIG = GraftConfig(
     image_size=16, channels=3, views=1, batch_size=16, head_learning_rate=0.01, head_max_epochs=60,
@@ -214,15 +209,15 @@ def test_the_top_on_cached_activations_computes_what_the_whole_model_does():
     model = assemble(base, build_head(base.output_shape[-1], 5, CONFIG), (28, 28, 1))
     unfrozen = unfreeze_top(base, layers=4)  # the last block: conv, bn, conv, bn
     assert unfrozen == ["b2_conv0", "b2_conv1"]
-    flat = flattened(base)
-    frontier = frozen_frontier(flat)
+    part = frozen.split(model)
+    frontier = part.frontier
     # the last block's input, and the pooled outputs of the two frozen blocks
     assert sorted(t._keras_history.operation.name for t in frontier) == [
         "b0_avg", "b0_max", "b1_avg", "b1_max", "b1_pool"
     ]  # fmt: skip
-    lower = keras.Model(flat.inputs, frontier)
+    lower = frozen.lower_part(part)
     shapes = output_shapes(lower, (None, 28, 28, 1))
-    top = fine_tune._on_frozen_activations(model, base, flat, frontier, shapes)
+    top = frozen.cached_top(part, shapes)
     pixels = np.random.default_rng(0).uniform(0, 255, (6, 28, 28, 1)).astype("float32")
     np.testing.assert_allclose(
         top.predict_on_batch(lower.predict_on_batch(pixels)), model.predict_on_batch(pixels),
@@ -233,8 +228,9 @@ def test_the_top_on_cached_activations_computes_what_the_whole_model_does():
 
 def test_nothing_is_cached_when_every_weighted_layer_trains():
     base = small_cnn(channels=1, width=4)
+    model = assemble(base, build_head(base.output_shape[-1], 5, CONFIG), (28, 28, 1))
     unfreeze_top(base, layers=12)
-    assert frozen_frontier(flattened(base)) == []
+    assert frozen.split(model).frontier == []
 
 
 def test_the_frozen_part_of_a_nested_application_is_cached_inside_it():
@@ -244,14 +240,12 @@ def test_the_frozen_part_of_a_nested_application_is_cached_inside_it():
     base = build_base("mobilenet_v2", image_size=32, channels=3, weights="none")
     model = assemble(base, build_head(base.output_shape[-1], 3, CONFIG), (32, 32, 3))
     unfreeze_top(base, layers=5)
-    flat = flattened(base)
-    frontier = frozen_frontier(flat)
+    part = frozen.split(model)
+    frontier = part.frontier
     # top 5 weighted layers: block_16_depthwise_BN, block_16_project(+BN), Conv_1(+BN)
     assert len(frontier) == 1 and frontier[0].shape[-1] == 960  # block_16_project's input
-    lower = keras.Model(flat.inputs, frontier)
-    top = fine_tune._on_frozen_activations(
-        model, base, flat, frontier, output_shapes(lower, (None, 32, 32, 3))
-    )
+    lower = frozen.lower_part(part)
+    top = frozen.cached_top(part, output_shapes(lower, (None, 32, 32, 3)))
     pixels = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(
         top.predict_on_batch(lower.predict_on_batch(pixels)), model.predict_on_batch(pixels),
@@ -337,7 +331,7 @@ def test_cached_features_stream_the_shards_and_equal_one_pass_over_whole_arrays(
 
 
 def test_stream_features_refuses_a_short_stream(tmp_path):
-    from components.train_head import stream_features
+    from components.training import stream_features
 
     base = keras.models.load_model(tiny_base(tmp_path / "base.keras"))
     batches = [np.zeros((4, 16, 16, 3), "uint8")]
