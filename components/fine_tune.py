@@ -58,6 +58,7 @@ class FineTuneResult:
     resumed_from_epoch: int = 0  # epochs a killed earlier run of this step had completed
     precision: str = "float32"  # the dtype policy the step trained with
     replicas: int = 1
+    optimizer: str = ""  # LossScaleOptimizer under mixed_float16 (float16 gradients underflow)
 
 
 def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: Path):
@@ -190,6 +191,7 @@ def fine_tune_model(
     result = FineTuneResult(
         chosen, reason, head_accuracy, tuned_accuracy, unfrozen, run.epochs, steps, cached,
         uncached, run.resumed_from_epoch, setup.policy, setup.replicas,
+        type(trained.optimizer).__name__,
     )  # fmt: skip
     kept = _keep_and_record(result, head_model_dir, out_dir, head_record, config, run.history)
     training.finished(out_dir)
