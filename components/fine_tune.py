@@ -91,7 +91,7 @@ def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: 
         return model, train, examples.batches(examples_dir, "val", config.batch_size), {}, reason
 
     started = time.perf_counter()
-    names = [t.name for t in part.frontier]
+    names = frozen.frontier_names(part)
 
     def compute() -> dict:
         progress = Progress(log, "fine_tune: the frozen part, once", records, unit="records")

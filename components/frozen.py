@@ -127,6 +127,12 @@ def split(model) -> FrozenSplit:
     return FrozenSplit(flat, list(frontier.values()))
 
 
+def frontier_names(part: FrozenSplit) -> list[str]:
+    """The frontier as ``layer:output index`` names (stable across processes, unlike the
+    tensors' own generated names), for the record and the cache's key."""
+    return [f"{t._keras_history.operation.name}:{t._keras_history.tensor_index}" for t in part.frontier]  # fmt: skip
+
+
 def lower_part(part: FrozenSplit):
     """The frozen part: the whole model's inputs -> the frontier (its outputs are cached)."""
     import keras
