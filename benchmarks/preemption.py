@@ -7,7 +7,7 @@ resumes from the last epoch saved. Reported: final val accuracy of both, epochs 
 kill (epochs the killed run had completed minus where the next run resumed), and whether
 the resumed run trained the same total epochs. The last line is one JSON object.
 
-    TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python -m benchmarks.preemption [--per-class 30] [--epochs 8] [--kills 3] [--seed 0]
+    TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python -m benchmarks.preemption [--per-class 30] [--epochs 8] [--kills 3] [--seed 0] [--data fashion|synthetic]
 """
 
 import argparse
@@ -34,11 +34,11 @@ fine_tune_model(sys.argv[1], sys.argv[2], sys.argv[3], GraftConfig(**settings))
 """
 
 
-def tiny_base(path: Path) -> str:
+def tiny_base(path: Path, channels: int) -> str:
     import keras
 
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((None, None, 3))
+    inputs = keras.Input((None, None, channels))
     x = keras.layers.Rescaling(1 / 255.0)(inputs)
     for i, filters in enumerate((16, 16, 32)):
         x = keras.layers.Conv2D(filters, 3, activation="relu", name=f"conv_{i}")(x)
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", choices=("fashion", "synthetic"), default="fashion",
+                        help="Fashion-MNIST's odd classes (28 px gray) or graft's synthetic images")  # fmt: skip
     args = parser.parse_args()
 
     from components import datasets, examples
@@ -87,14 +89,18 @@ def main() -> None:
 
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="graft-preempt-"))
+    channels, size = (1, 28) if args.data == "fashion" else (3, 32)
     config = GraftConfig(
-        image_size=32, channels=3, views=2, batch_size=16, head_learning_rate=0.01,
+        image_size=size, channels=channels, views=2, batch_size=16, head_learning_rate=0.01,
         head_max_epochs=60, patience=args.epochs, min_delta=0.01, dropout=0.0,
         fine_tune_layers=2, fine_tune_max_epochs=args.epochs, fine_tune_learning_rate=1e-3,
         seed=args.seed,
     )  # fmt: skip
-    datasets.write_synthetic_dataset(str(work / "data"), num_classes=4, per_class=args.per_class, size=32, seed=args.seed)  # fmt: skip
-    config = replace(config, base=tiny_base(work / "base.keras"))
+    if args.data == "fashion":
+        datasets.export_fashion_mnist(str(work / "data"), classes=[1, 3, 5, 7, 9], per_class=args.per_class, seed=args.seed)  # fmt: skip
+    else:
+        datasets.write_synthetic_dataset(str(work / "data"), num_classes=4, per_class=args.per_class, size=32, seed=args.seed)  # fmt: skip
+    config = replace(config, base=tiny_base(work / "base.keras", channels))
     augment_dataset(str(work / "data"), work / "examples", config)
     train_head_model(work / "examples", work / "head", config)
 

@@ -209,6 +209,11 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+def _savez(path: Path, *arrays, **named) -> None:
+    with open(path, "wb") as file:
+        np.savez(file, *arrays, **named)
+
+
 def cache_key(**facts) -> str:
     """A digest of everything that shapes a cache (settings, data counts, frontier)."""
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
@@ -225,7 +230,7 @@ def reuse_or_compute(path: Path, key: str, compute: Callable[[], dict]) -> tuple
                 return {name: stored[name] for name in stored.files if name != "key"}, True
         log.info("the cache %s was made with other settings: computing it again", path)
     arrays = compute()
-    _write_atomically(path, lambda tmp: np.savez(open(tmp, "wb"), key=np.asarray(key), **arrays))
+    _write_atomically(path, lambda tmp: _savez(tmp, key=np.asarray(key), **arrays))
     return arrays, False
 
 
@@ -310,7 +315,7 @@ def _save_state(folder: Path, epochs_done: int, stopping) -> None:
             "stopped_epoch": stopping.stopped_epoch, "history": stopping.history}  # fmt: skip
     weights = stopping.best_weights or []
     slot = folder / f"stopping-{epochs_done % 2}"  # this epoch's and the previous one's
-    _write_atomically(slot.with_suffix(".npz"), lambda tmp: np.savez(open(tmp, "wb"), *weights))
+    _write_atomically(slot.with_suffix(".npz"), lambda tmp: _savez(tmp, *weights))
     _write_atomically(slot.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta)))
 
 
