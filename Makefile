@@ -2,7 +2,7 @@
 # they create .venv, install the project, and (where apt exists and we are root)
 # the Debian packages the tests use: Fashion-MNIST and kubectl. The container suite
 # (tests/containers, part of `make test`) finds a Docker Engine or, as root, installs
-# docker.io/debootstrap and starts a private one for the run (tests/containers/engine.py).
+# docker.io/debootstrap and starts a private one for the run (pipeline/image.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -54,7 +54,7 @@ format: $(STAMP)
 # `docker build -t graft:dev .` where the pinned base can be pulled; elsewhere a Debian base
 # built here with debootstrap (the output says which), on a private engine if none answers.
 image: $(STAMP)
-	$(BIN)/python -m tests.containers.engine image --tag graft:dev
+	$(BIN)/python -m pipeline.image image --tag graft:dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
