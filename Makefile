@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := dataset-fashion-mnist kubectl
 
-.PHONY: test demo demo-retrain lint format bench test-kind test-containers image system-deps clean
+.PHONY: test test-fast demo demo-retrain lint format bench test-kind test-containers image system-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ system-deps:
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+# The contributor's loop: unit tests and the quick integration tests; no whole-pipeline runs
+# (marked `slow`), no containers, no kind. `make test` still runs everything.
+FAST := not slow and not containers and not kind
+test-fast: $(STAMP) system-deps
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "$(FAST)" tests
 
 # The container suite alone; it fails (never skips) when no engine can be reached or started.
 test-containers: $(STAMP)
