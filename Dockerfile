@@ -6,7 +6,7 @@
 # repositories pin for this tag; it was not checked against Docker Hub from here (no registry
 # access). Refresh both with `docker buildx imagetools inspect python:3.11.11-slim-bookworm`.
 # Where no registry answers, `make image` builds a Debian bookworm base with debootstrap and
-# passes it as --build-arg BASE=graft-base:bookworm (tests/containers/engine.py).
+# passes it as --build-arg BASE=graft-base:bookworm (pipeline/image.py).
 ARG BASE=python:3.11.11-slim-bookworm@sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff5fd75c192fd38e5
 
 # --- build: a virtualenv with graft and its pinned dependencies ---------------------------

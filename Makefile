@@ -2,14 +2,14 @@
 # they create .venv, install the project, and (where apt exists and we are root)
 # the Debian packages the tests use: Fashion-MNIST and kubectl. The container suite
 # (tests/containers, part of `make test`) finds a Docker Engine or, as root, installs
-# docker.io/debootstrap and starts a private one for the run (tests/containers/engine.py).
+# docker.io/debootstrap and starts a private one for the run (pipeline/image.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PACKAGES := dataset-fashion-mnist kubectl
 
-.PHONY: test demo demo-retrain lint format bench test-kind test-containers image system-deps clean
+.PHONY: test test-fast demo demo-retrain lint format bench test-kind test-containers image system-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ system-deps:
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+# The contributor's loop: unit tests and the quick integration tests; no whole-pipeline runs
+# (marked `slow`), no containers, no kind. `make test` still runs everything.
+FAST := not slow and not containers and not kind
+test-fast: $(STAMP) system-deps
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "$(FAST)" tests
 
 # The container suite alone; it fails (never skips) when no engine can be reached or started.
 test-containers: $(STAMP)
@@ -54,7 +61,7 @@ format: $(STAMP)
 # `docker build -t graft:dev .` where the pinned base can be pulled; elsewhere a Debian base
 # built here with debootstrap (the output says which), on a private engine if none answers.
 image: $(STAMP)
-	$(BIN)/python -m tests.containers.engine image --tag graft:dev
+	$(BIN)/python -m pipeline.image image --tag graft:dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

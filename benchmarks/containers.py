@@ -4,7 +4,7 @@ The sides alternate ``--repeats`` times; every run trains (force, a fresh model 
 
     .venv/bin/python -m benchmarks.containers [--per-class 50] [--repeats 2] [--image graft:bench]
 
-Needs a Docker Engine, or root on Debian to start graft's private one (tests/containers/engine.py);
+Needs a Docker Engine, or root on Debian to start graft's private one (pipeline/image.py);
 the image is built from the working tree first (cached layers make that quick). The last line
 is one JSON object with the figures.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from components import datasets
 from components.config import GraftConfig, with_overrides
+from pipeline import image as engines
 from pipeline.run import run_local
-from tests.containers import engine as engines
 from tests.integration.conftest import TINY
 from tests.integration.conftest import make_tiny_base as tiny_base
 

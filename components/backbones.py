@@ -165,9 +165,19 @@ def build_base(base: str, *, image_size: int, channels: int, weights: str = "ima
         weights_arg, weights_file = "imagenet", None  # keras downloads once and caches
     else:
         weights_arg, weights_file = None, _local_copy(weights, Path(weights).suffix or ".h5")
-    application = getattr(keras.applications, constructor)(
-        include_top=False, weights=weights_arg, input_shape=(image_size, image_size, 3)
-    )
+    try:
+        application = getattr(keras.applications, constructor)(
+            include_top=False, weights=weights_arg, input_shape=(image_size, image_size, 3)
+        )
+    except Exception as err:  # keras.utils.get_file raises a bare Exception for a failed fetch
+        if "URL fetch failure" not in str(err):
+            raise
+        raise ValueError(
+            f"The imagenet weights of `base={base!r}` could not be downloaded ({err}). Where "
+            "there is no network, give a copy of that file with `--set weights=PATH.h5`, or a "
+            "base that needs no download: `graft pretrain --out base.keras`, then "
+            "`--base base.keras`."
+        ) from err
     if weights_file:
         application.load_weights(weights_file)
     inputs = keras.Input((image_size, image_size, channels), name="pixels")

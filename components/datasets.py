@@ -1,8 +1,9 @@
 """Datasets in graft's contract: class folders ``<uri>/<label>/<image>`` of PNG/JPEG.
 
 Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package when it is
-installed (/usr/share/datasets/fashion-mnist), else from the canonical files,
-downloaded once and checked against the SHA-256 of their decompressed content.
+installed (/usr/share/datasets/fashion-mnist), else from the canonical files, downloaded
+once over HTTPS by keras.utils.get_file against their published MD5 and checked against
+the SHA-256 of their decompressed content.
 
     graft data fashion-mnist --classes 1,3,5 --per-class 30 --seed 0 --out /tmp/bucket/fm
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,26 +20,36 @@ import numpy as np
 from common import storage
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_URL = "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-# SHA-256 of the decompressed IDX files: the same whoever gzipped them.
+# The canonical files, from the dataset authors' repository over HTTPS (their S3 "website"
+# endpoint answers plain HTTP only).
+FASHION_MNIST_ORIGIN = (
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+)
+# Per file: the MD5 the authors publish for the .gz (checked by keras.utils.get_file on
+# download) and the SHA-256 of the decompressed IDX bytes, which also holds for a copy gzipped
+# by someone else (Debian's package re-compresses them).
 FASHION_MNIST_FILES = {
     "train": (
         (
             "train-images-idx3-ubyte.gz",
+            "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
             "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
         ),
         (
             "train-labels-idx1-ubyte.gz",
+            "25c81989df183df01b3e8a0aad5dffbe",
             "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
         ),
     ),
     "test": (
         (
             "t10k-images-idx3-ubyte.gz",
+            "bef4ecab320f06d8554ea6380940ec79",
             "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
         ),
         (
             "t10k-labels-idx1-ubyte.gz",
+            "bb300cfdad3c16e7a12a480ee83cd310",
             "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         ),
     ),
@@ -66,31 +76,50 @@ def _read_idx(raw: bytes, name: str) -> np.ndarray:
     return data.reshape(dims)
 
 
-def _fetch(name: str, expected_sha256: str, data_dir: Path | None, cache_dir: Path) -> bytes:
-    """Decompressed IDX bytes: from data_dir if given and present, else the cache, else download."""
-    candidates = [data_dir / name] if data_dir else []
-    candidates.append(cache_dir / name)
-    for path in candidates:
-        if path.exists():
-            raw = gzip.decompress(path.read_bytes())
-            if hashlib.sha256(raw).hexdigest() != expected_sha256:
-                raise DatasetError(f"{path} does not match the Fashion-MNIST checksum")
-            return raw
-    url = FASHION_MNIST_URL + name
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            packed = response.read()
-    except OSError as err:
+def fetch_idx(
+    name: str,
+    gz_md5: str,
+    raw_sha256: str,
+    *,
+    data_dir: Path | None,
+    cache_dir: Path,
+    origin: str = FASHION_MNIST_ORIGIN,
+) -> bytes:
+    """Decompressed IDX bytes of ``name``: from ``data_dir`` when it holds the file, else
+    downloaded once from ``origin`` into ``cache_dir`` by keras.utils.get_file (MD5-checked)."""
+    import keras
+
+    local = data_dir / name if data_dir else None
+    if local is not None and local.exists():
+        path = local
+    else:
+        # get_file silently switches to /tmp/.keras when cache_dir does not exist yet
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            path = Path(
+                keras.utils.get_file(
+                    name, origin=origin + name, file_hash=gz_md5, hash_algorithm="md5",
+                    cache_dir=str(cache_dir), cache_subdir="",
+                )
+            )  # fmt: skip
+        except ValueError as err:  # get_file's checksum mismatch
+            raise DatasetError(
+                f"Downloaded {origin + name} does not match its published MD5 {gz_md5} ({err}); "
+                f"delete {cache_dir / name} and retry, or install Debian's copy with "
+                "`apt-get install dataset-fashion-mnist`."
+            ) from err
+        except Exception as err:  # get_file re-raises network failures as bare Exception
+            raise DatasetError(
+                f"Fashion-MNIST is not installed ({local or 'no data_dir'} is missing) and "
+                f"{origin + name} could not be downloaded ({err}). Install it with "
+                "`apt-get install dataset-fashion-mnist`."
+            ) from err
+    raw = gzip.decompress(path.read_bytes())
+    if hashlib.sha256(raw).hexdigest() != raw_sha256:
         raise DatasetError(
-            f"Fashion-MNIST is not installed ({DEBIAN_FASHION_MNIST} is missing) and {url} "
-            f"could not be downloaded ({err}). Install it with "
-            "`apt-get install dataset-fashion-mnist`."
-        ) from err
-    raw = gzip.decompress(packed)
-    if hashlib.sha256(raw).hexdigest() != expected_sha256:
-        raise DatasetError(f"Downloaded {url} does not match the Fashion-MNIST checksum")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / name).write_bytes(packed)
+            f"{path} does not decompress to the Fashion-MNIST {name} (SHA-256 of its content "
+            f"is not {raw_sha256}); replace or delete it."
+        )
     return raw
 
 
@@ -99,15 +128,18 @@ def load_fashion_mnist(
     *,
     data_dir: str | Path | None = DEBIAN_FASHION_MNIST,
     cache_dir: str | Path | None = None,
+    origin: str = FASHION_MNIST_ORIGIN,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST ``(images uint8 [N,28,28], labels uint8 [N])`` for ``split``."""
+    """Fashion-MNIST ``(images uint8 [N,28,28], labels uint8 [N])`` for ``split``: Debian's
+    copy in ``data_dir`` when installed, else the canonical files from ``origin``."""
     if split not in FASHION_MNIST_FILES:
         raise DatasetError(f"Received `split={split!r}`: expected 'train' or 'test'")
     cache = Path(cache_dir or Path.home() / ".cache" / "graft" / "fashion-mnist")
     folder = Path(data_dir) if data_dir else None
-    (images_name, images_sha), (labels_name, labels_sha) = FASHION_MNIST_FILES[split]
-    images = _read_idx(_fetch(images_name, images_sha, folder, cache), images_name)
-    labels = _read_idx(_fetch(labels_name, labels_sha, folder, cache), labels_name)
+    images, labels = (
+        _read_idx(fetch_idx(name, md5, sha, data_dir=folder, cache_dir=cache, origin=origin), name)
+        for name, md5, sha in FASHION_MNIST_FILES[split]
+    )
     return images, labels
 
 

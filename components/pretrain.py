@@ -2,6 +2,9 @@
 
     graft pretrain --classes 0,2,4,6,8 --out .graft/cache/fashion-base.keras
 
+The demo's base is this command's output, committed with its provenance (command, seed,
+data, TensorFlow version, SHA-256): components/bases/fashion-base-v2-0-2-4-6-8.*.
+
 Where there is no network there are no imagenet weights; this gives the demo and the tests
 a real pretrained base: Fashion-MNIST's classes 0,2,4,6,8 as the source task, the other
 five as the target. Two choices make its features transfer (benchmarks/RESULTS.md):
@@ -130,14 +133,27 @@ def pretrain_base(
     return summary
 
 
-def cached_base(cache_dir: str | Path, classes: list[int] = (0, 2, 4, 6, 8)) -> tuple[str, bool]:
-    """The default base for ``classes``, pretrained once into ``cache_dir`` and then reused.
-    Returns (path, whether it was already cached). The file name carries the recipe's
-    version, so a cache made by an older recipe is not mistaken for this one."""
-    path = Path(cache_dir) / f"fashion-base-{RECIPE}-{'-'.join(map(str, classes))}.keras"
+SHIPPED_BASES = Path(__file__).parent / "bases"  # bases made by `graft pretrain`, with provenance
+
+
+def base_file_name(classes) -> str:
+    """The name carries the recipe's version, so a base made by an older recipe is never
+    mistaken for this one."""
+    return f"fashion-base-{RECIPE}-{'-'.join(map(str, classes))}.keras"
+
+
+def cached_base(cache_dir: str | Path, classes: list[int] = (0, 2, 4, 6, 8)) -> tuple[str, str]:
+    """The default base for ``classes`` and where it came from: ``"shipped"`` (committed in
+    components/bases/ by `graft pretrain`, its command beside it: pretraining costs minutes
+    on two cores, more than the whole pipeline), else ``"cached"`` in ``cache_dir``, else
+    ``"pretrained"`` now into ``cache_dir``."""
+    name = base_file_name(classes)
+    if (SHIPPED_BASES / name).exists():
+        return str(SHIPPED_BASES / name), "shipped"
+    path = Path(cache_dir) / name
     if path.exists():
         if SETTINGS_ENTRY not in zipfile.ZipFile(path).namelist():  # cached before bases kept them
             record_settings(path, PRETRAINED_SETTINGS)
-        return str(path), True
+        return str(path), "cached"
     pretrain_base(str(path), classes=list(classes))
-    return str(path), False
+    return str(path), "pretrained"

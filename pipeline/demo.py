@@ -1,16 +1,16 @@
 """The main job, end to end and offline: `make demo` (or `python -m pipeline.demo`).
 
 Fashion-MNIST classes 1,3,5,7,9 become a local bucket of PNG class folders; a small base
-pretrained on the other five classes (cached after the first run) is grafted onto them by
-the full pipeline under kfp.local; the pushed version is served by the dev server and
-queried over gRPC with held-out test images.
+pretrained on the other five classes (`graft pretrain`'s output, shipped in components/bases/
+with its provenance) is grafted onto them by the full pipeline under kfp.local; the pushed
+version is served by the dev server and queried over gRPC with held-out test images.
 
     python -m pipeline.demo [--workdir .graft/demo] [--per-class 30] [--retrain]
 
 `--retrain` also shows the retraining loop: a rerun on the same data skips training, new
 images arrive, the next run is judged against the served version, and a blessed candidate
-is pushed as version 2 and switched in while a client keeps querying; a refused one is
-reported with the gate's reason, and the served version stays.
+is pushed as the second version (versions are Unix seconds) and switched in while a client
+keeps querying; a refused one is reported with the gate's reason, and the served version stays.
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ def say(message: str) -> None:
 
 
 def pretrained_base(cache_dir: Path) -> str:
-    """The demo's base: trained once on the source classes, then reused."""
+    """The demo's base, pretrained on the source classes by `graft pretrain`: the one committed
+    in components/bases/ (its provenance beside it), else made once into ``cache_dir``."""
     from components.pretrain import cached_base
 
-    say(f"base pretrained on Fashion-MNIST classes {SOURCE_CLASSES} (trained once, then cached)")
-    path, cached = cached_base(cache_dir, SOURCE_CLASSES)
-    say(f"{'using cached' if cached else 'pretrained'} base {path}")
+    path, source = cached_base(cache_dir, SOURCE_CLASSES)
+    how = {"shipped": "shipped with graft", "cached": "cached", "pretrained": "pretrained now"}
+    say(f"base pretrained on Fashion-MNIST classes {SOURCE_CLASSES} ({how[source]}): {path}")
     return path
 
 

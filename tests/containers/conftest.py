@@ -16,9 +16,9 @@ import pytest
 
 from common import storage
 from components import datasets
+from pipeline import image as engines
 from pipeline.in_containers import run_package
 from pipeline.run import pipeline_arguments, summarize
-from tests.containers import engine as engines
 from tests.integration.conftest import tiny_base, tiny_config  # noqa: F401  (tiny_base: fixture)
 
 IMAGE = "graft:suite"  # rebuilt from the working tree by every session (layers cached)

@@ -185,6 +185,7 @@ print(json.dumps({"version": result.version, "pushed": result.pushed}))
 """
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_two_whole_pushes_at_once_give_two_complete_versions(tmp_path):
     from tests.serving_models import write_examples
 

@@ -163,6 +163,7 @@ def test_client_says_clearly_when_nothing_listens():
         PredictClient(f"127.0.0.1:{free_port()}", timeout=1).predict_images(NAME, [b"x"])
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_no_failed_requests_while_a_new_version_rolls_in(server, repo, tmp_path):
     _, pngs = sample_images(2)
     failures, versions, latencies = [], [], []
@@ -221,6 +222,7 @@ def test_graft_predict_cli_prints_json_top_k_from_the_server(server, tmp_path):
     assert unknown.exit_code == 2 and "NOT_FOUND" in unknown.output
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_push_verified_against_the_server_keeps_a_loaded_version_and_rolls_back_one_that_never_loads(
     tmp_path,
 ):

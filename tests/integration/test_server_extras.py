@@ -113,6 +113,7 @@ def test_tls_server_answers_tls_clients_only(repo, tmp_path):
         server.stop(1)
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_sigterm_drains_and_exits_cleanly(repo):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}

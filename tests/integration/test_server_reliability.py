@@ -64,6 +64,7 @@ def test_second_server_on_a_busy_port_fails_with_address_in_use(repo):
         first.stop(grace=1)
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_graft_serve_on_a_busy_port_prints_one_line_and_exits_2(repo):
     first = ModelServer(str(repo), NAME)
     port = first.start(port=0)
@@ -97,6 +98,7 @@ def test_broken_newest_version_at_start_serves_the_older_complete_version(repo, 
         server.stop(grace=1)
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_failed_version_is_loaded_once_its_files_are_fixed(repo, tmp_path):
     broken = _broken_version(repo, 2, tmp_path)
     server = ModelServer(str(repo), NAME, poll_seconds=0.2)

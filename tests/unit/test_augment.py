@@ -155,6 +155,7 @@ def large_train_split(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_streamed_records_are_byte_identical_to_the_in_memory_algorithm(
     large_train_split, tmp_path
 ):
@@ -167,6 +168,7 @@ def test_streamed_records_are_byte_identical_to_the_in_memory_algorithm(
         assert stored[split] == expected[split], f"{split} records differ"
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_records_do_not_depend_on_reads_in_flight_or_shard_size(
     large_train_split, tmp_path, monkeypatch
 ):

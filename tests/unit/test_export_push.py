@@ -85,6 +85,7 @@ def test_infra_validation_fails_when_the_export_disagrees(model_dir, tmp_path):
         infra_validate(tmp_path / "export", model_dir, pixels.astype("float32"))
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_push_layout_metadata_and_idempotent_rerun(model_dir, examples_dir, tmp_path):
     repo = str(tmp_path / "repo")
     state = {"fingerprint": "abc", "image_count": 6}
@@ -234,6 +235,7 @@ def test_push_to_gcs_and_the_champion_is_found_there(model_dir, examples_dir, tm
     )
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_push_leaves_no_temporary_export_behind(model_dir, examples_dir, tmp_path, monkeypatch):
     import tempfile
 

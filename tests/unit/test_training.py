@@ -67,6 +67,7 @@ def examples_dir(tmp_path_factory) -> Path:
     return root / "examples"
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_feature_cache_runs_the_base_once_per_example(examples_dir, tmp_path):
     base = tiny_base(tmp_path / "counting.keras", counting=True)
     result = train_head_model(examples_dir, tmp_path / "head", replace(CONFIG, base=base))
@@ -77,6 +78,7 @@ def test_feature_cache_runs_the_base_once_per_example(examples_dir, tmp_path):
     assert seen == spec["counts"]["train"] + spec["counts"]["val"]  # ... one pass of the base
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_head_standardises_by_the_cached_training_features(examples_dir, tmp_path):
     base_path = tiny_base(tmp_path / "base.keras")
     train_head_model(examples_dir, tmp_path / "head", replace(CONFIG, base=base_path))
@@ -99,6 +101,7 @@ def test_pooled_features_pads_the_last_batch_and_drops_the_padding(tmp_path):
         np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_frozen_base_weights_are_bit_identical_after_head_training(examples_dir, tmp_path):
     base_path = tiny_base(tmp_path / "base.keras")
     before = [w.numpy().copy() for w in keras.models.load_model(base_path).weights]
@@ -110,6 +113,7 @@ def test_frozen_base_weights_are_bit_identical_after_head_training(examples_dir,
     assert record["converged"] is True and (tmp_path / "head" / "tensorboard").is_dir()
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_fine_tune_keeps_frozen_layers_and_all_batchnorm_statistics(examples_dir, tmp_path):
     base_path = tiny_base(tmp_path / "base.keras")
     config = replace(CONFIG, base=base_path, fine_tune_layers=1)
@@ -133,6 +137,7 @@ def test_fine_tune_keeps_frozen_layers_and_all_batchnorm_statistics(examples_dir
             assert np.array_equal(b.numpy(), a.numpy()), f"{name}/{b.path} changed"
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_fine_tune_guard_returns_the_head_when_validation_does_not_improve(examples_dir, tmp_path):
     base_path = tiny_base(tmp_path / "base.keras")
     config = replace(CONFIG, base=base_path, fine_tune_learning_rate=0.0)  # a step that cannot help
@@ -143,6 +148,7 @@ def test_fine_tune_guard_returns_the_head_when_validation_does_not_improve(examp
     assert json.loads((tmp_path / "tuned" / "training.json").read_text())["chosen"] == "head"
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_fine_tune_trains_on_every_stored_view_not_only_the_originals(examples_dir, tmp_path):
     config = replace(CONFIG, base=tiny_base(tmp_path / "base.keras"))
     train_head_model(examples_dir, tmp_path / "head", config)
@@ -153,6 +159,7 @@ def test_fine_tune_trains_on_every_stored_view_not_only_the_originals(examples_d
     assert result.steps == result.epochs * -(-records // CONFIG.batch_size)
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_fine_tune_guard_chooses_the_tuned_model_when_it_gets_more_validation_images_right(
     examples_dir, tmp_path
 ):
@@ -171,6 +178,7 @@ def test_fine_tune_guard_chooses_the_tuned_model_when_it_gets_more_validation_im
     )
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_fine_tune_runs_the_frozen_part_once_and_trains_only_the_top(examples_dir, tmp_path):
     base_path = tiny_base(tmp_path / "base.keras", counting=True)  # counts images through it
     config = replace(CONFIG, base=base_path, fine_tune_layers=1, fine_tune_max_epochs=3)
@@ -187,6 +195,7 @@ def test_fine_tune_runs_the_frozen_part_once_and_trains_only_the_top(examples_di
     assert result.steps == result.epochs * -(-counts["train"] // CONFIG.batch_size)
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_fine_tune_streams_every_epoch_when_the_cache_would_not_fit(
     examples_dir, tmp_path, monkeypatch
 ):
@@ -233,6 +242,7 @@ def test_nothing_is_cached_when_every_weighted_layer_trains():
     assert frozen.split(model).frontier == []
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_the_frozen_part_of_a_nested_application_is_cached_inside_it():
     """graft's application bases nest the keras.applications model: the frontier must be
     drawn inside it, and the cached top must still compute what the whole model does."""
@@ -253,6 +263,7 @@ def test_the_frozen_part_of_a_nested_application_is_cached_inside_it():
     )  # fmt: skip
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_fine_tune_refuses_a_head_that_did_not_converge(examples_dir, tmp_path):
     config = replace(CONFIG, base=tiny_base(tmp_path / "base.keras"), head_max_epochs=1)
     result = train_head_model(examples_dir, tmp_path / "head", config)
@@ -272,6 +283,7 @@ def test_keras_base_loads_from_gcs(gcs, tmp_path):
         build_base(f"{gcs}/bases/tiny.keras", image_size=16, channels=1, weights="none")
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50", "vgg16", "efficientnet_b0"])
 def test_application_bases_build_offline_with_preprocessing_inside(name):
     base = build_base(name, image_size=32, channels=1, weights="none")
@@ -293,6 +305,7 @@ def test_rotations_turn_every_image_four_ways_with_matching_labels():
         np.testing.assert_array_equal(image, np.rot90(source, k, axes=(0, 1)))
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_graft_pretrain_saves_a_base_that_learned_labels_and_rotations(tmp_path):
     from typer.testing import CliRunner
 
@@ -339,6 +352,7 @@ def test_stream_features_refuses_a_short_stream(tmp_path):
         stream_features(base, batches, 6, 4)
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_fine_tune_with_no_epochs_keeps_the_head(examples_dir, tmp_path):
     """`fine_tune_max_epochs=0` is allowed (skip fine-tuning, keep the pipeline's shape)."""
     config = replace(CONFIG, base=tiny_base(tmp_path / "base.keras"), fine_tune_max_epochs=0)

@@ -1,8 +1,9 @@
-"""A Docker Engine for graft's container suite and `make image`, and graft's image built on it.
+"""graft's image, built on a Docker Engine found or started here: `make image`, and the
+engine the container suite (tests/containers) uses.
 
-    .venv/bin/python -m tests.containers.engine image --tag graft:dev   # what `make image` runs
-    .venv/bin/python -m tests.containers.engine start                   # prints DOCKER_HOST=...
-    .venv/bin/python -m tests.containers.engine stop
+    .venv/bin/python -m pipeline.image image --tag graft:dev   # what `make image` runs
+    .venv/bin/python -m pipeline.image start                   # prints DOCKER_HOST=...
+    .venv/bin/python -m pipeline.image stop
 
 Which engine: the one DOCKER_HOST names, else the default socket, else (root on a Debian-like
 host) a private dockerd this module starts: `apt-get install docker.io` when dockerd is
@@ -31,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[1]  # the checkout: the Dockerfile and the build context
 ENGINE_DIR = Path("/var/lib/graft-engine")  # outside any clone: its build cache outlives one
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 LOCAL_BASE = "graft-base:bookworm"  # made by debootstrap where the upstream base cannot be pulled
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             engine.stop()
         if engine.process is not None:
-            print(f"the image is in graft's private engine: `{sys.argv[0]} start`, then "
+            print("the image is in graft's private engine: `python -m pipeline.image start`, then "
                   f"DOCKER_HOST={engine.host}", file=sys.stderr)  # fmt: skip
     except EngineUnavailable as err:
         print(f"error: {err}", file=sys.stderr)
