@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import uuid
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+log = logging.getLogger(__name__)
 GCS_SCHEME = "gs://"
 # Storage calls in flight at once. One GCS object read costs tens of milliseconds of
 # waiting; 16 in flight read 100k images in minutes rather than an hour (benchmarks/scale.py).
@@ -408,7 +410,14 @@ def list_dirs(uri: str) -> list[str]:
     root = Path(uri)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
+    names = []
+    for path in root.iterdir():
+        try:
+            if path.is_dir():
+                names.append(path.name)
+        except OSError as err:  # one entry that cannot be stat'ed must not hide its siblings
+            log.warning("%s cannot be read, skipped: %s", path, err)
+    return sorted(names)
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:
