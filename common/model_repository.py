@@ -343,8 +343,21 @@ def release(claim: Claim) -> None:
     ``publish``), and a folder found there belongs to someone else: it is left alone.
     """
     if storage.is_gcs(claim.uri):
-        storage.delete_tree(claim.uri)
+        storage.delete_tree(claim.uri, first=(SAVED_MODEL_FILE,))
     storage.delete_file(_claim_uri(claim.model_root, claim.version))
+
+
+def unpublish(root: str, version: int) -> None:
+    """Remove a published version, the inverse of ``publish``: saved_model.pb first (a
+    poller then never takes what is left for a complete version), then the rest.
+
+    Raises ModelRepositoryError naming what is left when any of it could not be deleted.
+    """
+    uri = version_uri(root, version)
+    try:
+        storage.delete_tree(uri, first=(SAVED_MODEL_FILE,))
+    except storage.StorageError as err:
+        raise ModelRepositoryError(f"Version {version} was not fully removed: {err}") from err
 
 
 def publish(export_dir: str | Path, claim: Claim) -> str:
@@ -422,7 +435,7 @@ def remove_abandoned(
             continue
         uri = version_uri(root, version, dirs)
         if _expired(_read_claim(root, version), storage.newest_change(uri), now, lease_seconds):
-            storage.delete_tree(uri)
+            storage.delete_tree(uri, first=(SAVED_MODEL_FILE,))
             storage.delete_file(_claim_uri(root, version))
             removed.append(version)
             log.warning("push: removed version %d, left incomplete by a push that died", version)
