@@ -45,12 +45,15 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from common import storage
 
 log = logging.getLogger(__name__)
+_Loaded = TypeVar("_Loaded")
 
 SAVED_MODEL_FILE = "saved_model.pb"  # TF Serving loads a version once this file exists
 METADATA_FILE = "graft_metadata.json"
@@ -185,6 +188,29 @@ def served_version(model_repo: str, model_name: str) -> int | None:
     which falls back to older versions that load, as the servers do."""
     complete = complete_versions(model_root(model_repo, model_name))
     return complete[-1] if complete else None
+
+
+def newest_loading(
+    root: str, load: Callable[[int, str], _Loaded]
+) -> tuple[int | None, _Loaded | None, dict[int, str]]:
+    """The version a server serves under ``latest:1``: the newest complete one that loads.
+
+    ``load(version, uri)`` loads one version (raising if it cannot). Returns (version, what
+    ``load`` returned, {newer version passed over: why}); (None, None, ...) when no
+    complete version loads. A version without ``variables/`` (an interrupted push, a copy
+    by hand) is passed over here exactly as graft serve and TF Serving pass it over.
+    """
+    skipped: dict[int, str] = {}
+    dirs = complete_version_dirs(root)
+    for version in reversed(dirs):
+        try:
+            return version, load(version, version_uri(root, version, dirs)), skipped
+        except (
+            Exception
+        ) as err:  # whatever fails to load is reported and passed over, as a server does
+            skipped[version] = f"{type(err).__name__}: {err}"
+            log.warning("version %d does not load, passed over: %s", version, skipped[version])
+    return None, None, skipped
 
 
 def read_metadata(root: str, version: int) -> dict:
