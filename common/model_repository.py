@@ -9,8 +9,10 @@ and the dev server (which versions to load). What lives there::
             saved_model.pb             written LAST: a version is complete once it exists
             variables/  assets/  assets.extra/tf_serving_warmup_requests
             graft_metadata.json        graft's record: data fingerprint, metrics, parent version
+            graft_data_files.json      every data file's content id (counts changes next run)
             MODEL_CARD.md
         .claims/<version>.json         a push's claim on a version number (owner, lease)
+        .refusals/<key>.json           a candidate evaluate refused: data fingerprint + settings
         .staging-<version>-<owner>/    a local push being copied, renamed into place in one step
 
 What a version is has one definition here (``parse_version``/``version_dirs``), the one TF
@@ -58,7 +60,9 @@ _Loaded = TypeVar("_Loaded")
 SAVED_MODEL_FILE = "saved_model.pb"  # TF Serving loads a version once this file exists
 METADATA_FILE = "graft_metadata.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
+DATA_FILES_FILE = "graft_data_files.json"  # relpath -> content id of every file trained on
 CLAIMS_DIR = ".claims"
+REFUSALS_DIR = ".refusals"  # <key>.json per refused candidate (check_data.refusal_key)
 STAGING_PREFIX = ".staging-"
 # A push copies a SavedModel in seconds to minutes; a claim older than this belongs to a
 # push that died. Long enough that no live push is ever taken for dead.
@@ -222,6 +226,36 @@ def read_metadata(root: str, version: int) -> dict:
         return json.loads(storage.read_text(uri))
     except json.JSONDecodeError as err:
         raise ModelRepositoryError(f"{uri} is not valid JSON ({err}): remove or fix it") from err
+
+
+def read_data_files(root: str, version: int) -> dict | None:
+    """The data files a version was trained on (relpath -> content id); None if not recorded."""
+    uri = storage.join(version_uri(root, version), DATA_FILES_FILE)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as err:
+        raise ModelRepositoryError(f"{uri} is not valid JSON ({err}): remove or fix it") from err
+
+
+def _refusal_uri(model_repo: str, model_name: str, key: str) -> str:
+    return storage.join(model_root(model_repo, model_name), REFUSALS_DIR, f"{key}.json")
+
+
+def record_refusal(model_repo: str, model_name: str, key: str, record: dict) -> None:
+    """Remember that evaluate refused the candidate of ``key`` (data + settings), and why."""
+    storage.write_text(_refusal_uri(model_repo, model_name, key), json.dumps(record, indent=2))
+
+
+def read_refusal(model_repo: str, model_name: str, key: str) -> dict | None:
+    uri = _refusal_uri(model_repo, model_name, key)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as err:
+        raise ModelRepositoryError(f"{uri} is not valid JSON ({err}): remove it") from err
 
 
 def served_metadata(model_repo: str, model_name: str) -> dict | None:

@@ -305,6 +305,7 @@ def evaluate(
     classification_metrics: Output[ClassificationMetrics],
     eval_report: Output[HTML],
     evaluation: Output[Artifact],
+    data_state: Input[Artifact],
     model_repo: str,
     model_name: str,
     top_k: int = 3,
@@ -337,4 +338,8 @@ def evaluate(
     evaluation.metadata.update(
         {"blessed": result.blessed, "reason": result.reason, "settings": config.used()}
     )
+    if not result.blessed:  # check_data then skips this data + settings until the champion changes
+        from components.check_data import record_refused
+
+        record_refused(model_repo, model_name, data_state.path, result)
     return result.blessed

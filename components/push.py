@@ -170,6 +170,8 @@ def push_model(
                 json.dumps(metadata, indent=2, default=str)
             )
             (export_dir / repository.MODEL_CARD_FILE).write_text(model_card(metadata))
+            if state.get("files") is not None:  # what the next run counts its changes against
+                (export_dir / repository.DATA_FILES_FILE).write_text(json.dumps(state["files"]))
         except BaseException:
             repository.release(claim)
             raise
