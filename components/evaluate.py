@@ -166,21 +166,28 @@ def champion_metrics(
 ) -> dict | None:
     """Evaluate the served version on the test images by label name; None if nothing is served.
 
-    ``sources`` are (image URI, label) pairs: the original files, sent as bytes through the
-    champion's own ``serving_default`` signature, which decodes, crops and resizes them to
-    the image size and channels that version was trained with.
+    The champion is the version a server would serve: the newest complete one that loads
+    (``model_repository.newest_loading``); newer ones that do not load are listed under
+    ``skipped`` with why. ``sources`` are (image URI, label) pairs: the original files,
+    sent as bytes through the champion's own ``serving_default`` signature, which decodes,
+    crops and resizes them to the image size and channels that version was trained with.
     """
     import tensorflow as tf
 
-    version = repository.served_version(model_repo, model_name)
-    if version is None:
-        return None
+    root = repository.model_root(model_repo, model_name)
     predicted = []
     with tempfile.TemporaryDirectory(prefix="graft-champion-") as work:
-        uri = repository.version_uri(repository.model_root(model_repo, model_name), version)
-        signature = tf.saved_model.load(str(storage.download_tree(uri, work))).signatures[
-            "serving_default"
-        ]
+
+        def load(version: int, uri: str):
+            local = storage.download_tree(uri, Path(work, str(version)))
+            return tf.saved_model.load(str(local)).signatures["serving_default"]
+
+        version, signature, skipped = repository.newest_loading(root, load)
+        if version is None:
+            if skipped:
+                log.warning("evaluate: no complete version loads (%s): judged against none",
+                            "; ".join(f"{v}: {e}" for v, e in skipped.items()))  # fmt: skip
+            return None
         progress = Progress(log, f"evaluate: champion version {version}", len(sources))
         for start in range(0, len(sources), 64):
             uris = [u for u, _ in sources[start : start + 64]]
@@ -200,7 +207,10 @@ def champion_metrics(
     accuracy = (
         float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)])) if truth else 0.0
     )
-    return {"version": version, "accuracy": accuracy, "per_class": per_class}
+    champion = {"version": version, "accuracy": accuracy, "per_class": per_class}
+    if skipped:
+        champion["skipped"] = {str(v): why for v, why in skipped.items()}
+    return champion
 
 
 @dataclass
@@ -295,6 +305,7 @@ def evaluate(
     classification_metrics: Output[ClassificationMetrics],
     eval_report: Output[HTML],
     evaluation: Output[Artifact],
+    data_state: Input[Artifact],
     model_repo: str,
     model_name: str,
     top_k: int = 3,
@@ -327,4 +338,8 @@ def evaluate(
     evaluation.metadata.update(
         {"blessed": result.blessed, "reason": result.reason, "settings": config.used()}
     )
+    if not result.blessed:  # check_data then skips this data + settings until the champion changes
+        from components.check_data import record_refused
+
+        record_refused(model_repo, model_name, data_state.path, result)
     return result.blessed

@@ -4,8 +4,9 @@ The version layout, what makes a version complete, and how a number is claimed a
 published all live in ``common/model_repository.py``: this step exports the model,
 checks the export answers like the Keras model, claims the next version number
 atomically (so concurrent pushes never share one), and publishes with saved_model.pb
-last. Rerunning a push of the same model finds the version that already holds it (by a
-hash of its weights and labels) and pushes nothing.
+last. A model identical (by a hash of its weights and labels) to the served version is not
+pushed again; a candidate judged against another version than the one served now is
+refused (it goes back to evaluation).
 """
 
 import hashlib
@@ -37,7 +38,7 @@ class NotBlessedError(RuntimeError):
 @dataclass
 class PushResult:
     version: int
-    pushed: bool  # False when an identical model was already there
+    pushed: bool  # False when the served version already holds an identical model
     reason: str
     uri: str
 
@@ -53,11 +54,26 @@ def model_hash(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def existing_version_with(model_root: str, content_hash: str) -> int | None:
-    for version in reversed(repository.complete_versions(model_root)):
-        if repository.read_metadata(model_root, version).get("content_hash") == content_hash:
-            return version
-    return None
+class ChampionChangedError(RuntimeError):
+    """The version served now is not the one the candidate was judged against."""
+
+
+def served_now(model_root: str) -> int | None:
+    """The version a server serves now (the newest complete one that loads), loaded here
+    exactly as evaluate loads its champion."""
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory(prefix="graft-served-") as work:
+
+        def load(version: int, uri: str) -> None:
+            tf.saved_model.load(str(storage.download_tree(uri, Path(work, str(version)))))
+
+        version, _, _ = repository.newest_loading(model_root, load)
+    return version
+
+
+def _named(version: int | None) -> str:
+    return "no version (nothing served)" if version is None else f"version {version}"
 
 
 def model_card(metadata: dict) -> str:
@@ -97,11 +113,26 @@ def push_model(
         raise NotBlessedError(f"Refusing to push an unblessed model: {evaluation.get('reason')}")
     model_root = repository.model_root(model_repo, model_name)
     content_hash = model_hash(model_dir)
-    existing = existing_version_with(model_root, content_hash)
-    if existing is not None:
-        log.info("push: version %d already holds this model; nothing pushed", existing)
-        return PushResult(existing, False, "identical model already pushed",
-                          repository.version_uri(model_root, existing))  # fmt: skip
+    served = served_now(model_root)
+    # Only the served version counts: an older one holding this model (data reverted to an
+    # earlier state) is not what clients get, so the model is pushed again as the newest.
+    if served is not None and (
+        repository.read_metadata(model_root, served).get("content_hash") == content_hash
+    ):
+        log.info("push: the served version %d already holds this model; nothing pushed", served)
+        return PushResult(served, False, f"identical to the served version {served}",
+                          repository.version_uri(model_root, served))  # fmt: skip
+    if "champion" not in evaluation:
+        log.warning("push: %s does not say which version the candidate was judged against "
+                    "(not written by evaluate); the champion is not re-checked", evaluation_path)  # fmt: skip
+    else:
+        judged = (evaluation["champion"] or {}).get("version")
+        if judged != served:
+            raise ChampionChangedError(
+                f"Refusing to push: the candidate was judged against {_named(judged)}, but "
+                f"{_named(served)} is served now (pushed or removed since evaluation). Run "
+                "the pipeline again so evaluate judges the candidate against what is served."
+            )
     repository.remove_abandoned(model_repo, model_name)
 
     # 32 test images are enough for warmup and infra-validation: never the whole split.
@@ -121,7 +152,7 @@ def push_model(
         export_saved_model(model_dir, export_dir, warmup_images=warmup, top_k=config.top_k)
         check = infra_validate(export_dir, model_dir, test_images[:32].astype("float32"))
         log.info("push: infra-validation passed: %s", check)
-        parent = repository.served_version(model_repo, model_name)
+        parent = served
         claim = repository.claim_version(model_repo, model_name)
         try:
             state = data_state or {}
@@ -139,6 +170,8 @@ def push_model(
                 json.dumps(metadata, indent=2, default=str)
             )
             (export_dir / repository.MODEL_CARD_FILE).write_text(model_card(metadata))
+            if state.get("files") is not None:  # what the next run counts its changes against
+                (export_dir / repository.DATA_FILES_FILE).write_text(json.dumps(state["files"]))
         except BaseException:
             repository.release(claim)
             raise
@@ -146,7 +179,13 @@ def push_model(
     log.info("push: published version %d to %s", claim.version, uri)
 
     if verify is not None and not verify(claim.version):
-        storage.delete_tree(uri)
+        try:
+            repository.unpublish(model_root, claim.version)
+        except repository.ModelRepositoryError as err:
+            raise RuntimeError(
+                f"Version {claim.version} did not become AVAILABLE in the server, and rolling "
+                f"it back failed: {err}"
+            ) from err
         raise RuntimeError(
             f"Version {claim.version} did not become AVAILABLE in the server; removed it from {model_root}"
         )

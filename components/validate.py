@@ -162,8 +162,11 @@ def build_manifest(data_uri: str, config: GraftConfig) -> list[dict]:
     return rows
 
 
-def empty_class_folders(data_uri: str) -> list[str]:
-    """Label folders with no files (only visible on local disks: object stores have no folders)."""
+def empty_class_folders(data_uri: str, rows: list[dict]) -> list[str]:
+    """Label folders holding no file at all (only visible on local disks: object stores have
+    no folders). A file is an image of its folder by where it is, whatever its name: the
+    same notion every other rule uses (each listed file must decode), so a folder of
+    extension-less PNGs is not empty."""
     if storage.is_gcs(data_uri):
         return []
     root = Path(data_uri)
@@ -172,7 +175,21 @@ def empty_class_folders(data_uri: str) -> list[str]:
         if (root / split).is_dir():
             candidates.remove(root / split)
             candidates += [p for p in (root / split).iterdir() if p.is_dir()]
-    return sorted(p.relative_to(root).as_posix() for p in candidates if not any(p.rglob("*.*")))
+    holding = {folder for r in rows for folder in _folders_of(r["relpath"])}
+    return sorted(rel for rel in (p.relative_to(root).as_posix() for p in candidates)
+                  if rel not in holding)  # fmt: skip
+
+
+def _folders_of(relpath: str) -> list[str]:
+    parts = relpath.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _reserved_name_rows(rows: list[dict]) -> list[dict]:
+    """Files in a class folder named train/val/test in the class-folder layout: the name is
+    reserved for the pre-split layout, which needs <split>/<label>/<image>."""
+    return [r for r in rows if r["label"] is None and len(r["relpath"].split("/")) == 2
+            and r["relpath"].split("/")[0] in SPLIT_FOLDERS]  # fmt: skip
 
 
 def _layout_failure(name: str, description: str, paths: list[str]) -> Failure:
@@ -184,6 +201,14 @@ def layout_failures(rows: list[dict], data_uri: str) -> list[Failure]:
     import unicodedata
 
     failures = []
+    reserved = _reserved_name_rows(rows)
+    if reserved:
+        names = sorted({r["relpath"].split("/")[0] for r in reserved})
+        failures.append(_layout_failure("expect_no_reserved_class_names",
+            f"class folders are not named {', '.join(SPLIT_FOLDERS)}: those names mark the "
+            f"pre-split layout (<split>/<label>/<image>); rename {', '.join(n + '/' for n in names)} "
+            "(e.g. to its class name) or split the whole dataset into train/, val/, test/",
+            [r["relpath"] for r in reserved]))  # fmt: skip
     hidden = [r["relpath"] for r in rows if any(p.startswith(".") for p in r["relpath"].split("/"))]
     if hidden:
         failures.append(_layout_failure("expect_no_hidden_paths",
@@ -274,6 +299,8 @@ def _derived_frame(rows: list[dict]):
     frame["min_side"] = frame[["width", "height"]].min(axis=1)
     frame["max_side"] = frame[["width", "height"]].max(axis=1)
     frame["pixels"] = frame["width"] * frame["height"]
+    reserved = {r["relpath"] for r in _reserved_name_rows(rows)}
+    frame["reserved_folder"] = frame["relpath"].isin(reserved)
     return frame
 
 
@@ -286,8 +313,8 @@ def _suite(config: GraftConfig):
 
     decoded = {"row_condition": Column("decodable") == True}  # noqa: E712  (builds a GX condition)
     return [
-        (E.ExpectColumnValuesToNotBeNull(column="label"),
-         "every file sits in a <label>/ folder (or <split>/<label>/)"),
+        (E.ExpectColumnValuesToNotBeNull(column="label", row_condition=Column("reserved_folder") == False),  # noqa: E712
+         "every file sits in a <label>/ folder (or <split>/<label>/): move the files listed into one"),
         (E.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True]),
          "every file decodes as an image"),
         (E.ExpectColumnValuesToBeInSet(column="format", value_set=list(config.allowed_formats), **decoded),
@@ -364,11 +391,12 @@ def validate_dataset(
         )
     rows = build_manifest(data_uri, config)
     outcomes, failures = run_suite(rows, config)
-    empty = empty_class_folders(data_uri)
+    empty = empty_class_folders(data_uri, rows)
     extra = layout_failures(rows, data_uri)
     if empty:
         extra.append(Failure("expect_class_folders_not_empty",
-                             "every class folder holds images", empty, len(empty)))  # fmt: skip
+                             "every class folder holds images: add images to it or remove it",
+                             empty, len(empty)))  # fmt: skip
     for failure in extra:
         failures.append(failure)
         outcomes.append({"expectation": failure.expectation, "column": None,

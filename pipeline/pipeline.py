@@ -146,6 +146,7 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
                 evaluated = evaluate(
                     examples=augmented.outputs["examples"],
                     model=chosen.outputs["model"],
+                    data_state=checked.outputs["data_state"],
                     model_repo=model_repo,
                     model_name=model_name,
                     **settings_for(evaluate, p),

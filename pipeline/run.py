@@ -207,6 +207,10 @@ def _outcome(tasks: dict[str, TaskResult], pushed_version: str | None) -> str:
         evaluation = _json_in(evaluated.artifacts.get("evaluation"), EVALUATION_FILE)
         return f"not pushed: candidate not blessed ({evaluation.get('reason', 'see the evaluation report')})"
     if pushed_version:
+        # push returns the served version when it already holds this model: nothing new landed
+        state = _json_in(check.artifacts.get("data_state"), "data_state.json") if check else {}
+        if str(state.get("served_version")) == pushed_version:
+            return f"nothing pushed: the served version {pushed_version} already holds this model"
         return f"pushed version {pushed_version}"
     return "finished without pushing"
 

@@ -140,7 +140,8 @@ class ModelServer:
     # --- versions ------------------------------------------------------------------------
 
     def available_versions(self) -> list[int]:
-        """Complete versions on storage, ascending."""
+        """Complete versions on storage, ascending, by the repository's one version rule
+        (TF Serving's int64 parse; an unreadable folder is skipped and logged, not fatal)."""
         return repository.complete_versions(self.root)
 
     def _load(self, version: int) -> LoadedVersion:

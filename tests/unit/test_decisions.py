@@ -210,12 +210,12 @@ def test_fingerprint_of_real_files_changes_when_one_byte_changes(tmp_path):
             True,
             "changed since version 3",
         ),
-        (
+        (  # no file list recorded: the change cannot be counted, and the reason says so
             {"version": 3, "data_fingerprint": "old", "data_image_count": 8},
             False,
             5,
-            False,
-            "only 2 new images",
+            True,
+            "records no file list",
         ),
         (
             {"version": 3, "data_fingerprint": "old", "data_image_count": 5},

@@ -248,3 +248,28 @@ def test_push_leaves_no_temporary_export_behind(model_dir, examples_dir, tmp_pat
         push_model(make_model_dir(tmp_path / "other", seed=5), evaluation_file(tmp_path),
                    examples_dir, repo, "m", CONFIG, verify=lambda v: False)  # fmt: skip
     assert [p.name for p in scratch.iterdir() if p.name.startswith("graft-")] == []
+
+
+def test_a_rollback_that_cannot_delete_says_so_and_leaves_no_complete_version(
+    model_dir, examples_dir, tmp_path
+):
+    """Issue 23, class 2: the old rollback ignored delete errors and still said "removed"."""
+    repo = str(tmp_path / "repo")
+    stuck = []
+
+    def verify_fails_and_pins_a_file(version: int) -> bool:
+        index = Path(repo, "m", str(version), "variables", "variables.index")
+        done = subprocess.run(["chattr", "+i", str(index)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"chattr +i is not supported here ({done.stderr.strip()}): no real fault")
+        stuck.append(index)
+        return False
+
+    try:
+        with pytest.raises(RuntimeError, match="rolling it back failed.*variables.index"):
+            push_model(model_dir, evaluation_file(tmp_path), examples_dir, repo, "m", CONFIG,
+                       verify=verify_fails_and_pins_a_file)  # fmt: skip
+        assert repository.complete_versions(str(Path(repo, "m"))) == []  # saved_model.pb went first
+    finally:
+        for path in stuck:
+            subprocess.run(["chattr", "-i", str(path)], check=True)

@@ -1,10 +1,12 @@
 """The local run summary's per-step wall time, read from kfp.local's own task log lines."""
 
+import json
 import logging
 
 from kfp.local import logging_utils
 
 from pipeline.run import RunSummary, TaskClock, TaskResult, print_summary
+from pipeline.run import _outcome as summarize_tasks
 
 
 def record(message: str, created: float) -> logging.LogRecord:
@@ -29,3 +31,22 @@ def test_the_summary_table_shows_each_steps_seconds(capsys):
     print_summary(RunSummary("/runs/x", tasks, None, "finished without pushing"))
     table = capsys.readouterr().err
     assert "seconds" in table and "12.3" in table and "88.0" in table
+
+
+def _tasks(tmp_path, served_version, pushed: str) -> dict:
+    state = tmp_path / "data_state.json"
+    state.write_text(json.dumps({"served_version": served_version, "train": True}))
+    check = TaskResult("check-data", True, {"Output": True}, {"data_state": str(state)})
+    evaluate = TaskResult("evaluate", True, {"Output": True})
+    return {
+        "check-data": check,
+        "evaluate": evaluate,
+        "push": TaskResult("push", True, {"Output": pushed}),
+    }
+
+
+def test_the_outcome_says_nothing_was_pushed_when_push_returned_the_served_version(tmp_path):
+    summary = summarize_tasks(_tasks(tmp_path, 7, "7"), "7")
+    assert summary == "nothing pushed: the served version 7 already holds this model"
+    assert summarize_tasks(_tasks(tmp_path, 7, "9"), "9") == "pushed version 9"
+    assert summarize_tasks(_tasks(tmp_path, None, "9"), "9") == "pushed version 9"

@@ -97,7 +97,9 @@ def test_unsupported_format_gif_is_reported(clean):
 
 def test_empty_class_folder_is_reported(clean):
     (clean / "coat").mkdir()
-    assert failures(clean)["every class folder holds images"] == ["coat"]
+    assert failures(clean)["every class folder holds images: add images to it or remove it"] == [
+        "coat"
+    ]
 
 
 def test_class_with_too_few_images_names_its_files(clean):
@@ -163,5 +165,38 @@ def test_imbalanced_classes_name_the_small_class(clean):
 def test_file_at_the_wrong_depth_is_reported(clean):
     (clean / "loose.png").write_bytes(png())
     assert (
-        "loose.png" in failures(clean)["every file sits in a <label>/ folder (or <split>/<label>/)"]
+        "loose.png"
+        in failures(clean)[
+            "every file sits in a <label>/ folder (or <split>/<label>/): move the files listed into one"
+        ]
     )
+
+
+# --- one notion of "an image file" for every rule (issue 23, class 8) -------------------------
+
+
+def test_a_class_of_extension_less_pngs_is_a_class_like_any_other(clean):
+    (clean / "noext").mkdir()
+    for i in range(6):
+        (clean / "noext" / f"image_{i}").write_bytes(png(seed=i))
+    result = validate_dataset(str(clean), None, CONFIG)
+    assert result.ok and result.per_label["noext"] == 6
+
+
+@pytest.mark.parametrize("reserved", ["test", "train", "val"])
+def test_a_class_folder_named_like_a_split_is_refused_as_a_reserved_name(clean, reserved):
+    (clean / reserved).mkdir()
+    for i in range(6):
+        (clean / reserved / f"{i}.png").write_bytes(png(seed=i))
+    with pytest.raises(DataValidationError) as refused:
+        validate_dataset(str(clean), None, CONFIG)
+    message = str(refused.value)
+    assert f"rename {reserved}/" in message and "pre-split layout" in message
+    assert f"{reserved}/0.png" in message
+    assert "sits in a <label>/ folder" not in message  # one reason per file, the right one
+
+
+def test_an_empty_class_folder_is_refused_with_what_to_do(clean):
+    (clean / "nothing").mkdir()
+    with pytest.raises(DataValidationError, match="holds images: add images to it or remove it"):
+        validate_dataset(str(clean), None, CONFIG)
