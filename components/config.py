@@ -68,6 +68,8 @@ class GraftConfig:
     # --- evaluate: when a candidate may replace the served model ---
     top_k: int = 3  # top-k accuracy reported and top-k labels returned by serving
     bless_min_accuracy: float = 0.5  # absolute floor on test accuracy
+    bless_min_macro_recall: float = 0.5  # mean per-class recall floor: plain accuracy hides a
+    # class the model never gets right (a 20:1 majority-class predictor scores 0.95, recall 0.5)
     bless_tolerance: float = 0.01  # how much worse than the champion overall is still fine
     bless_class_tolerance: float = 0.05  # per-class recall regression allowed vs the champion
 
@@ -214,6 +216,7 @@ _RULES = (
     ("fine_tune_max_epochs", ">= 0", _at_least(0)),
     ("top_k", ">= 1", _at_least(1)),
     ("bless_min_accuracy", ">= 0", _at_least(0)),  # above 1 blesses nothing: tests use it
+    ("bless_min_macro_recall", "in [0, 1]", lambda v: 0 <= v <= 1),
     ("bless_tolerance", ">= 0", _at_least(0)),
     ("bless_class_tolerance", ">= 0", _at_least(0)),
 )

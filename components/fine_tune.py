@@ -30,6 +30,7 @@ from common.progress import Progress
 from components import examples
 from components.component import step_component
 from components.config import GraftConfig
+from components.evaluate import guard_decision
 from components.train_head import labelled_outputs, progress_callback
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class FineTuneResult:
     epochs: int
     steps: int = 0  # optimizer steps taken
     cached: dict = field(default_factory=dict)  # the frozen part's cache: tensors, bytes, seconds
+    guard: dict = field(default_factory=dict)  # evaluate.GuardDecision: counts, McNemar p-value
 
 
 def unfreeze_top(base, *, layers: int, from_layer: str = "") -> list[str]:
@@ -232,12 +234,16 @@ def fine_tune_model(
             metrics=["accuracy"],
         )
 
-    def val_accuracy() -> float:
+    def val_correct() -> np.ndarray:
+        """One bool per validation image, in order: does the model being trained get it right."""
         if isinstance(val, tuple):
-            return float(trained.evaluate(*val, batch_size=config.batch_size, verbose=0)[1])
-        return float(trained.evaluate(val, verbose=0)[1])
+            predicted = trained.predict(val[0], batch_size=config.batch_size, verbose=0)
+            return predicted.argmax(axis=1) == val[1]
+        truth = np.concatenate([labels for _, labels in val.as_numpy_iterator()])
+        return trained.predict(val, verbose=0).argmax(axis=1) == truth
 
-    head_accuracy = val_accuracy()  # the weights are still the head model's
+    head_correct = val_correct()  # the weights are still the head model's
+    head_accuracy = float(head_correct.mean())
     history = trained.fit(
         **train, validation_data=val, epochs=config.fine_tune_max_epochs, verbose=2,
         callbacks=[
@@ -246,27 +252,19 @@ def fine_tune_model(
             progress_callback("fine_tune", counts["train"], config.batch_size),
         ],
     ).history  # fmt: skip
-    tuned_accuracy = val_accuracy()
+    tuned_correct = val_correct()
+    tuned_accuracy = float(tuned_correct.mean())
     steps = int(trained.optimizer.iterations.numpy())
-    val_images = counts["val"]
     model.save(out_dir / CANDIDATE_FILE)  # kept either way, so the comparison can be inspected
 
-    if round(tuned_accuracy * val_images) > round(head_accuracy * val_images):
-        chosen, reason = (
-            "fine_tuned",
-            f"val accuracy {tuned_accuracy:.4f} > head-only {head_accuracy:.4f} on {val_images} images",
-        )
-    else:
-        chosen = "head"
-        reason = (
-            f"fine-tuning did not beat the head on validation "
-            f"({tuned_accuracy:.4f} vs {head_accuracy:.4f} on {val_images} images); kept the head-only model"
-        )
+    guard = guard_decision(head_correct, tuned_correct)
+    chosen, reason = guard.chosen, guard.reason
     log.info("fine_tune: chose %s: %s", chosen, reason)
     epochs = len(history.get("val_loss", []))
     result = FineTuneResult(
         chosen, reason, head_accuracy, tuned_accuracy, unfrozen, epochs, steps, cached
     )
+    result.guard = asdict(guard)  # the choice's evidence, recorded in training.json
     return _keep_and_record(result, head_model_dir, out_dir, head_record, config, history)
 
 

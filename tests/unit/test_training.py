@@ -171,6 +171,10 @@ def test_fine_tune_guard_chooses_the_tuned_model_when_it_gets_more_validation_im
     result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
     assert result.tuned_val_accuracy > result.head_val_accuracy
     assert result.chosen == "fine_tuned" and "> head-only" in result.reason
+    guard = json.loads((tmp_path / "tuned" / "training.json").read_text())["guard"]  # the evidence
+    gained = guard["only_tuned_right"] - guard["only_head_right"]
+    assert guard["tuned_right"] - guard["head_right"] == gained > 0
+    assert 0 < guard["p_value"] <= 1 and "exact McNemar" in result.reason
     assert_same_weights(
         tmp_path / "tuned" / "finetuned_candidate.keras", tmp_path / "tuned" / "model.keras"
     )
