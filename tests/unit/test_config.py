@@ -100,7 +100,7 @@ def test_compiled_spec_wires_each_setting_from_its_pipeline_parameter_into_every
     reached = set()
     for task_name in step_order():
         wired = tasks[task_name]["inputs"]["parameters"]
-        for name in settings_taken(by_name[task_name]):
+        for name in settings_taken(by_name[task_name.removesuffix("-2")]):  # both branches
             # Inside a gate's sub-DAG a pipeline parameter arrives as pipelinechannel--<name>.
             assert wired[name]["componentInputParameter"] in {name, f"pipelinechannel--{name}"}
             reached.add(name)
@@ -110,6 +110,7 @@ def test_compiled_spec_wires_each_setting_from_its_pipeline_parameter_into_every
 def test_step_order_is_read_off_the_dag():
     assert step_order() == (
         "check-data", "validate-data", "augment", "train-head", "fine-tune", "evaluate", "push",
+        "evaluate-2", "push-2",  # the head-not-converged branch
     )  # fmt: skip
 
 
