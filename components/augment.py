@@ -128,8 +128,8 @@ def _decoded(rows: list[dict], config: GraftConfig, progress: Progress):
 
 
 def _split_records(rows, label_ids, config: GraftConfig, progress: Progress, originals_file):
-    """The split's records in the order augment has always written them: every original
-    (view 0), then view 1 of every original, then view 2, ... Originals go to
+    """The split's records: every original (view 0) in ``rows``' order (content-hash order,
+    so labels are mixed), then view 1 of every original, then view 2, ... Originals go to
     ``originals_file`` (raw uint8 in TMPDIR, on local disk: N x H x W x C bytes) as they
     stream by, so the views can read them back in VIEW_BATCH batches without holding the
     split in memory."""
@@ -187,7 +187,10 @@ def augment_dataset(
     label_ids = {name: i for i, name in enumerate(labels)}
 
     by_split: dict[str, list] = {split: [] for split in examples.SPLITS}
-    for row in sorted(rows, key=lambda r: r["relpath"]):
+    # Records go out in content-hash order, not class-folder order: a shuffle buffer smaller
+    # than the split then still sees every class in proportion (path order made batches of
+    # a few classes past ~800 images). The hash orders every split, whatever its folders.
+    for row in sorted(rows, key=lambda r: (r["sha256"], r["relpath"])):
         split = row.get("split") or assign_split(
             row["sha256"], config.val_fraction, config.test_fraction
         )
