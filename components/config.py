@@ -26,7 +26,8 @@ GRAFT_IMAGE = "graft:latest"
 @dataclass(frozen=True)
 class GraftConfig:
     # --- validate: what a usable dataset looks like ---
-    min_images_per_class: int = 5  # fewer than this cannot be split into train/val/test
+    min_images_per_class: int = 5  # at least one each for train, val and test; the hash split
+    # may still leave a class of 5 without a test image (0.85^5 = 44%): validate names it
     min_classes: int = 2  # a classifier needs at least two labels
     min_side: int = 16  # smaller images carry too little signal after resizing
     max_side: int = 8192  # larger sides are almost always a mistake (scans, panoramas)
@@ -194,7 +195,7 @@ def _fraction(value) -> bool:
 
 # Each setting's range: (name, what is expected, check).
 _RULES = (
-    ("min_images_per_class", ">= 1", _at_least(1)),
+    ("min_images_per_class", ">= 3 (one each for train, val and test)", _at_least(3)),
     ("min_classes", ">= 2 (a classifier needs two labels)", _at_least(2)),
     ("min_side", ">= 1", _at_least(1)),
     ("max_pixels", ">= 1", _at_least(1)),

@@ -87,7 +87,8 @@ def test_views_shapes_labels_and_spec(data, tmp_path):
 
 def test_grayscale_sources_become_three_channels_and_rgb_becomes_one(tmp_path):
     gray = tmp_path / "gray"
-    datasets.export_fashion_mnist(str(gray), classes=[1, 3], per_class=8)
+    # a seed whose content-hash split gives every class val and test images
+    datasets.export_fashion_mnist(str(gray), classes=[1, 3], per_class=8, seed=2)
     rgb_spec = augment_dataset(str(gray), tmp_path / "rgb", CONFIG)
     x, _ = examples.load_arrays(tmp_path / "rgb", "test")
     assert rgb_spec["channels"] == 3 and x.shape[-1] == 3
@@ -310,3 +311,57 @@ def test_augment_writes_records_in_an_order_that_does_not_follow_labels(tmp_path
     frequencies = {c: float((stored[:originals] == c).mean()) for c in range(4)}
     assert_in_proportion(stored[:320], frequencies)
     assert_in_proportion(stored[originals : originals + 320], frequencies)
+
+
+# --- splits that lose a class: refused by name -------------------------------------------------
+
+
+def noise_images(count: int, seed: int, *, keep=lambda sha: True) -> list[np.ndarray]:
+    """``count`` random 16 px RGB images whose PNG's SHA-256 passes ``keep``."""
+    rng = np.random.default_rng(seed)
+    images = []
+    while len(images) < count:
+        image = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+        if keep(hashlib.sha256(datasets.encode_png(image)).hexdigest()):
+            images.append(image)
+    return images
+
+
+def test_a_class_the_hash_split_leaves_without_a_test_image_is_refused_by_name(tmp_path):
+    from components.validate import DataValidationError, validate_dataset
+
+    config = GraftConfig(image_size=16, views=0, min_images_per_class=5)
+    in_train = lambda sha: assign_split(sha, 0.15, 0.15) == "train"  # noqa: E731
+    root = str(tmp_path / "data")
+    datasets.write_class_folders(root, {"plenty": noise_images(40, 0), "rare": noise_images(5, 1, keep=in_train)})  # fmt: skip
+
+    with pytest.raises(DataValidationError) as refused:
+        validate_dataset(root, None, config)
+    message = str(refused.value)
+    assert "expect_every_class_in_val_and_test" in message
+    assert (
+        "class 'rare' has 5 images and the content-hash split puts none in val or test" in message
+    )
+    assert "add images to rare/" in message and "15 more for 90% odds" in message
+    assert "'plenty'" not in message
+    with pytest.raises(ValueError, match="class 'rare' has 5 images"):
+        augment_dataset(root, tmp_path / "ex", config)
+
+
+def test_no_image_changes_split_as_a_class_grows_and_a_met_guarantee_stays_met():
+    """A class grown one image at a time from 1 to 80: every image keeps the split it got when
+    it arrived, and once the class has val and test images no later growth takes them away."""
+    from components.augment import classes_short_of_a_split
+
+    shas = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(80)]
+    first_split, met_at = {}, None
+    for size in range(1, len(shas) + 1):
+        rows = [{"label": "grown", "sha256": sha} for sha in shas[:size]]
+        for sha in shas[:size]:
+            split = assign_split(sha, 0.15, 0.15)
+            assert first_split.setdefault(sha, split) == split
+        short = classes_short_of_a_split(rows, 0.15, 0.15)
+        if met_at is None and not short:
+            met_at = size
+        assert not (met_at and short), f"refused again at {size} images after passing at {met_at}"
+    assert met_at is not None and {"train", "val", "test"} == set(first_split.values())

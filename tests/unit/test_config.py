@@ -224,7 +224,9 @@ def test_validate_refuses_a_setting_validation_does_not_use(tmp_path):
 def test_validate_set_min_side_takes_effect(tmp_path):
     from components import datasets
 
-    datasets.write_synthetic_dataset(str(tmp_path / "d"), num_classes=2, per_class=6, size=32)
+    datasets.write_synthetic_dataset(
+        str(tmp_path / "d"), num_classes=2, per_class=6, size=32, seed=3
+    )
     ok = CliRunner().invoke(app, ["validate", "--data", str(tmp_path / "d")])
     assert ok.exit_code == 0, ok.output
     small = CliRunner().invoke(
