@@ -201,8 +201,9 @@ def test_fine_tune_streams_every_epoch_when_the_cache_would_not_fit(
     examples_dir, tmp_path, monkeypatch
 ):
     base_path = tiny_base(tmp_path / "base.keras", counting=True)
-    config = replace(CONFIG, base=base_path, fine_tune_layers=1, fine_tune_max_epochs=2, patience=5)
-    train_head_model(examples_dir, tmp_path / "head", config)
+    config = replace(CONFIG, base=base_path, fine_tune_layers=1, fine_tune_max_epochs=2, patience=5,
+                     min_delta=0.01)  # fmt: skip
+    assert train_head_model(examples_dir, tmp_path / "head", config).converged
     monkeypatch.setattr(fine_tune, "FROZEN_CACHE_BYTES", 0)
     result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
     counts = examples.read_spec(examples_dir)["counts"]
