@@ -4,9 +4,12 @@ The champion is the version being served (common/model_repository.py). It is eva
 the same test images as the candidate, sent as the original file bytes through its own
 ``serving_default`` signature, so each model sees the images prepared the way it expects
 (its own image size, channels and decoding), even after those settings changed between
-runs. The candidate is blessed only if it clears an absolute floor and is not worse than
-the champion beyond a tolerance overall and, beyond sampling noise, per class (see
-``class_regressions``). Classes are compared by name, so a champion with other labels is
+runs. The candidate is blessed only if it clears an absolute floor, beats always answering
+the majority class beyond sampling noise and reaches a macro-recall floor (FIRST_MODEL_RULE,
+so a first model is never a coin flip), and is not worse than the champion beyond a
+tolerance overall and, beyond sampling noise, per class (see ``class_regressions``). The
+fine-tune guard's decision (``guard_decision``) lives here too: it is a judgement on held-out
+images like the blessing. Classes are compared by name, so a champion with other labels is
 still comparable.
 """
 
