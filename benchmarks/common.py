@@ -30,6 +30,42 @@ def target_images(per_class: int, seed: int, split: str = "train"):
     return images[index][..., None], np.searchsorted(TARGET, labels[index])
 
 
+def validation_per_class(budget: int) -> int:
+    """Validation images per class for a label budget: in proportion to the labels one has."""
+    return max(5, budget // 5)
+
+
+def train_and_validation_indices(labels, budget: int, seed: int) -> tuple:
+    """(train indices, validation indices) into Fashion-MNIST's train split: ``budget`` and
+    ``validation_per_class(budget)`` images of each target class from ONE draw, so no image
+    is in both (two independent draws put training images into validation)."""
+    import numpy as np
+
+    val = validation_per_class(budget)
+    picked = datasets.pick_per_class(labels, TARGET, budget + val, seed)
+    rng = np.random.default_rng(seed)
+    train, validation = [], []
+    for cls in TARGET:
+        drawn = rng.permutation(picked[cls])  # pick_per_class sorts: shuffle before cutting
+        train.append(np.sort(drawn[:budget]))
+        validation.append(np.sort(drawn[budget:]))
+    return np.concatenate(train), np.concatenate(validation)
+
+
+def train_and_validation(budget: int, seed: int):
+    """``(x, y, x_val, y_val)`` of the target classes: ``budget`` labelled images per class
+    and a disjoint validation set (``train_and_validation_indices``)."""
+    import numpy as np
+
+    images, labels = datasets.load_fashion_mnist("train")
+    train, validation = train_and_validation_indices(labels, budget, seed)
+
+    def arrays(index):
+        return images[index][..., None], np.searchsorted(TARGET, labels[index])
+
+    return (*arrays(train), *arrays(validation))
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

@@ -2,7 +2,8 @@
 {1,3,5,7,9} with 10/30/100 labels per class, several seeds. For each: head-only,
 fine-tuned, the model graft chooses (fine-tuned only if it beats the head on
 validation), and the same network trained from scratch, all scored on the full target
-test set (5000 images).
+test set (5000 images). Validation images (budget/5 per class, at least 5) come from the
+same draw as the labelled ones and never overlap them (common.train_and_validation).
 
     .venv/bin/python -m benchmarks.transfer_quality [--budgets 10,30,100] [--seeds 0,1,2]
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import pretrained_base, target_images
+from benchmarks.common import pretrained_base, target_images, train_and_validation
 
 
 def write_examples(out: Path, x, y, x_val, y_val, views: int, seed: int) -> None:
@@ -81,11 +82,7 @@ def main() -> None:
     for budget in [int(b) for b in args.budgets.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
             work = Path(tempfile.mkdtemp(prefix=f"graft-tq-{budget}-{seed}-"))
-            x, y = target_images(budget, seed)
-            val_per_class = max(
-                5, budget // 5
-            )  # a validation set in proportion to the labels one has
-            x_val, y_val = target_images(val_per_class, seed + 100)
+            x, y, x_val, y_val = train_and_validation(budget, seed)
             write_examples(work / "ex", x, y, x_val, y_val, args.views, seed)
             run_config = replace(config, seed=seed)
             head = train_head_model(work / "ex", work / "head", run_config)

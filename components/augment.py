@@ -2,12 +2,14 @@
 
 The split of an image is decided by the SHA-256 of its bytes alone, so adding images to
 the bucket never moves an old image between train, val and test (a test image can never
-leak into training on a later run). Augmented views are made here, once, with seeded
+leak into training on a later run). A class the split leaves without a val or a test image
+is refused, by name (``classes_short_of_a_split``), not silently left out of the gates. Augmented views are made here, once, with seeded
 Keras preprocessing layers, so the head's feature cache can cover every view.
 """
 
 import hashlib
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -36,6 +38,42 @@ def assign_split(sha256: str, val_fraction: float, test_fraction: float) -> str:
     if position < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def classes_short_of_a_split(
+    rows: list[dict], val_fraction: float, test_fraction: float
+) -> list[str]:
+    """One sentence per class that the content-hash split leaves without a val or a test image
+    (rows with a pre-set ``split`` are validate's pre-split layout, checked there).
+
+    Why refuse rather than move an image in: a split that never changes as data grows must
+    be a function of the image alone (two datasets holding one image both grow into their
+    union, where the image has one split), so some class of any size could hash entirely
+    into train. Without a test image a class drops out of the champion gate, without a val
+    image out of early stopping and the guard: training on it would be silently unjudged."""
+    need = {split: fraction for split, fraction in (("val", val_fraction), ("test", test_fraction))
+            if fraction > 0}  # fmt: skip
+    by_class: dict[str, dict[str, int]] = {}
+    for row in rows:
+        if row.get("split") or not row.get("label") or not row.get("sha256"):
+            continue
+        counts = by_class.setdefault(row["label"], {"train": 0, "val": 0, "test": 0})
+        counts[assign_split(row["sha256"], val_fraction, test_fraction)] += 1
+    short = []
+    for label, counts in sorted(by_class.items()):
+        missing = [split for split in need if not counts[split]]
+        if not missing:
+            continue
+        rarest = min(need[split] for split in missing)
+        likely = math.ceil(math.log(0.1) / math.log(1 - rarest))
+        short.append(
+            f"class {label!r} has {sum(counts.values())} images and the content-hash split puts "
+            f"none in {' or '.join(missing)} ({', '.join(f'{s}_fraction={need[s]}' for s in missing)}): "
+            f"add images to {label}/ (each new one lands in {missing[0]} with probability "
+            f"{need[missing[0]]}: about {math.ceil(1 / rarest)} more on average, {likely} more for "
+            f"90% odds), or lay the dataset out as train/val/test/<label>/ folders"
+        )
+    return short
 
 
 def load_image(data: bytes, image_size: int, channels: int) -> np.ndarray:
@@ -128,8 +166,8 @@ def _decoded(rows: list[dict], config: GraftConfig, progress: Progress):
 
 
 def _split_records(rows, label_ids, config: GraftConfig, progress: Progress, originals_file):
-    """The split's records in the order augment has always written them: every original
-    (view 0), then view 1 of every original, then view 2, ... Originals go to
+    """The split's records: every original (view 0) in ``rows``' order (content-hash order,
+    so labels are mixed), then view 1 of every original, then view 2, ... Originals go to
     ``originals_file`` (raw uint8 in TMPDIR, on local disk: N x H x W x C bytes) as they
     stream by, so the views can read them back in VIEW_BATCH batches without holding the
     split in memory."""
@@ -187,11 +225,17 @@ def augment_dataset(
     label_ids = {name: i for i, name in enumerate(labels)}
 
     by_split: dict[str, list] = {split: [] for split in examples.SPLITS}
-    for row in sorted(rows, key=lambda r: r["relpath"]):
+    # Records go out in content-hash order, not class-folder order: a shuffle buffer smaller
+    # than the split then still sees every class in proportion (path order made batches of
+    # a few classes past ~800 images). The hash orders every split, whatever its folders.
+    for row in sorted(rows, key=lambda r: (r["sha256"], r["relpath"])):
         split = row.get("split") or assign_split(
             row["sha256"], config.val_fraction, config.test_fraction
         )
         by_split[split].append(row)
+    short = classes_short_of_a_split(rows, config.val_fraction, config.test_fraction)
+    if short:  # validate refuses these too; a direct call must not train on them either
+        raise ValueError("Every class needs a val and a test image: " + "; ".join(short))
     test_sources = by_split["test"]  # the champion is evaluated on these files (evaluate.py)
     missing = [s for s in ("train", "val") if not by_split[s]]
     if missing:

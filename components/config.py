@@ -26,7 +26,8 @@ GRAFT_IMAGE = "graft:latest"
 @dataclass(frozen=True)
 class GraftConfig:
     # --- validate: what a usable dataset looks like ---
-    min_images_per_class: int = 5  # fewer than this cannot be split into train/val/test
+    min_images_per_class: int = 5  # at least one each for train, val and test; the hash split
+    # may still leave a class of 5 without a test image (0.85^5 = 44%): validate names it
     min_classes: int = 2  # a classifier needs at least two labels
     min_side: int = 16  # smaller images carry too little signal after resizing
     max_side: int = 8192  # larger sides are almost always a mistake (scans, panoramas)
@@ -76,6 +77,8 @@ class GraftConfig:
     # --- evaluate: when a candidate may replace the served model ---
     top_k: int = 3  # top-k accuracy reported and top-k labels returned by serving
     bless_min_accuracy: float = 0.5  # absolute floor on test accuracy
+    bless_min_macro_recall: float = 0.5  # mean per-class recall floor: plain accuracy hides a
+    # class the model never gets right (a 20:1 majority-class predictor scores 0.95, recall 0.5)
     bless_tolerance: float = 0.01  # how much worse than the champion overall is still fine
     bless_class_tolerance: float = 0.05  # per-class recall regression allowed vs the champion
 
@@ -200,7 +203,7 @@ def _fraction(value) -> bool:
 
 # Each setting's range: (name, what is expected, check).
 _RULES = (
-    ("min_images_per_class", ">= 1", _at_least(1)),
+    ("min_images_per_class", ">= 3 (one each for train, val and test)", _at_least(3)),
     ("min_classes", ">= 2 (a classifier needs two labels)", _at_least(2)),
     ("min_side", ">= 1", _at_least(1)),
     ("max_pixels", ">= 1", _at_least(1)),
@@ -228,6 +231,7 @@ _RULES = (
     ("replicas", ">= 0 (0: every visible GPU)", _at_least(0)),
     ("top_k", ">= 1", _at_least(1)),
     ("bless_min_accuracy", ">= 0", _at_least(0)),  # above 1 blesses nothing: tests use it
+    ("bless_min_macro_recall", "in [0, 1]", lambda v: 0 <= v <= 1),
     ("bless_tolerance", ">= 0", _at_least(0)),
     ("bless_class_tolerance", ">= 0", _at_least(0)),
 )

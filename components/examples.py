@@ -126,8 +126,33 @@ def shard_paths(examples_dir: str | Path, split: str) -> list[str]:
     return paths
 
 
-def dataset(examples_dir: str | Path, split: str, *, originals_only: bool = False):
-    """A tf.data.Dataset of ``(image uint8 HxWxC, label int64)`` for one split."""
+# Records the training shuffle may hold at once, in bytes of pixels: a split that fits is
+# shuffled whole (a fixed 4096-record buffer over class-grouped records gave batches of a few
+# classes); a larger one is shuffled 256 MiB at a time over interleaved, shuffled shards.
+SHUFFLE_BUFFER_BYTES = 256 << 20
+MAX_OPEN_SHARDS = 64  # shards read at once when interleaving: each holds one small read buffer
+
+
+def shuffle_buffer(spec: dict, split: str) -> int:
+    """Records in the training shuffle's buffer: the whole split where it fits in
+    SHUFFLE_BUFFER_BYTES, else as many as do (at least 1)."""
+    record_bytes = spec["image_size"] ** 2 * spec["channels"]
+    records = spec.get("counts", {}).get(split) or 1
+    return max(1, min(records, SHUFFLE_BUFFER_BYTES // record_bytes))
+
+
+def dataset(
+    examples_dir: str | Path,
+    split: str,
+    *,
+    originals_only: bool = False,
+    shuffle_seed: int | None = None,
+):
+    """A tf.data.Dataset of ``(image uint8 HxWxC, label int64)`` for one split.
+
+    With ``shuffle_seed``, shards are read in a shuffled order, interleaved record by record,
+    and records pass a ``shuffle_buffer`` (a new order each epoch, reproducible for a seed);
+    without, records come in stored order."""
     import tensorflow as tf
 
     spec = read_spec(examples_dir)
@@ -143,9 +168,20 @@ def dataset(examples_dir: str | Path, split: str, *, originals_only: bool = Fals
         image = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), shape)
         return image, parsed["label"], parsed["view"]
 
-    ds = tf.data.TFRecordDataset(shard_paths(examples_dir, split)).map(parse)
+    paths = shard_paths(examples_dir, split)
+    if shuffle_seed is None:
+        records = tf.data.TFRecordDataset(paths)
+    else:
+        files = tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=shuffle_seed)
+        records = files.interleave(
+            tf.data.TFRecordDataset, cycle_length=min(len(paths), MAX_OPEN_SHARDS),
+            block_length=1, deterministic=True,
+        )  # fmt: skip
+    ds = records.map(parse)
     if originals_only:
         ds = ds.filter(lambda image, label, view: tf.equal(view, 0))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(shuffle_buffer(spec, split), seed=shuffle_seed)
     return ds.map(lambda image, label, view: (image, label))
 
 
@@ -154,17 +190,15 @@ def batches(
 ):
     """``(images float32 [B,H,W,C], labels)`` batches streamed from the shards, for Keras.
 
-    With ``shuffle_seed``, records are shuffled through a 4096-record buffer (memory fixed
-    whatever the split's size). The record count from spec.json is attached, so Keras
-    knows an epoch's length."""
+    With ``shuffle_seed``, records are shuffled as ``dataset`` says (memory bounded by
+    SHUFFLE_BUFFER_BYTES whatever the split's size). The record count from spec.json is
+    attached, so Keras knows an epoch's length."""
     import tensorflow as tf
 
-    ds = dataset(examples_dir, split)
+    ds = dataset(examples_dir, split, shuffle_seed=shuffle_seed)
     records = read_spec(examples_dir).get("counts", {}).get(split)
     if records:  # TFRecords hide their size; telling tf.data keeps Keras' epochs exact
         ds = ds.apply(tf.data.experimental.assert_cardinality(records))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(4096, seed=shuffle_seed)
     return ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)
 
 

@@ -32,6 +32,7 @@ from common.progress import Progress
 from components import examples, frozen, training
 from components.component import step_component
 from components.config import GraftConfig
+from components.evaluate import guard_decision
 from components.frozen import unfreeze_top
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class FineTuneResult:
     precision: str = "float32"  # the dtype policy the step trained with
     replicas: int = 1
     optimizer: str = ""  # LossScaleOptimizer under mixed_float16 (float16 gradients underflow)
+    guard: dict = field(default_factory=dict)  # evaluate.GuardDecision: counts, McNemar p-value
 
 
 def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: Path):
@@ -167,37 +169,31 @@ def fine_tune_model(
                 compiled.compile(optimizer=setup.optimizer(config.fine_tune_learning_rate),
                                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
 
-        def val_accuracy() -> float:
+        def val_correct() -> np.ndarray:
+            """One bool per validation image, in order: does the model being trained get it right."""
             if isinstance(val, tuple):
-                return float(trained.evaluate(*val, batch_size=config.batch_size, verbose=0)[1])
-            return float(trained.evaluate(val, verbose=0)[1])
+                predicted = trained.predict(val[0], batch_size=config.batch_size, verbose=0)
+                return predicted.argmax(axis=1) == val[1]
+            truth = np.concatenate([labels for _, labels in val.as_numpy_iterator()])
+            return trained.predict(val, verbose=0).argmax(axis=1) == truth
 
-        head_accuracy = val_accuracy()  # the weights are still the head model's
+        head_correct = val_correct()  # the weights are still the head model's
         run = training.fit(
             trained, train, val, config=config, epochs=config.fine_tune_max_epochs,
             out_dir=out_dir, what="fine_tune", records=counts["train"], name="fine_tune",
         )  # fmt: skip
-        tuned_accuracy = val_accuracy()
+        tuned_correct = val_correct()
         steps = int(trained.optimizer.iterations.numpy())
         model.save(out_dir / CANDIDATE_FILE)  # kept either way, so the comparison can be inspected
-    val_images = counts["val"]
+    head_accuracy, tuned_accuracy = float(head_correct.mean()), float(tuned_correct.mean())
 
-    if round(tuned_accuracy * val_images) > round(head_accuracy * val_images):
-        chosen, reason = (
-            "fine_tuned",
-            f"val accuracy {tuned_accuracy:.4f} > head-only {head_accuracy:.4f} on {val_images} images",
-        )
-    else:
-        chosen = "head"
-        reason = (
-            f"fine-tuning did not beat the head on validation "
-            f"({tuned_accuracy:.4f} vs {head_accuracy:.4f} on {val_images} images); kept the head-only model"
-        )
+    guard = guard_decision(head_correct, tuned_correct)
+    chosen, reason = guard.chosen, guard.reason
     log.info("fine_tune: chose %s: %s", chosen, reason)
     result = FineTuneResult(
         chosen, reason, head_accuracy, tuned_accuracy, unfrozen, run.epochs, steps, cached,
         uncached, run.resumed_from_epoch, setup.policy, setup.replicas,
-        type(trained.optimizer).__name__,
+        type(trained.optimizer).__name__, asdict(guard),
     )  # fmt: skip
     kept = _keep_and_record(result, head_model_dir, out_dir, head_record, config, run.history)
     training.finished(out_dir)

@@ -393,6 +393,13 @@ def validate_dataset(
     outcomes, failures = run_suite(rows, config)
     empty = empty_class_folders(data_uri, rows)
     extra = layout_failures(rows, data_uri)
+    from components.augment import classes_short_of_a_split
+
+    short = classes_short_of_a_split(rows, config.val_fraction, config.test_fraction)
+    if short:
+        extra.append(Failure("expect_every_class_in_val_and_test",
+            "every class has a val and a test image (early stopping and the gates judge each class)",
+            short, len(short)))  # fmt: skip
     if empty:
         extra.append(Failure("expect_class_folders_not_empty",
                              "every class folder holds images: add images to it or remove it",
@@ -456,6 +463,8 @@ def validate_data(
     max_imbalance_ratio: float = 20.0,
     allowed_formats: list = ["JPEG", "PNG"],  # noqa: B006 (KFP reads the literal; never mutated)
     io_concurrency: int = 16,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
 ):
     """Fail the run, with a report naming the files, unless the dataset is trainable."""
     import shutil

@@ -1,5 +1,7 @@
 """The graft DAG: check_data -> validate -> augment -> train_head -> [converged] fine_tune
--> evaluate -> [blessed] push, with every gate a visible `dsl.If`.
+-> evaluate -> [blessed] push, with every gate a visible `dsl.If`. A head that did not
+converge skips fine_tune only: its branch evaluates the head-only model and pushes it if
+blessed (kfp names that branch's tasks ``evaluate-2`` and ``push-2``).
 
     python -m pipeline.pipeline pipeline.yaml      # compile with defaults (no image override)
     graft compile --image REGISTRY/graft:TAG -o pipeline.yaml
@@ -134,28 +136,20 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
                 gpu,
             )
 
-            with dsl.If(head.outputs["Output"] == True, name="head-converged"):  # noqa: E712
-                chosen = _training_step(
-                    fine_tune(
-                        examples=augmented.outputs["examples"],
-                        head_model=head.outputs["head_model"],
-                        **settings_for(fine_tune, p),
-                    ),
-                    gpu,
-                )
+            def evaluate_and_push(model):
+                """evaluate ``model``, then push it if blessed: the end of both branches."""
                 evaluated = evaluate(
                     examples=augmented.outputs["examples"],
-                    model=chosen.outputs["model"],
+                    model=model,
                     data_state=checked.outputs["data_state"],
                     model_repo=model_repo,
                     model_name=model_name,
                     **settings_for(evaluate, p),
                 )
-
                 with dsl.If(evaluated.outputs["Output"] == True, name="blessed"):  # noqa: E712
                     _io_heavy(
                         push(
-                            model=chosen.outputs["model"],
+                            model=model,
                             examples=augmented.outputs["examples"],
                             evaluation=evaluated.outputs["evaluation"],
                             data_state=checked.outputs["data_state"],
@@ -165,6 +159,23 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
                             **settings_for(push, p),
                         )
                     )
+
+            # Convergence gates fine-tuning only (unfreezing layers under a head still
+            # learning wrecks the pretrained features): an unconverged head is evaluated and
+            # pushed if blessed. Two branches, because kfp.local (2.17) fails dsl.OneOf
+            # over artifacts ("Expected 1 artifact in ArtifactSelectorSpec. Got: 2").
+            with dsl.If(head.outputs["Output"] == True, name="head-converged"):  # noqa: E712
+                chosen = _training_step(
+                    fine_tune(
+                        examples=augmented.outputs["examples"],
+                        head_model=head.outputs["head_model"],
+                        **settings_for(fine_tune, p),
+                    ),
+                    gpu,
+                )
+                evaluate_and_push(chosen.outputs["model"])
+            with dsl.Else(name="head-not-converged"):
+                evaluate_and_push(head.outputs["head_model"])
 
     graft_pipeline.__signature__ = PIPELINE_SIGNATURE
     graft_pipeline = dsl.pipeline(

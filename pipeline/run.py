@@ -186,7 +186,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
     """Rebuild a RunSummary from a kfp.local run directory."""
     run_dir = Path(run_dir)
     tasks = {d.name: _read_task(d) for d in sorted(run_dir.iterdir()) if d.is_dir()}
-    pushed = tasks.get("push")
+    pushed = _branch_task(tasks, "push")
     pushed_version = str(pushed.outputs.get("Output")) if pushed and pushed.succeeded else None
     return RunSummary(str(run_dir), tasks, pushed_version, _outcome(tasks, pushed_version))
 
@@ -200,19 +200,29 @@ def _outcome(tasks: dict[str, TaskResult], pushed_version: str | None) -> str:
         state = _json_in(check.artifacts.get("data_state"), "data_state.json")
         return f"skipped training: {state.get('reason', 'data unchanged')}"
     head = tasks.get("train-head")
-    if head and head.outputs.get("Output") is False:
-        return "stopped: the head did not converge within head_max_epochs (raise it, or check the data)"
-    evaluated = tasks.get("evaluate")
+    unconverged = (
+        " (the head-only model: the head did not converge within head_max_epochs, so "
+        "fine-tuning was skipped)"
+        if head and head.outputs.get("Output") is False
+        else ""
+    )
+    evaluated = _branch_task(tasks, "evaluate")
     if evaluated and evaluated.outputs.get("Output") is False:
         evaluation = _json_in(evaluated.artifacts.get("evaluation"), EVALUATION_FILE)
-        return f"not pushed: candidate not blessed ({evaluation.get('reason', 'see the evaluation report')})"
+        return f"not pushed: candidate not blessed ({evaluation.get('reason', 'see the evaluation report')}){unconverged}"
     if pushed_version:
         # push returns the served version when it already holds this model: nothing new landed
         state = _json_in(check.artifacts.get("data_state"), "data_state.json") if check else {}
         if str(state.get("served_version")) == pushed_version:
-            return f"nothing pushed: the served version {pushed_version} already holds this model"
-        return f"pushed version {pushed_version}"
+            return f"nothing pushed: the served version {pushed_version} already holds this model{unconverged}"
+        return f"pushed version {pushed_version}{unconverged}"
     return "finished without pushing"
+
+
+def _branch_task(tasks: dict[str, TaskResult], name: str) -> TaskResult | None:
+    """The task ``name`` as it ran in either branch of the convergence gate: kfp names the
+    head-not-converged branch's copies ``evaluate-2`` and ``push-2``."""
+    return tasks.get(name) or tasks.get(f"{name}-2")
 
 
 def print_summary(summary: RunSummary) -> None:

@@ -94,7 +94,7 @@ def test_graft_run_image_reads_local_data_under_the_pipeline_root_written_by_ano
 
     root = tmp_path / "runs"
     data = root / "store" / "data"
-    datasets.write_synthetic_dataset(str(data), num_classes=3, per_class=8, size=32, seed=3)
+    datasets.write_synthetic_dataset(str(data), num_classes=3, per_class=8, size=32, seed=7)
     (data / "class_2" / "broken.png").write_bytes(b"not a png at all")
     shutil.copyfile(tiny_base, root / "store" / "base.keras")
     settings = [arg for setting in TINY for arg in ("--set", setting)]

@@ -214,7 +214,7 @@ def test_tf_serving_serves_graft_versions_and_switches(tmp_path, tf_serving, tin
     from serving.client import PredictClient
 
     data = tmp_path / "data"
-    datasets.write_synthetic_dataset(str(data), num_classes=3, per_class=20, size=32, seed=0)
+    datasets.write_synthetic_dataset(str(data), num_classes=3, per_class=20, size=32, seed=1)
     first = graft_run(data, tiny_base, tmp_path / "runs")
     version = int(first["pushed_version"])
     wait_available(tf_serving, version)

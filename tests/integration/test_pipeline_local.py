@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def bucket(tmp_path) -> str:
     uri = str(tmp_path / "bucket")
-    datasets.write_synthetic_dataset(uri, num_classes=3, per_class=20, size=32, seed=0)
+    # a seed whose content-hash split gives every class val and test images
+    datasets.write_synthetic_dataset(uri, num_classes=3, per_class=20, size=32, seed=1)
     return uri
 
 
@@ -54,15 +55,28 @@ def test_converging_head_runs_every_step_and_pushes_a_version(tmp_path, bucket, 
     assert _versions(repo, "tiny") == [summary.pushed_version]
 
 
-def test_head_that_cannot_converge_skips_fine_tune_evaluate_and_push(tmp_path, bucket, tiny_base):
+def test_head_that_did_not_converge_skips_fine_tune_and_is_evaluated_and_pushed(
+    tmp_path, bucket, tiny_base
+):
     repo = str(tmp_path / "models")
-    config = _config(tiny_base, "head_max_epochs=1")
+    # Two epochs cannot show a plateau of patience=2 epochs: the head is still "improving".
+    config = _config(tiny_base, "head_max_epochs=2")
     summary = run_local(bucket, repo, "tiny", config, pipeline_root=tmp_path / "runs")
 
-    assert summary.ran() == ["check-data", "validate-data", "augment", "train-head"]
+    assert summary.ran() == [
+        "check-data", "validate-data", "augment", "train-head", "evaluate-2", "push-2",
+    ]  # fmt: skip
     assert summary.tasks["train-head"].outputs["Output"] is False
-    assert "did not converge" in summary.outcome
-    assert _versions(repo, "tiny") == []  # nothing pushed
+    assert summary.tasks["evaluate-2"].outputs["Output"] is True
+    assert "did not converge" in summary.outcome and "pushed version" in summary.outcome
+    assert _versions(repo, "tiny") == [summary.pushed_version]
+    version_dir = Path(repo, "tiny", summary.pushed_version)
+    metadata = json.loads((version_dir / "graft_metadata.json").read_text())
+    head_record = json.loads(
+        Path(summary.tasks["train-head"].artifacts["head_model"], "training.json").read_text()
+    )
+    assert head_record["converged"] is False and head_record["epochs"] == 2
+    assert metadata["data_fingerprint"]
 
 
 def test_impossible_blessing_floor_skips_push(tmp_path, bucket, tiny_base):

@@ -44,7 +44,7 @@ def test_whole_pipeline_completes_with_every_fifth_gcs_request_failing(
     from pipeline.run import run_local
     from tests.integration.conftest import tiny_config
 
-    datasets.write_synthetic_dataset(f"{gcs}/data", num_classes=3, per_class=20, size=32, seed=0)
+    datasets.write_synthetic_dataset(f"{gcs}/data", num_classes=3, per_class=20, size=32, seed=1)
     with FlakyProxy(gcs_emulator, every=5) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.address)
         summary = run_local(f"{gcs}/data", f"{gcs}/models", "tiny", tiny_config(tiny_base),

@@ -87,7 +87,8 @@ def test_views_shapes_labels_and_spec(data, tmp_path):
 
 def test_grayscale_sources_become_three_channels_and_rgb_becomes_one(tmp_path):
     gray = tmp_path / "gray"
-    datasets.export_fashion_mnist(str(gray), classes=[1, 3], per_class=8)
+    # a seed whose content-hash split gives every class val and test images
+    datasets.export_fashion_mnist(str(gray), classes=[1, 3], per_class=8, seed=2)
     rgb_spec = augment_dataset(str(gray), tmp_path / "rgb", CONFIG)
     x, _ = examples.load_arrays(tmp_path / "rgb", "test")
     assert rgb_spec["channels"] == 3 and x.shape[-1] == 3
@@ -103,7 +104,8 @@ def test_grayscale_sources_become_three_channels_and_rgb_becomes_one(tmp_path):
 
 def reference_records(data_dir, config: GraftConfig) -> dict[str, list[bytes]]:
     """augment as it was before it streamed (commit 2cbfb45): every image decoded and held,
-    then all K views of the training set made from one stacked array, 256 at a time."""
+    then all K views of the training set made from one stacked array, 256 at a time; images
+    in content-hash order (the order that keeps classes mixed)."""
     import keras
 
     from components.augment import augmenter, load_image
@@ -112,7 +114,7 @@ def reference_records(data_dir, config: GraftConfig) -> dict[str, list[bytes]]:
     rows = [r for r in build_manifest(str(data_dir), config) if r["decodable"] and r["label"]]
     label_ids = {name: i for i, name in enumerate(sorted({r["label"] for r in rows}))}
     by_split = {split: [] for split in examples.SPLITS}
-    for row in sorted(rows, key=lambda r: r["relpath"]):
+    for row in sorted(rows, key=lambda r: (r["sha256"], r["relpath"])):
         split = row["split"] or assign_split(
             row["sha256"], config.val_fraction, config.test_fraction
         )
@@ -231,3 +233,137 @@ def test_augment_logs_its_progress(data, tmp_path, caplog):
         augment_dataset(str(data), tmp_path / "ex", CONFIG)
     assert "augment: read and decoded: 30/30 images (100.0%)" in caplog.text
     assert "augment: augmented views made:" in caplog.text
+
+
+# --- data order: every batch sees the classes in proportion -----------------------------------
+
+
+def first_labels(dataset, count: int) -> np.ndarray:
+    labels = np.concatenate([np.asarray(y).reshape(-1) for _, y in dataset.take(count)])
+    return labels[:count]
+
+
+def assert_in_proportion(labels: np.ndarray, expected: dict[int, float]) -> None:
+    """Class counts of ``labels`` match ``expected`` frequencies within sampling noise:
+    Pearson's chi-square test, refused only below p = 0.001."""
+    from scipy.stats import chisquare
+
+    classes = sorted(expected)
+    observed = [int((labels == c).sum()) for c in classes]
+    assert sum(observed) == len(labels), f"labels outside {classes}"
+    wanted = [expected[c] * len(labels) for c in classes]
+    p_value = chisquare(observed, wanted).pvalue
+    assert p_value > 1e-3, f"class counts {observed} vs expected {wanted}: p={p_value:.2e}"
+
+
+def test_training_batches_hold_the_classes_in_proportion_even_from_class_grouped_shards(tmp_path):
+    """12000 records stored class by class (5 classes) in 6 shards: the first 10 batches of
+    32 still hold every class in proportion (a 4096-record buffer gave classes 0 and 1 only)."""
+    per_class, classes = 2400, 5
+    image = np.zeros((4, 4, 1), np.uint8)
+    records = ((image, c, 0, f"{c}-{i}") for c in range(classes) for i in range(per_class))
+    count = examples.write_split(tmp_path, "train", records, per_shard=2000)
+    spec = {"image_size": 4, "channels": 1, "views": 0, "counts": {"train": count}}
+    examples.write_metadata(tmp_path, [str(c) for c in range(classes)], spec)
+    assert len(examples.shard_paths(tmp_path, "train")) == 6
+
+    batches = examples.batches(tmp_path, "train", 32, shuffle_seed=0)
+    first_epoch = first_labels(batches, 10 * 32)
+    assert_in_proportion(first_epoch, dict.fromkeys(range(classes), 0.2))
+    assert not np.array_equal(first_labels(batches, 320), first_epoch)  # a new order each epoch
+    again = first_labels(examples.batches(tmp_path, "train", 32, shuffle_seed=0), 320)
+    assert np.array_equal(again, first_epoch)  # reproducible for a seed
+    assert examples.shuffle_buffer(spec, "train") == count  # the whole split fits
+
+
+def test_shuffle_buffer_is_the_split_where_it_fits_and_bounded_where_not():
+    small = {"image_size": 28, "channels": 1, "counts": {"train": 50_000}}
+    assert examples.shuffle_buffer(small, "train") == 50_000
+    large = {"image_size": 224, "channels": 3, "counts": {"train": 1_000_000}}
+    assert examples.shuffle_buffer(large, "train") == examples.SHUFFLE_BUFFER_BYTES // (
+        224 * 224 * 3
+    )
+
+
+def test_shard_order_is_shuffled_and_interleaved(tmp_path, monkeypatch):
+    """With a one-record buffer the order is the interleaving's alone: records alternate
+    between shards (one class per shard here) and the first shard read depends on the seed."""
+    monkeypatch.setattr(examples, "SHUFFLE_BUFFER_BYTES", 1)
+    image = np.zeros((2, 2, 1), np.uint8)
+    records = ((image, c, 0, f"{c}-{i}") for c in range(4) for i in range(10))
+    count = examples.write_split(tmp_path, "train", records, per_shard=10)
+    examples.write_metadata(tmp_path, list("abcd"), {"image_size": 2, "channels": 1, "counts": {"train": count}})  # fmt: skip
+    firsts = set()
+    for seed in range(6):
+        labels = first_labels(examples.batches(tmp_path, "train", 4, shuffle_seed=seed), 8)
+        assert sorted(labels[:4]) == [0, 1, 2, 3] and sorted(labels[4:]) == [0, 1, 2, 3]
+        firsts.add(int(labels[0]))
+    assert len(firsts) > 1
+
+
+def test_augment_writes_records_in_an_order_that_does_not_follow_labels(tmp_path):
+    """2400 images in 4 class folders: the first 320 stored training records, and the first
+    320 of the first augmented view, hold the classes as the split does."""
+    root = tmp_path / "data"
+    datasets.write_synthetic_dataset(str(root), num_classes=4, per_class=600, size=16, seed=3)
+    config = GraftConfig(image_size=8, channels=1, views=1, val_fraction=0.1, test_fraction=0.1)
+    spec = augment_dataset(str(root), tmp_path / "ex", config)
+    stored = first_labels(examples.dataset(tmp_path / "ex", "train"), spec["counts"]["train"])
+    originals = spec["images"]["train"]
+    frequencies = {c: float((stored[:originals] == c).mean()) for c in range(4)}
+    assert_in_proportion(stored[:320], frequencies)
+    assert_in_proportion(stored[originals : originals + 320], frequencies)
+
+
+# --- splits that lose a class: refused by name -------------------------------------------------
+
+
+def noise_images(count: int, seed: int, *, keep=lambda sha: True) -> list[np.ndarray]:
+    """``count`` random 16 px RGB images whose PNG's SHA-256 passes ``keep``."""
+    rng = np.random.default_rng(seed)
+    images = []
+    while len(images) < count:
+        image = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+        if keep(hashlib.sha256(datasets.encode_png(image)).hexdigest()):
+            images.append(image)
+    return images
+
+
+def test_a_class_the_hash_split_leaves_without_a_test_image_is_refused_by_name(tmp_path):
+    from components.validate import DataValidationError, validate_dataset
+
+    config = GraftConfig(image_size=16, views=0, min_images_per_class=5)
+    in_train = lambda sha: assign_split(sha, 0.15, 0.15) == "train"  # noqa: E731
+    root = str(tmp_path / "data")
+    datasets.write_class_folders(root, {"plenty": noise_images(40, 0), "rare": noise_images(5, 1, keep=in_train)})  # fmt: skip
+
+    with pytest.raises(DataValidationError) as refused:
+        validate_dataset(root, None, config)
+    message = str(refused.value)
+    assert "expect_every_class_in_val_and_test" in message
+    assert (
+        "class 'rare' has 5 images and the content-hash split puts none in val or test" in message
+    )
+    assert "add images to rare/" in message and "15 more for 90% odds" in message
+    assert "'plenty'" not in message
+    with pytest.raises(ValueError, match="class 'rare' has 5 images"):
+        augment_dataset(root, tmp_path / "ex", config)
+
+
+def test_no_image_changes_split_as_a_class_grows_and_a_met_guarantee_stays_met():
+    """A class grown one image at a time from 1 to 80: every image keeps the split it got when
+    it arrived, and once the class has val and test images no later growth takes them away."""
+    from components.augment import classes_short_of_a_split
+
+    shas = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(80)]
+    first_split, met_at = {}, None
+    for size in range(1, len(shas) + 1):
+        rows = [{"label": "grown", "sha256": sha} for sha in shas[:size]]
+        for sha in shas[:size]:
+            split = assign_split(sha, 0.15, 0.15)
+            assert first_split.setdefault(sha, split) == split
+        short = classes_short_of_a_split(rows, 0.15, 0.15)
+        if met_at is None and not short:
+            met_at = size
+        assert not (met_at and short), f"refused again at {size} images after passing at {met_at}"
+    assert met_at is not None and {"train", "val", "test"} == set(first_split.values())

@@ -99,7 +99,7 @@ def test_run_with_a_read_only_model_repository_stops_before_training(tmp_path):
         (["compile", "--image", "graft:1", "--gpus", "0"], "give --gpus >= 1 or --no-gpu"),
         (["run", "--data", "d", "--model-repo", "r", "--set", "top_k=0"], "`top_k=0`: expected >= 1"),
         (["run", "--data", "d", "--model-repo", "r", "--set", "min_images_per_class=0"],
-         "`min_images_per_class=0`: expected >= 1"),
+         "`min_images_per_class=0`: expected >= 3"),
         (["run", "--data", "d", "--model-repo", "r", "--set", "channels=2"], "`channels=2`: expected 1 or 3"),
         (["run", "--data", "d", "--model-repo", "r", "--set", "val_fraction=0.5", "--set", "test_fraction=0.5"],
          "leaves no training images"),

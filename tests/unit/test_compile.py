@@ -25,18 +25,33 @@ def all_tasks(spec: dict) -> dict:
     return tasks
 
 
-def test_compiled_pipeline_has_every_step_behind_three_gates(tmp_path):
+def test_compiled_pipeline_has_every_step_behind_its_gates(tmp_path):
     spec, _ = compile_spec(tmp_path)
     tasks = all_tasks(spec)
     assert TASKS <= set(tasks)
     conditions = sorted(
         t["triggerPolicy"]["condition"] for t in tasks.values() if "triggerPolicy" in t
     )
-    assert len(conditions) == 3
-    for producer in ("check-data", "train-head", "evaluate"):
+    # data changed; head converged and its else branch; blessed in each branch
+    assert len(conditions) == 5
+    for producer in ("check-data", "train-head", "evaluate", "evaluate-2"):
         assert any(
-            f"pipelinechannel--{producer}-Output" in c and "== true" in c for c in conditions
-        )
+            f"pipelinechannel--{producer}-Output'] == true" in c and not c.startswith("!")
+            for c in conditions
+        ), producer
+    assert "!(inputs.parameter_values['pipelinechannel--train-head-Output'] == true)" in conditions
+
+
+def test_an_unconverged_head_skips_only_fine_tune(tmp_path):
+    """The head-not-converged branch evaluates the head model and pushes it if blessed."""
+    tasks = all_tasks(compile_spec(tmp_path)[0])
+    for name in ("evaluate-2", "push-2"):  # inside the gate, the head model as a channel
+        model = tasks[name]["inputs"]["artifacts"]["model"]
+        assert model == {"componentInputArtifact": "pipelinechannel--train-head-head_model"}
+    assert "fine-tune" not in tasks["evaluate-2"].get("dependentTasks", [])
+    assert tasks["push"]["inputs"]["artifacts"]["model"] == {
+        "componentInputArtifact": "pipelinechannel--fine-tune-model"
+    }
 
 
 def test_gpu_settings_are_on_training_steps_only_and_one_image_everywhere(tmp_path):

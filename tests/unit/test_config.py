@@ -100,7 +100,7 @@ def test_compiled_spec_wires_each_setting_from_its_pipeline_parameter_into_every
     reached = set()
     for task_name in step_order():
         wired = tasks[task_name]["inputs"]["parameters"]
-        for name in settings_taken(by_name[task_name]):
+        for name in settings_taken(by_name[task_name.removesuffix("-2")]):  # both branches
             # Inside a gate's sub-DAG a pipeline parameter arrives as pipelinechannel--<name>.
             assert wired[name]["componentInputParameter"] in {name, f"pipelinechannel--{name}"}
             reached.add(name)
@@ -110,6 +110,7 @@ def test_compiled_spec_wires_each_setting_from_its_pipeline_parameter_into_every
 def test_step_order_is_read_off_the_dag():
     assert step_order() == (
         "check-data", "validate-data", "augment", "train-head", "fine-tune", "evaluate", "push",
+        "evaluate-2", "push-2",  # the head-not-converged branch
     )  # fmt: skip
 
 
@@ -223,7 +224,9 @@ def test_validate_refuses_a_setting_validation_does_not_use(tmp_path):
 def test_validate_set_min_side_takes_effect(tmp_path):
     from components import datasets
 
-    datasets.write_synthetic_dataset(str(tmp_path / "d"), num_classes=2, per_class=6, size=32)
+    datasets.write_synthetic_dataset(
+        str(tmp_path / "d"), num_classes=2, per_class=6, size=32, seed=3
+    )
     ok = CliRunner().invoke(app, ["validate", "--data", str(tmp_path / "d")])
     assert ok.exit_code == 0, ok.output
     small = CliRunner().invoke(

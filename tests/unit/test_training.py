@@ -60,8 +60,9 @@ def assert_same_weights(saved: Path, other: Path) -> None:
 @pytest.fixture(scope="module")
 def examples_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ex")
+    # a seed whose content-hash split gives every class val and test images
     datasets.write_synthetic_dataset(
-        str(root / "data"), num_classes=3, per_class=12, size=16, seed=0
+        str(root / "data"), num_classes=3, per_class=12, size=16, seed=2
     )
     augment_dataset(str(root / "data"), root / "examples", CONFIG)
     return root / "examples"
@@ -173,6 +174,10 @@ def test_fine_tune_guard_chooses_the_tuned_model_when_it_gets_more_validation_im
     result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
     assert result.tuned_val_accuracy > result.head_val_accuracy
     assert result.chosen == "fine_tuned" and "> head-only" in result.reason
+    guard = json.loads((tmp_path / "tuned" / "training.json").read_text())["guard"]  # the evidence
+    gained = guard["only_tuned_right"] - guard["only_head_right"]
+    assert guard["tuned_right"] - guard["head_right"] == gained > 0
+    assert 0 < guard["p_value"] <= 1 and "exact McNemar" in result.reason
     assert_same_weights(
         tmp_path / "tuned" / "finetuned_candidate.keras", tmp_path / "tuned" / "model.keras"
     )
@@ -200,8 +205,9 @@ def test_fine_tune_streams_every_epoch_when_the_cache_would_not_fit(
     examples_dir, tmp_path, monkeypatch
 ):
     base_path = tiny_base(tmp_path / "base.keras", counting=True)
-    config = replace(CONFIG, base=base_path, fine_tune_layers=1, fine_tune_max_epochs=2, patience=5)
-    train_head_model(examples_dir, tmp_path / "head", config)
+    config = replace(CONFIG, base=base_path, fine_tune_layers=1, fine_tune_max_epochs=2, patience=5,
+                     min_delta=0.01)  # fmt: skip
+    assert train_head_model(examples_dir, tmp_path / "head", config).converged
     monkeypatch.setattr(fine_tune, "FROZEN_CACHE_BYTES", 0)
     result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
     counts = examples.read_spec(examples_dir)["counts"]
