@@ -50,7 +50,7 @@ def tiny_base(path: Path) -> str:
 @pytest.fixture(scope="module")
 def trained_head(tmp_path_factory):
     root = tmp_path_factory.mktemp("preempt")
-    datasets.write_synthetic_dataset(str(root / "data"), num_classes=3, per_class=12, size=16, seed=0)  # fmt: skip
+    datasets.write_synthetic_dataset(str(root / "data"), num_classes=3, per_class=12, size=16, seed=2)  # fmt: skip
     config = replace(CONFIG, base=tiny_base(root / "base.keras"))
     augment_dataset(str(root / "data"), root / "examples", config)
     assert train_head_model(root / "examples", root / "head", config).converged

@@ -26,7 +26,7 @@ CONFIG = GraftConfig(
 @pytest.fixture(scope="module")
 def examples_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ex")
-    datasets.write_synthetic_dataset(str(root / "data"), num_classes=3, per_class=12, size=16, seed=0)  # fmt: skip
+    datasets.write_synthetic_dataset(str(root / "data"), num_classes=3, per_class=12, size=16, seed=2)  # fmt: skip
     augment_dataset(str(root / "data"), root / "examples", CONFIG)
     return root / "examples"
 
@@ -200,7 +200,7 @@ def test_mixed_precision_applies_to_both_steps_scales_the_loss_and_does_not_leak
     assert keras.mixed_precision.global_policy().name == "float32"
     config = replace(CONFIG, base="mobilenet_v2", image_size=32, precision="mixed_float16",
                      fine_tune_layers=2, head_max_epochs=30)  # fmt: skip
-    datasets.write_synthetic_dataset(str(tmp_path / "data"), num_classes=3, per_class=12, size=32, seed=0)  # fmt: skip
+    datasets.write_synthetic_dataset(str(tmp_path / "data"), num_classes=3, per_class=12, size=32, seed=4)  # fmt: skip
     examples_dir = tmp_path / "examples"
     augment_dataset(str(tmp_path / "data"), examples_dir, config)
     head = train_head_model(examples_dir, tmp_path / "head", config)
