@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from components.config import SETTINGS, GraftConfig, kfp_value, resolve, with_overrides
+from components.config import (
+    SETTINGS,
+    GraftConfig,
+    kfp_value,
+    resolve,
+    split_assignment,
+    with_overrides,
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,9 @@ def run_settings(
     from common.storage import StorageError
     from components.backbones import BaseFacts, base_facts, check_base_settings
 
-    changes = dict(overrides) if isinstance(overrides, dict) else _as_dict(overrides)
+    changes = (
+        dict(overrides) if isinstance(overrides, dict) else dict(map(split_assignment, overrides))
+    )
     with_overrides(GraftConfig(), changes)  # unknown keys and untypeable values fail here
     if base and "base" in changes:
         raise ValueError(f"Received --base {base} and base={changes['base']}: give the base once")
@@ -76,10 +85,7 @@ def cluster_parameters(
     run_types = {p.name: p.annotation for p in RUN_PARAMETERS}
     run_params, settings = {}, {}
     for text in assignments or []:
-        key, sep, value = text.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            raise ValueError(f"Received `{label} {text}`: expected key=value")
+        key, value = split_assignment(text, label=label)
         if key in run_types:
             run_params[key] = _typed_run_parameter(key, value, run_types[key])
         elif key in SETTINGS:
@@ -100,13 +106,3 @@ def _typed_run_parameter(key: str, value: str, kind: type):
         return kind(value)
     except ValueError as err:
         raise ValueError(f"Received `{key}={value}`: expected a {kind.__name__}") from err
-
-
-def _as_dict(assignments: list[str]) -> dict:
-    pairs = {}
-    for text in assignments:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"Received `{text}`: expected key=value")
-        pairs[key.strip()] = value.strip()
-    return pairs
