@@ -535,6 +535,7 @@ def watch(
     """Poll the data; when its fingerprint changes and settles, start a run."""
     import logging
 
+    from common.model_repository import check_model_name
     from pipeline.settings import check_dataset_exists, preflight_local
     from pipeline.watch import local_trigger, parse_duration, submit_trigger
     from pipeline.watch import watch as watch_loop
@@ -547,8 +548,8 @@ def watch(
             _check_count("--max-polls", max_polls)
         if host:
             settings = [*(set_ or []), *([f"base={base}"] if base else [])]
-            params = _cluster_params([f"model_name={model_name}"], settings, label="--set")
-            params.pop("model_name")  # submit_trigger passes it with the data URI
+            params = _cluster_params(None, settings, label="--set")
+            check_model_name(model_name)
             check_dataset_exists(data)  # the watcher itself lists it every poll
             trigger = submit_trigger(
                 host, _package(package, None), data, model_name, model_repo, params

@@ -193,6 +193,23 @@ def test_imagenet_weight_urls_are_the_ones_keras_downloads(base, size, module, c
         assert name.endswith(f"_1.0_{size if size == 96 else 224}_no_top.h5")
 
 
+@pytest.mark.parametrize("command", [["submit"], ["schedule", "create"]])
+@pytest.mark.parametrize(
+    "setting, message",
+    [("seed=-1", "`seed=-1`: expected 0..2147483647"),
+     ("base=bogus_net", "`base='bogus_net'`"),
+     ("fine_tune_from_layer=no_such_layer", "`fine_tune_from_layer='no_such_layer'`: the base")],
+)  # fmt: skip
+def test_submit_and_schedule_refuse_what_cannot_run_before_any_request(
+    command, setting, message, base
+):
+    extra = ["--param", f"base={base}"] if "layer" in setting else []
+    with KfpRecorder() as kfp:
+        assert message in refused(*command, "--host", kfp.url, "--image", "r/g:1",
+                                  "--param", setting, *extra)  # fmt: skip
+        assert kfp.requests == []
+
+
 # --- class 5: gs:// without credentials: one line, exit 2, at start ---------------------------
 
 
