@@ -67,8 +67,10 @@ def check_data(
     force: bool = False,
     min_new_images: int = 0,
     base: str = "mobilenet_v2",
+    weights: str = "imagenet",
     image_size: int = 96,
     channels: int = 3,
+    fine_tune_from_layer: str = "",
 ) -> bool:
     """Refuse settings the base rules out; fingerprint the dataset; return whether to train
     (the gate for everything after)."""
