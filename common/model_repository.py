@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -97,8 +98,25 @@ class Claim:
         return storage.join(self.model_root, str(self.version))  # a new folder: the plain number
 
 
+# A model name is one folder under the repository, and TF Serving's model name: letters,
+# digits, '.', '_' and '-', not starting with '.' (so never '..', never a path).
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
+
+
+def check_model_name(model_name: str) -> str:
+    """``model_name`` if it is one safe path segment; else ModelRepositoryError with the fix."""
+    if not isinstance(model_name, str) or not _MODEL_NAME.fullmatch(model_name):
+        raise ModelRepositoryError(
+            f"Received `model_name={model_name!r}`: a model name is one folder under the "
+            "model repository: letters, digits, '.', '_' and '-', not starting with '.' "
+            "(no '/', no '..'), at most 255 characters"
+        )
+    return model_name
+
+
 def model_root(model_repo: str, model_name: str) -> str:
-    return storage.join(model_repo, model_name)
+    """Every path under a model's folder starts here, so no name can lead outside it."""
+    return storage.join(model_repo, check_model_name(model_name))
 
 
 def parse_version(name: str) -> int | None:

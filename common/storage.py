@@ -97,7 +97,12 @@ def _client(emulator_host: str | None):
 
         client = gcs.Client(project="graft-local", credentials=AnonymousCredentials())
     else:
-        client = gcs.Client()
+        from google.auth import exceptions as auth_errors
+
+        try:
+            client = gcs.Client()
+        except auth_errors.DefaultCredentialsError as err:
+            raise _no_credentials(err) from None
     from requests.adapters import HTTPAdapter
 
     # requests keeps 10 connections per host by default; the pool shares this client.
@@ -110,6 +115,38 @@ def _client(emulator_host: str | None):
 def gcs_client():
     """A cached google-cloud-storage client (anonymous against an emulator)."""
     return _client(os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+CREDENTIALS_FIX = (
+    "run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a "
+    "service-account key file, or set STORAGE_EMULATOR_HOST=host:port to use a GCS emulator"
+)
+
+
+def _no_credentials(err: Exception) -> StorageError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return StorageError(
+        f"No usable Google Cloud credentials for gs:// ({reason}): {CREDENTIALS_FIX}"
+    )
+
+
+def check_credentials() -> None:
+    """Raise StorageError, with the fix, unless gs:// calls can authenticate: called before
+    long work, so a run without credentials stops at start, not after training. Against an
+    emulator there is nothing to check."""
+    client = gcs_client()
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return
+    from google.auth import exceptions as auth_errors
+    from google.auth.transport.requests import Request
+
+    credentials = client._credentials
+    if getattr(credentials, "valid", True):
+        return
+    try:  # an expired or revoked login fails here, once, instead of inside a pooled call
+        credentials.refresh(Request())
+    except (auth_errors.RefreshError, auth_errors.TransportError) as err:
+        raise _no_credentials(err) from None
 
 
 def _bucket(uri: str):

@@ -15,6 +15,7 @@ contradicts what the base fixes.
 
 import json
 import logging
+import os
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -35,6 +36,20 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 # graft's own input layers around an application: fixed arithmetic, never trained
 # (fine-tuning them would let the exported model's preprocessing drift from the base's).
 PREPROCESSING_LAYERS = frozenset({"gray_to_rgb", "preprocess", "caffe_preprocess"})
+MIN_APPLICATION_SIZE = 32  # keras.applications refuse smaller inputs without the top
+# Where keras.applications download imagenet weights (no top) from, and the file names they
+# cache them under (tests/unit/test_config.py compares these with Keras' own).
+KERAS_WEIGHTS_ORIGIN = "https://storage.googleapis.com/"
+IMAGENET_WEIGHTS = {
+    "mobilenet_v2": ("tensorflow/keras-applications/mobilenet_v2/",
+                     "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"),
+    "resnet50": ("tensorflow/keras-applications/resnet/",
+                 "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "vgg16": ("tensorflow/keras-applications/vgg16/",
+              "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "efficientnet_b0": ("keras-applications/", "efficientnetb0_notop.h5"),
+}  # fmt: skip
+MOBILENET_V2_SIZES = (96, 128, 160, 192, 224)  # sizes with their own weights; others get 224
 SETTINGS_ENTRY = "graft_settings.json"  # inside a .keras base, next to Keras' config.json
 log = logging.getLogger(__name__)
 
@@ -109,14 +124,90 @@ def contradictions(base: str, fixed: dict, *, channels: int, image_size: int) ->
     return problems
 
 
-def check_base_settings(config, facts: BaseFacts | None = None) -> None:
-    """Refuse a config whose channels/image_size contradict its base, before any work."""
-    facts = base_facts(config.base) if facts is None else facts
+def check_base_settings(config, facts: BaseFacts | None = None, *, readable: bool = True) -> None:
+    """Refuse, before any work, a config the base cannot run with: channels/image_size its
+    input shape rules out, an image size below what keras.applications builds, a weights
+    file for a base that takes none (or that does not exist), a fine_tune_from_layer the
+    base does not have. ``readable=False``: the base is only readable where the run runs
+    (a bucket only the cluster reaches); what needs the base itself is left to its step."""
+    facts = base_facts(config.base) if facts is None and readable else facts or BaseFacts()
     problems = contradictions(
         config.base, facts.fixed, channels=config.channels, image_size=config.image_size
     )
+    if config.base in APPLICATIONS and config.image_size < MIN_APPLICATION_SIZE:
+        problems.append(
+            f"`image_size={config.image_size}`: keras.applications bases ({config.base}) take "
+            f"images of at least {MIN_APPLICATION_SIZE}x{MIN_APPLICATION_SIZE}; set "
+            f"image_size >= {MIN_APPLICATION_SIZE} or give --base a .keras base"
+        )
+    weights_file = config.weights not in ("imagenet", "none")
+    if weights_file and config.base not in APPLICATIONS:
+        problems.append(
+            f"`weights={config.weights}` cannot apply to the base {config.base}: a .keras base "
+            "carries its own weights; drop the weights setting (it is for keras.applications "
+            "names)"
+        )
+    elif weights_file and not storage.is_gcs(config.weights) and not Path(config.weights).is_file():
+        problems.append(f"`weights={config.weights}`: no such file")
     if problems:
         raise ValueError("; ".join(problems))
+    if config.fine_tune_from_layer and readable:
+        names = fine_tunable_layers(config)
+        if config.fine_tune_from_layer not in names:
+            raise ValueError(
+                f"Received `fine_tune_from_layer={config.fine_tune_from_layer!r}`: the base "
+                f"{config.base} has no layer with weights of that name; its layers with "
+                f"weights, bottom to top: {', '.join(names)}"
+            )
+
+
+def fine_tunable_layers(config) -> list[str]:
+    """The names fine_tune's ``fine_tune_from_layer`` can take: the base's layers with
+    weights, in graph order (the base is built here, without weights, to read them)."""
+    model = build_base(config.base, image_size=config.image_size, channels=config.channels,
+                       weights="none")  # fmt: skip
+    return [layer.name for layer in leaf_layers(model) if layer.weights]
+
+
+def imagenet_weights(base: str, image_size: int) -> tuple[str, str]:
+    """(download URL, file name in Keras' cache) of a keras.applications base's imagenet
+    weights without the top, as keras.applications names them."""
+    folder, name = IMAGENET_WEIGHTS[base]
+    rows = image_size if image_size in MOBILENET_V2_SIZES else 224  # what MobileNetV2 loads
+    name = name.format(rows=rows)
+    return f"{KERAS_WEIGHTS_ORIGIN}{folder}{name}", name
+
+
+def check_weights_available(config, *, keras_home: str | None = None, timeout: float = 10.0):
+    """Refuse at start a run whose imagenet weights are neither in Keras' cache nor
+    downloadable from here (no network: the run would fail at train_head, three steps in).
+    ``keras_home``: Keras' cache folder (KERAS_HOME, else ~/.keras, as Keras reads it)."""
+    import urllib.error
+    import urllib.request
+
+    if config.base not in APPLICATIONS or config.weights != "imagenet":
+        return
+    url, name = imagenet_weights(config.base, config.image_size)
+    home = Path(keras_home or Path.home() / ".keras").expanduser()
+    if not os.access(home, os.W_OK):
+        home = Path("/tmp/.keras")  # where keras.utils.get_file caches then
+    if (home / "models" / name).is_file():
+        return
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+    constructor = APPLICATIONS[config.base][0]
+    raise ValueError(
+        f"The base {config.base} needs its imagenet weights ({name}): they are not in Keras' "
+        f"cache ({home / 'models'}) and cannot be downloaded from {url} ({reason}). "
+        "Without network: give --base a .keras base (`graft pretrain --out base.keras` "
+        "makes one offline), or pre-download the weights where there is network "
+        f'(`python -c "import keras; keras.applications.{constructor}(include_top=False, '
+        f'input_shape=({config.image_size}, {config.image_size}, 3))"`) and copy '
+        f"~/.keras/models/{name} here, or set weights=<that file>"
+    )
 
 
 def _caffe_preprocessing():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, fields
 
 # The one container image every component runs in; `graft compile --image` replaces it.
@@ -83,12 +84,26 @@ class GraftConfig:
     bless_class_tolerance: float = 0.05  # per-class recall regression allowed vs the champion
 
     def __post_init__(self):
-        """Refuse values no step can work with, naming the setting (issue 16: at start,
-        not three steps into a run). Reads fields past StepConfig's guard: this checks every
-        value, whichever a step was given."""
+        """Refuse values no step can work with, naming the setting (issues 16, 23: at start,
+        not three steps into a run). Every source goes through here (defaults, a base's
+        graft_settings.json, --set, --param, a step's parameters), so each value is first
+        typed (a list, null or 1.5 for an int is refused, not passed on), then checked for
+        what the step needs. Reads fields past StepConfig's guard: this checks every value,
+        whichever a step was given. What needs the base itself (its layers, its input shape,
+        its weights) is checked in components/backbones.py."""
         value = functools.partial(object.__getattribute__, self)
-        problems = [f"`{key}={value(key)}`: expected {rule}"
-                    for key, rule, ok in _RULES if not ok(value(key))]  # fmt: skip
+        problems, typed = [], set()
+        for f in fields(GraftConfig):
+            normal, problem = _typed(f.name, value(f.name), str(f.type))
+            if problem:
+                problems.append(problem)
+                continue
+            object.__setattr__(self, f.name, normal)
+            typed.add(f.name)
+        problems += [f"`{key}={value(key)!r}`: expected {rule}"
+                     for key, rule, ok in _RULES if key in typed and not ok(value(key))]  # fmt: skip
+        if problems:  # the pairs below assume every value has its type
+            raise ValueError("Received " + "; ".join(problems))
         if value("max_side") < value("min_side"):
             problems.append(
                 f"`max_side={value('max_side')}` is below `min_side={value('min_side')}`"
@@ -165,10 +180,18 @@ def resolve(
             f"The base records settings this graft does not know: {unknown} (a base saved by a "
             "newer graft?): upgrade graft, or use a base without them"
         )
-    from_base = with_overrides(GraftConfig(), base_settings)
+    try:
+        from_base = with_overrides(GraftConfig(), base_settings)
+    except ValueError as err:
+        from components.backbones import SETTINGS_ENTRY
+
+        raise ValueError(
+            f"The base's recorded settings ({SETTINGS_ENTRY} inside the .keras file) cannot be "
+            f"used: {err}. Re-save the base with `graft pretrain`, or correct that entry"
+        ) from None
     config = with_overrides(from_base, overrides)
     changed = (
-        dict(overrides) if isinstance(overrides, dict) else dict(map(_split_assignment, overrides))
+        dict(overrides) if isinstance(overrides, dict) else dict(map(split_assignment, overrides))
     )
     sources = {
         name: override_label if name in changed else "base" if name in base_settings else "default"
@@ -201,7 +224,32 @@ def _fraction(value) -> bool:
     return 0 <= value < 1
 
 
-# Each setting's range: (name, what is expected, check).
+def _share(value) -> bool:
+    return 0 < value < 1
+
+
+# What the serving signature's decoder (tf.io.decode_image) reads, as PIL names formats.
+DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+SEED_MAX = 2**31 - 1  # numpy seeds below 2**32, and augment adds small offsets to the seed
+WEIGHTS_SUFFIXES = (".h5", ".weights.h5", ".keras")  # what Model.load_weights reads
+
+
+def _base_name(value: str) -> bool:
+    from components.backbones import APPLICATIONS
+
+    return value in APPLICATIONS or (value.endswith(".keras") and len(value) > len(".keras"))
+
+
+def _weights(value: str) -> bool:
+    return value in ("imagenet", "none") or value.endswith(WEIGHTS_SUFFIXES)
+
+
+def _formats(value: tuple) -> bool:
+    return bool(value) and all(v in DECODABLE_FORMATS for v in value)
+
+
+# Each setting's range: (name, what is expected, check). Every float is also finite
+# (`_typed`): nan and inf reach no step.
 _RULES = (
     ("min_images_per_class", ">= 3 (one each for train, val and test)", _at_least(3)),
     ("min_classes", ">= 2 (a classifier needs two labels)", _at_least(2)),
@@ -209,16 +257,37 @@ _RULES = (
     ("max_pixels", ">= 1", _at_least(1)),
     ("max_file_bytes", ">= 1", _at_least(1)),
     ("max_imbalance_ratio", ">= 1", _at_least(1)),
+    (
+        "allowed_formats",
+        "one or more of "
+        + ", ".join(DECODABLE_FORMATS)
+        + " (what the serving decoder reads; upper case, comma-separated)",
+        _formats,
+    ),  # fmt: skip
     ("image_size", ">= 1", _at_least(1)),
     ("channels", "1 or 3", lambda v: v in (1, 3)),
     ("views", ">= 0", _at_least(0)),
-    ("val_fraction", "in [0, 1)", _fraction),
-    ("test_fraction", "in [0, 1)", _fraction),
+    ("val_fraction", "in (0, 1): early stopping needs validation images", _share),
+    ("test_fraction", "in (0, 1): evaluate and the champion comparison need test images", _share),
+    ("seed", f"0..{SEED_MAX}", lambda v: 0 <= v <= SEED_MAX),
     ("io_concurrency", ">= 1", _at_least(1)),
+    (
+        "base",
+        "a keras.applications name (mobilenet_v2, resnet50, vgg16, efficientnet_b0) "
+        "or the URI of a file ending exactly in .keras",
+        _base_name,
+    ),  # fmt: skip
+    (
+        "weights",
+        "imagenet, none, or a weights file ending in " + ", ".join(WEIGHTS_SUFFIXES),
+        _weights,
+    ),  # fmt: skip
+    ("head_hidden_units", ">= 0 (0: no hidden layer)", _at_least(0)),
     ("batch_size", ">= 1", _at_least(1)),
-    ("head_learning_rate", ">= 0", _at_least(0)),
+    ("head_learning_rate", "> 0 (the head starts from random weights)", lambda v: v > 0),
     ("head_max_epochs", ">= 1", _at_least(1)),
     ("patience", ">= 1", _at_least(1)),
+    ("min_delta", ">= 0", _at_least(0)),
     ("dropout", "in [0, 1)", _fraction),
     ("fine_tune_layers", ">= 0", _at_least(0)),
     ("fine_tune_learning_rate", ">= 0", _at_least(0)),  # 0: weights kept (tests use it)
@@ -237,6 +306,32 @@ _RULES = (
 )
 
 
+def _typed(key: str, value, type_name: str):
+    """(value in its field's type, None) or (None, why not). Strings are parsed elsewhere
+    (``_coerce``); this is the gate for values that arrive typed (JSON, KFP, Python)."""
+    kind = "a tuple" if "tuple" in type_name else type_name
+    received = f"`{key}={value!r}` ({type(value).__name__})"
+    if type_name == "bool":
+        ok = isinstance(value, bool)
+    elif type_name == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif type_name == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            return None, f"`{key}={value}`: expected a finite number"
+        value = float(value) if ok else value
+    elif type_name == "str":
+        ok = isinstance(value, str)
+    else:  # tuple[str, ...]
+        ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+        kind = "a list of strings"
+    if not ok:
+        names = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string"}
+        return None, f"{received}: expected {names.get(kind, kind)}"
+    return value, None
+
+
 def with_overrides(config: GraftConfig, assignments: list[str] | dict) -> GraftConfig:
     """Return ``config`` with ``key=value`` strings (or a dict) applied, values typed by field.
 
@@ -247,7 +342,7 @@ def with_overrides(config: GraftConfig, assignments: list[str] | dict) -> GraftC
     items = (
         assignments.items()
         if isinstance(assignments, dict)
-        else [_split_assignment(a) for a in assignments]
+        else [split_assignment(a) for a in assignments]
     )
     changes = {}
     for key, value in items:
@@ -258,16 +353,19 @@ def with_overrides(config: GraftConfig, assignments: list[str] | dict) -> GraftC
     return dataclasses.replace(config, **changes)
 
 
-def _split_assignment(text: str) -> tuple[str, str]:
+def split_assignment(text: str, *, label: str = "") -> tuple[str, str]:
+    """The one ``key=value`` parser (--set, --param, graft_settings, node selectors)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"Received `{text}`: expected key=value")
+        raise ValueError(f"Received `{(label + ' ' + text).strip()}`: expected key=value")
     return key.strip(), value.strip()
 
 
 def _coerce(key: str, value, type_name: str):
+    """A ``key=value`` string parsed as its field's type; typed values (a base's JSON, KFP
+    parameters) pass unchanged to GraftConfig's own type check (``_typed``)."""
     if not isinstance(value, str):
-        return tuple(value) if "tuple" in str(type_name) else value
+        return value
     try:
         if type_name == "bool":
             lowered = value.lower()
@@ -282,4 +380,7 @@ def _coerce(key: str, value, type_name: str):
             return tuple(v.strip() for v in value.split(",") if v.strip())
         return value
     except ValueError as err:
-        raise ValueError(f"Received `{key}={value}`: expected a {type_name}") from err
+        kind = {"int": "an int", "float": "a number", "bool": "true or false"}.get(
+            type_name, type_name
+        )
+        raise ValueError(f"Received `{key}={value}`: expected {kind}") from err

@@ -149,7 +149,8 @@ def push_model(
     training = json.loads(training_path.read_text()) if training_path.exists() else {}
     with tempfile.TemporaryDirectory(prefix="graft-export-") as work:
         export_dir = Path(work) / "model"
-        export_saved_model(model_dir, export_dir, warmup_images=warmup, top_k=config.top_k)
+        export_saved_model(model_dir, export_dir, warmup_images=warmup, top_k=config.top_k,
+                           max_pixels=config.max_pixels)  # fmt: skip
         check = infra_validate(export_dir, model_dir, test_images[:32].astype("float32"))
         log.info("push: infra-validation passed: %s", check)
         parent = served
@@ -201,6 +202,7 @@ def push(
     model_repo: str,
     model_name: str,
     top_k: int = 3,
+    max_pixels: int = 40_000_000,
     verify_target: str = "",
     verify_timeout_seconds: float = 300.0,
 ) -> str:

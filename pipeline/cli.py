@@ -167,9 +167,9 @@ def run(
     import json
     import os
 
-    from common.model_repository import check_writable
     from pipeline.in_containers import FORWARDED_ENV
     from pipeline.run import print_summary, run_local
+    from pipeline.settings import preflight_local
 
     with user_errors():
         config = _run_settings(base, set_)
@@ -179,10 +179,10 @@ def run(
 
             refuse_unmounted_paths(Path(pipeline_root).resolve(), data=data, model_repo=model_repo,
                                    base=config.base, weights=config.weights)  # fmt: skip
-        if not (image and not model_repo.startswith("gs://")):
-            # Before training: a read-only or full repository. A local one a container writes
-            # to is probed by check_data in the container, as the uid that will write there.
-            check_writable(model_repo, model_name)
+        # A local repository a container writes to is probed by check_data in the container,
+        # as the uid that will write there.
+        preflight_local(data, model_repo, model_name, config,
+                        probe_repository=not (image and not model_repo.startswith("gs://")))  # fmt: skip
         summary = run_local(
             data,
             model_repo,
@@ -254,6 +254,7 @@ def validate(
 
     from components.config import SETTINGS, GraftConfig, with_overrides
     from components.validate import validate_data, validate_dataset
+    from pipeline.settings import check_dataset_exists, check_writable_output
 
     with user_errors():
         used = [name for name in validate_data.component_spec.inputs if name in SETTINGS]
@@ -265,6 +266,9 @@ def validate(
                     f"it uses {', '.join(used)}"
                 )
         config = with_overrides(GraftConfig(), set_ or [])
+        check_dataset_exists(data)
+        if report:
+            check_writable_output("--report", report, folder=True)
         result = validate_dataset(data, report, config, raise_on_failure=False)
     table = Table(title=f"{data}: {result.files} files")
     table.add_column("rule")
@@ -295,6 +299,7 @@ def pretrain(
 ) -> None:
     """Train a small CNN base on Fashion-MNIST source classes, to transfer from offline."""
     from components.pretrain import pretrain_base
+    from pipeline.settings import check_writable_output
 
     if not out.endswith(".keras"):
         console.print(
@@ -304,6 +309,7 @@ def pretrain(
     with user_errors():
         _check_count("--epochs", epochs)
         _check_count("--per-class", per_class)
+        check_writable_output("--out", out)
         summary = pretrain_base(
             out, classes=_int_list(classes), per_class=per_class, epochs=epochs, seed=seed
         )
@@ -529,6 +535,8 @@ def watch(
     """Poll the data; when its fingerprint changes and settles, start a run."""
     import logging
 
+    from common.model_repository import check_model_name
+    from pipeline.settings import check_dataset_exists, preflight_local
     from pipeline.watch import local_trigger, parse_duration, submit_trigger
     from pipeline.watch import watch as watch_loop
 
@@ -541,6 +549,8 @@ def watch(
         if host:
             settings = [*(set_ or []), *([f"base={base}"] if base else [])]
             params = _cluster_params(None, settings, label="--set")
+            check_model_name(model_name)
+            check_dataset_exists(data)  # the watcher itself lists it every poll
             trigger = submit_trigger(
                 host, _package(package, None), data, model_name, model_repo, params
             )
@@ -549,7 +559,9 @@ def watch(
                 raise ValueError(
                     "Give --model-repo for local runs (or --host to submit to a cluster)"
                 )
-            trigger = local_trigger(data, model_repo, model_name, _run_settings(base, set_))
+            config = _run_settings(base, set_)
+            preflight_local(data, model_repo, model_name, config)
+            trigger = local_trigger(data, model_repo, model_name, config)
         watch_loop(
             data,
             every_seconds=seconds,

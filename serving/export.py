@@ -9,6 +9,12 @@ Signatures (the contract the dev server, the client and TF Serving share):
   preprocessing all happen inside the graph, so a client sends file bytes and nothing can skew.
 - ``predict_pixels``: ``pixels`` float32 [N, H, W, C] (0..255), for callers that decoded.
 
+Before decoding, ``serving_default`` reads each image's declared width x height from its
+header (JPEG SOF, PNG IHDR, GIF screen, BMP info header) and answers InvalidArgument for
+more than ``max_pixels``, the limit validate applies (GraftConfig.max_pixels): a 400 KB PNG
+declaring 20000x20000 pixels is refused without allocating its 1.2 GB. The export records
+the limit as the variable ``max_pixels``.
+
 Both return ``probabilities`` float32 [N, classes], ``classes`` int32 [N, k] (top-k ids)
 and ``labels`` string [N, k]. Warmup requests go to
 ``assets.extra/tf_serving_warmup_requests`` so the first real request is not slow.
@@ -20,6 +26,7 @@ import numpy as np
 
 from common.artifacts import LABELS_FILE, MODEL_FILE
 from common.images import decode_square
+from components.config import GraftConfig
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 IMAGES_INPUT, PIXELS_INPUT = "images", "pixels"
@@ -31,7 +38,56 @@ class InfraValidationError(RuntimeError):
     """The exported SavedModel did not load or did not answer like the model it came from."""
 
 
-def _serving_module(model, labels: list[str], image_size: int, channels: int, top_k: int):
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def declared_size(encoded):
+    """(width, height) int64 an encoded image's header declares, read without decoding;
+    (0, 0) for what is no JPEG/PNG/GIF/BMP (the decoder then refuses it with its reason)."""
+    import tensorflow as tf
+
+    def number(offset: int, size: int, *, big_endian: bool):
+        raw = tf.cast(
+            tf.io.decode_raw(tf.strings.substr(encoded, offset, size), tf.uint8), tf.int64
+        )
+        weights = 256 ** tf.range(size - 1, -1, -1, dtype=tf.int64) if big_endian else (
+            256 ** tf.range(size, dtype=tf.int64)
+        )  # fmt: skip
+        return tf.reduce_sum(raw * weights)
+
+    def signed32(value):  # BMP heights are negative for top-down rows
+        return tf.abs(tf.where(value >= 2**31, value - 2**32, value))
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(encoded), tf.int64)  # [h, w, c], header only
+        return tf.stack([shape[1], shape[0]])
+
+    def png():  # IHDR: width and height, big-endian uint32 at bytes 16..24
+        return tf.stack([number(16, 4, big_endian=True), number(20, 4, big_endian=True)])
+
+    def gif():  # logical screen: little-endian uint16 at bytes 6..10; frames are drawn on it
+        return tf.stack([number(6, 2, big_endian=False), number(8, 2, big_endian=False)])
+
+    def bmp():  # BITMAPINFOHEADER: little-endian int32 width, height at bytes 18..26
+        return tf.stack([signed32(number(18, 4, big_endian=False)),
+                         signed32(number(22, 4, big_endian=False))])  # fmt: skip
+
+    def unknown():
+        return tf.zeros([2], tf.int64)
+
+    length = tf.strings.length(encoded)
+    head = tf.strings.substr(encoded, 0, 8)  # shorter strings give a shorter head: no error
+    is_png = tf.logical_and(tf.equal(head, PNG_SIGNATURE), length >= 24)
+    is_gif = tf.logical_and(tf.strings.substr(encoded, 0, 3) == b"GIF", length >= 10)
+    is_bmp = tf.logical_and(tf.strings.substr(encoded, 0, 2) == b"BM", length >= 26)
+    return tf.cond(tf.io.is_jpeg(encoded), jpeg, lambda: tf.cond(
+        is_png, png, lambda: tf.cond(is_gif, gif, lambda: tf.cond(is_bmp, bmp, unknown))
+    ))  # fmt: skip
+
+
+def _serving_module(
+    model, labels: list[str], image_size: int, channels: int, top_k: int, max_pixels: int
+):
     import tensorflow as tf
 
     k = min(top_k, len(labels))
@@ -41,6 +97,9 @@ def _serving_module(model, labels: list[str], image_size: int, channels: int, to
             super().__init__()
             self.model = model
             self.label_table = tf.constant(labels)
+            # Recorded in the export: the pixel limit this version's signature enforces.
+            self.max_pixels = tf.Variable(max_pixels, dtype=tf.int64, trainable=False,
+                                          name="max_pixels")  # fmt: skip
 
         def _answer(self, pixels):
             probabilities = tf.cast(self.model(pixels, training=False), tf.float32)
@@ -50,8 +109,16 @@ def _serving_module(model, labels: list[str], image_size: int, channels: int, to
                     "labels": tf.gather(self.label_table, classes)}  # fmt: skip
 
         def _decode(self, encoded):
-            # The very function augment decoded the training images with.
-            return tf.cast(decode_square(encoded, image_size, channels), tf.float32)
+            size = declared_size(encoded)
+            # Refused from the header, before the decoder allocates width x height x 3 bytes.
+            check = tf.debugging.assert_less_equal(
+                size[0] * size[1], self.max_pixels,
+                message=f"the image declares more pixels (width x height, read from its "
+                f"header) than max_pixels={max_pixels}, the limit validate applies; not decoded",
+            )  # fmt: skip
+            with tf.control_dependencies([check]):
+                # The very function augment decoded the training images with.
+                return tf.cast(decode_square(encoded, image_size, channels), tf.float32)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)])
         def serve_images(self, images):
@@ -108,9 +175,15 @@ def read_warmup(export_dir: str | Path) -> list:
 
 
 def export_saved_model(
-    model_dir: str | Path, export_dir: str | Path, *, warmup_images: list[bytes], top_k: int = 3
+    model_dir: str | Path,
+    export_dir: str | Path,
+    *,
+    warmup_images: list[bytes],
+    top_k: int = 3,
+    max_pixels: int = GraftConfig.max_pixels,
 ) -> Path:
-    """Export ``<model_dir>/model.keras`` + labels.txt as a TF Serving SavedModel."""
+    """Export ``<model_dir>/model.keras`` + labels.txt as a TF Serving SavedModel whose
+    ``serving_default`` refuses images declaring more than ``max_pixels`` pixels."""
     import keras
     import tensorflow as tf
 
@@ -118,7 +191,7 @@ def export_saved_model(
     model = keras.models.load_model(model_dir / MODEL_FILE)
     labels = [line for line in (model_dir / LABELS_FILE).read_text().splitlines() if line]
     _, image_size, _, channels = model.input_shape
-    module = _serving_module(model, labels, image_size, channels, top_k)
+    module = _serving_module(model, labels, image_size, channels, top_k, max_pixels)
     tf.saved_model.save(
         module,
         str(export_dir),

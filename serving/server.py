@@ -77,16 +77,28 @@ def _signature_defs(saved_model_dir: Path) -> dict:
 
 
 def parse_policy(policy: str) -> tuple[str, list[int]]:
-    """``latest:N`` or ``specific:V1,V2`` -> (kind, numbers)."""
-    kind, _, value = policy.partition(":")
-    try:
-        numbers = [int(v) for v in value.split(",") if v.strip()] if value else [1]
-    except ValueError as err:
-        raise ValueError(
-            f"Received `versions={policy!r}`: expected latest:N or specific:V1,V2"
-        ) from err
-    if kind not in ("latest", "specific") or not numbers:
-        raise ValueError(f"Received `versions={policy!r}`: expected latest:N or specific:V1,V2")
+    """``latest:N`` or ``specific:V1,V2`` -> (kind, numbers). ``latest`` alone is latest:1.
+
+    TF Serving serves max(N, 1) of the latest versions (file_system_storage_path_source.cc),
+    so latest:0 serves one, as there; ``specific`` needs at least one version."""
+    kind, sep, value = policy.partition(":")
+    expected = f"Received `versions={policy!r}`: expected latest:N or specific:V1,V2"
+    if (
+        kind not in ("latest", "specific")
+        or (sep and not value.strip())
+        or (kind == "specific" and not sep)
+    ):
+        raise ValueError(f"{expected} (with at least one number after the colon)")
+    parts = [v.strip() for v in value.split(",")] if sep else ["1"]
+    if not all(part.isdigit() for part in parts):  # "-1", "", "x": no version is that
+        raise ValueError(f"{expected}, numbers >= 0")
+    numbers = [int(part) for part in parts]
+    if kind == "latest":
+        if len(numbers) != 1:
+            raise ValueError(f"{expected} (latest takes one number)")
+        if numbers[0] == 0:
+            log.warning("versions=%s: serving the latest version, as TF Serving does", policy)
+        numbers = [max(numbers[0], 1)]
     return kind, numbers
 
 
@@ -120,6 +132,8 @@ class ModelServer:
         self.model_repo, self.model_name, self.host = model_repo, model_name, host
         self.root = repository.model_root(model_repo, model_name)
         self.policy = parse_policy(versions)
+        if storage.is_gcs(model_repo):  # at start, not as a warning every poll forever
+            storage.check_credentials()
         self.poll_seconds, self.max_batch, self.max_workers = poll_seconds, max_batch, max_workers
         self.max_message_bytes = max_message_mb * 1024 * 1024
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None

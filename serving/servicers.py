@@ -37,6 +37,16 @@ from tensorflow_serving.apis import (
 DEFAULT_SIGNATURE = "serving_default"
 
 
+def op_message(err) -> str:
+    """The failing op's own first line, as TF Serving's C++ runtime reports it: without the
+    preamble Python adds to a graph error ("Graph execution error:", "Detected at node ...
+    defined at", its stack), which would otherwise be all a client sees (issue 23)."""
+    lines = [line for line in err.message.splitlines() if line.strip()]
+    preamble = ("Graph execution error", "Detected at node", "<stack traces", " ", "\t")
+    own = [line for line in lines if not line.startswith(preamble)]
+    return (own or lines or [type(err).__name__])[0]
+
+
 class RequestError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -161,9 +171,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 else:
                     outputs = signature(**tensors)
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT, err.message.splitlines()[0]
-                ) from None
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, op_message(err)) from None
         except RequestError as err:
             context.abort(err.code, str(err))
         response = predict_pb2.PredictResponse()

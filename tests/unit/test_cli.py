@@ -16,7 +16,8 @@ def test_validate_missing_uri(tmp_path):
     result = run("validate", "--data", str(tmp_path / "nope"))
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        f"error: No such file or directory: {tmp_path / 'nope'}"
+        f"error: Received `--data {tmp_path / 'nope'}`: no such directory; expected a directory "
+        "of <label>/ class folders (write one with `graft data synthetic --out DIR`)"
     ]
 
 

@@ -246,7 +246,7 @@ def test_cluster_parameters_take_settings_by_their_names_typed_and_refuse_unknow
     assert resolved.sources["min_side"] == "--param"
     with pytest.raises(ValueError, match="Unknown parameter `min_sides`"):
         cluster_parameters(["min_sides=32"])
-    with pytest.raises(ValueError, match="expected a int"):
+    with pytest.raises(ValueError, match="expected an int"):
         cluster_parameters(["min_side=big"])
 
 
@@ -321,3 +321,84 @@ def test_graftconfig_settings_is_every_field():
 def test_a_base_recording_a_setting_this_graft_does_not_know_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"does not know: \['views_v2'\]"):
         resolve({"views_v2": 3}, [])
+
+
+# --- issue 23 class 3: every setting checked for what its step needs -------------------------
+
+CANNOT_WORK = [
+    ("seed=-1", "`seed=-1`: expected 0..2147483647"),
+    ("seed=1e20", "`seed=1e20`: expected an int"),
+    ("seed=4294967296", "`seed=4294967296`: expected 0..2147483647"),
+    ("head_hidden_units=-5", "`head_hidden_units=-5`: expected >= 0"),
+    ("val_fraction=0", "`val_fraction=0.0`: expected in (0, 1): early stopping needs"),
+    ("test_fraction=0", "`test_fraction=0.0`: expected in (0, 1): evaluate"),
+    ("allowed_formats=", "`allowed_formats=()`: expected one or more of JPEG, PNG, GIF, BMP"),
+    ("allowed_formats=png", "`allowed_formats=('png',)`: expected one or more of JPEG"),
+    ("allowed_formats=TIFF", "`allowed_formats=('TIFF',)`"),
+    ("head_learning_rate=inf", "`head_learning_rate=inf`: expected a finite number"),
+    ("head_learning_rate=0", "`head_learning_rate=0.0`: expected > 0"),
+    ("min_delta=nan", "`min_delta=nan`: expected a finite number"),
+    ("min_delta=-1", "`min_delta=-1.0`: expected >= 0"),
+    ("dropout=nan", "`dropout=nan`: expected a finite number"),
+    ("bless_min_accuracy=-inf", "`bless_min_accuracy=-inf`: expected a finite number"),
+    ("base=bogus_net", "`base='bogus_net'`: expected a keras.applications name"),
+    ("base=base.KERAS", "`base='base.KERAS'`: expected a keras.applications name"),
+    ("base=.keras", "`base='.keras'`"),
+    ("weights=imagenett", "`weights='imagenett'`: expected imagenet, none, or a weights file"),
+]
+
+
+@pytest.mark.parametrize("assignment, message", CANNOT_WORK, ids=[a for a, _ in CANNOT_WORK])
+def test_a_setting_no_step_can_work_with_is_refused_naming_it(assignment, message):
+    with pytest.raises(ValueError, match="Received .*") as err:
+        with_overrides(DEFAULTS, [assignment])
+    assert message in str(err.value)
+
+
+def test_values_that_can_work_are_kept_and_typed():
+    config = with_overrides(
+        DEFAULTS, ["seed=2147483647", "allowed_formats=PNG,GIF", "weights=w.weights.h5"]
+    )
+    assert (config.seed, config.allowed_formats, config.weights) == (
+        2147483647, ("PNG", "GIF"), "w.weights.h5",
+    )  # fmt: skip
+    assert GraftConfig(dropout=0).dropout == 0.0 and isinstance(
+        GraftConfig(dropout=0).dropout, float
+    )
+
+
+@pytest.mark.parametrize(
+    "recorded, message",
+    [
+        ({"image_size": [28]}, "`image_size=[28]` (list): expected an int"),
+        ({"image_size": None}, "`image_size=None` (NoneType): expected an int"),
+        ({"patience": 1.5}, "`patience=1.5` (float): expected an int"),
+        ({"patience": True}, "`patience=True` (bool): expected an int"),
+        ({"scratch_baseline": 1}, "`scratch_baseline=1` (int): expected true or false"),
+        ({"allowed_formats": {"PNG": 1}}, "(dict): expected a list of strings"),
+        ({"allowed_formats": [1]}, "`allowed_formats=[1]` (list): expected a list of strings"),
+        ({"min_delta": [0.1]}, "`min_delta=[0.1]` (list): expected a number"),
+        ({"min_delta": float("nan")}, "`min_delta=nan`: expected a finite number"),
+        ({"base": 3}, "`base=3` (int): expected a string"),
+    ],
+)
+def test_a_bases_recorded_settings_of_the_wrong_type_are_refused_naming_the_file(
+    tmp_path, recorded, message
+):
+    base = gray_base(tmp_path / "gray.keras")
+    record_settings(base, recorded)
+    with pytest.raises(ValueError) as err:
+        run_settings([], base=base)
+    assert "graft_settings.json inside the .keras file" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_submit_refuses_a_setting_that_cannot_work_before_any_request(tmp_path):
+    with KfpRecorder() as kfp:
+        result = CliRunner().invoke(app, [
+            "submit", "--host", kfp.url, "--image", "r/g:1", "--param", "data_uri=gs://b/d",
+            "--param", "min_delta=nan",
+        ])  # fmt: skip
+        assert kfp.requests == []
+    assert result.exit_code == 2, result.output
+    assert "`min_delta=nan`: expected a finite number" in result.output
