@@ -42,11 +42,11 @@ def test_graft_run_image_with_a_path_no_container_sees_is_one_line_exit_2(tmp_pa
 
 def test_the_local_run_strips_every_retry_policy_the_cluster_package_carries(tmp_path):
     package = compile_pipeline(build_pipeline(GpuPool()), tmp_path / "p.yaml", image="graft:x")
-    assert package.read_text().count("retryPolicy:") == 4  # check, validate, augment, push
+    assert package.read_text().count("retryPolicy:") == 5  # check, validate, augment, push in each branch
 
     removed = strip_retries(package, tmp_path / "local.yaml")
 
-    assert removed == 4
+    assert removed == 5
     local = (tmp_path / "local.yaml").read_text()
     assert "retryPolicy" not in local
     executors = next(yaml.safe_load_all(local))["deploymentSpec"]["executors"]

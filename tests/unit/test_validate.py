@@ -135,10 +135,10 @@ def test_same_image_in_train_and_test_is_reported(tmp_path):
             str(root / split), classes=[1, 3], per_class=6, seed=0 if split == "train" else 1
         )
     leaked = root / "test" / "dress" / "leak.png"
-    leaked.write_bytes((root / "train" / "dress" / "train_s6_00003.png").read_bytes())
+    leaked.write_bytes((root / "train" / "dress" / "train_s0_00003.png").read_bytes())
     assert sorted(failures(root)["no identical image in two splits"]) == [
         "test/dress/leak.png",
-        "train/dress/train_s6_00003.png",
+        "train/dress/train_s0_00003.png",
     ]
 
 
