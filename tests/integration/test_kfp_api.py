@@ -81,4 +81,6 @@ def test_submit_sends_one_run_with_parameters(kfp, package):
     assert result.exit_code == 0, result.output
     (run,) = kfp.posts("/runs")
     assert run["body"]["runtime_config"]["parameters"] == {"data_uri": "gs://b/d"}
-    assert yaml.safe_dump(run["body"]["pipeline_spec"]).count("reg/graft:1") == 7
+    assert (
+        yaml.safe_dump(run["body"]["pipeline_spec"]).count("reg/graft:1") == 9
+    )  # 7 steps, evaluate and push in both branches

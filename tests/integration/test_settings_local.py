@@ -55,6 +55,9 @@ EVERY_SETTING_CHANGED = {
     "bless_min_accuracy": 0.05,
     "bless_tolerance": 0.02,
     "bless_class_tolerance": 0.1,
+    "precision": "float32",
+    "replicas": 1,
+    "bless_min_macro_recall": 0.2,
 }
 
 
