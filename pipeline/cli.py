@@ -322,8 +322,10 @@ def pretrain(
 
 @app.command("serve")
 def serve(
-    model_repo: str = typer.Option(..., help="Model repository (local dir or gs://)."),
-    model_name: str = typer.Option(..., help="Model name (folder under the repository)."),
+    model_repo: str = typer.Option(
+        None, help="Model repository (local dir or gs://); or use --model-config-file."
+    ),
+    model_name: str = typer.Option(None, help="Model name (folder under the repository)."),
     port: int = typer.Option(8500, help="gRPC port."),
     host: str = typer.Option(
         "127.0.0.1", help="Address to bind; 0.0.0.0 to accept remote clients."
@@ -345,6 +347,18 @@ def serve(
     ),
     tls_cert: str = typer.Option(None, help="PEM certificate: serve TLS (with --tls-key)."),
     tls_key: str = typer.Option(None, help="PEM private key for --tls-cert."),
+    enable_serialization_as_tensor_content: bool = typer.Option(
+        False, help="Answer numeric outputs in tensor_content (TF Serving's flag), not float_val..."
+    ),
+    model_config_file: str = typer.Option(
+        None, help="TF Serving ModelServerConfig text file: several models, policies, labels."
+    ),
+    model_config_file_poll_wait_seconds: float = typer.Option(
+        0.0, min=0, help="Re-read --model-config-file this often (0: read it once)."
+    ),
+    allow_version_labels_for_unavailable_models: bool = typer.Option(
+        False, help="Let a config label a version that is not loaded yet (TF Serving's flag)."
+    ),
 ) -> None:
     """Serve a model repository over TF Serving's gRPC API until SIGTERM/Ctrl-C."""
     import logging
@@ -357,7 +371,11 @@ def serve(
         server = ModelServer(model_repo, model_name, host=host, versions=versions, poll_seconds=poll_seconds,
                              max_message_mb=max_message_mb, batching=batching, max_batch_size=max_batch_size,
                              batch_timeout_ms=batch_timeout_ms, batch_threads=batch_threads,
-                             tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
+                             tls_cert=tls_cert, tls_key=tls_key,
+                             enable_serialization_as_tensor_content=enable_serialization_as_tensor_content,
+                             model_config_file=model_config_file,
+                             model_config_file_poll_wait_seconds=model_config_file_poll_wait_seconds,
+                             allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models)  # fmt: skip
         server.serve_forever(port)
 
 

@@ -32,7 +32,7 @@ def default_batch_threads() -> int:
 @dataclass
 class _Pending:
     key: object  # requests with the same key may share a call (same version + signature)
-    call: object  # the signature: call(**inputs) -> {name: tensor}
+    call: object  # the signature: call(**{name: ndarray}) -> {name: ndarray}
     inputs: dict  # name -> numpy array, batch on axis 0
     rows: int
     done: threading.Event = field(default_factory=threading.Event)
@@ -126,16 +126,11 @@ class DynamicBatcher:
             self._execute(batch.requests)
 
     def _execute(self, batch: list[_Pending]) -> None:
-        import tensorflow as tf
-
         try:
             merged = {
                 name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs
             }
-            outputs = {
-                k: np.asarray(v)
-                for k, v in batch[0].call(**{k: tf.constant(v) for k, v in merged.items()}).items()
-            }
+            outputs = {k: np.asarray(v) for k, v in batch[0].call(**merged).items()}
         except Exception as err:  # handed to the waiting request; a batch retries one by one
             if len(batch) > 1:
                 for pending in batch:

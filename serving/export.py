@@ -31,48 +31,53 @@ class InfraValidationError(RuntimeError):
     """The exported SavedModel did not load or did not answer like the model it came from."""
 
 
-def _serving_module(model, labels: list[str], image_size: int, channels: int, top_k: int):
+def _export_archive(model, labels: list[str], image_size: int, channels: int, top_k: int):
+    """Both signatures as a Keras ExportArchive.
+
+    Not tf.saved_model.save on a tf.Module holding the Keras 3 model: that SavedModel
+    loads with tf.saved_model.load but not with TF Serving's session loader, where every
+    request fails "Could not find variable dense/bias" (tensorflow/tensorflow#72963); the
+    archive tracks the model's variables so both loaders restore the same ones.
+    """
+    import keras
     import tensorflow as tf
 
     k = min(top_k, len(labels))
+    label_table = tf.constant(labels)
 
-    class ServingModule(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-            self.label_table = tf.constant(labels)
+    def answer(pixels):
+        probabilities = tf.cast(model(pixels, training=False), tf.float32)
+        top = tf.math.top_k(probabilities, k=k)
+        classes = tf.cast(top.indices, tf.int32)
+        return {"probabilities": probabilities, "classes": classes,
+                "labels": tf.gather(label_table, classes)}  # fmt: skip
 
-        def _answer(self, pixels):
-            probabilities = tf.cast(self.model(pixels, training=False), tf.float32)
-            top = tf.math.top_k(probabilities, k=k)
-            classes = tf.cast(top.indices, tf.int32)
-            return {"probabilities": probabilities, "classes": classes,
-                    "labels": tf.gather(self.label_table, classes)}  # fmt: skip
+    def decode(encoded):
+        # The very function augment decoded the training images with.
+        return tf.cast(decode_square(encoded, image_size, channels), tf.float32)
 
-        def _decode(self, encoded):
-            # The very function augment decoded the training images with.
-            return tf.cast(decode_square(encoded, image_size, channels), tf.float32)
-
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)])
-        def serve_images(self, images):
-            pixels = tf.map_fn(
-                self._decode,
-                images,
-                fn_output_signature=tf.TensorSpec((image_size, image_size, channels), tf.float32),
-            )
-            return self._answer(pixels)
-
-        @tf.function(
-            input_signature=[
-                tf.TensorSpec(
-                    [None, image_size, image_size, channels], tf.float32, name=PIXELS_INPUT
-                )
-            ]
+    def serve_images(images):
+        pixels = tf.map_fn(
+            decode,
+            images,
+            fn_output_signature=tf.TensorSpec((image_size, image_size, channels), tf.float32),
         )
-        def serve_pixels(self, pixels):
-            return self._answer(pixels)
+        return answer(pixels)
 
-    return ServingModule()
+    def serve_pixels(pixels):
+        return answer(pixels)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default", serve_images, [tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)]
+    )
+    archive.add_endpoint(
+        PIXELS_SIGNATURE,
+        serve_pixels,
+        [tf.TensorSpec([None, image_size, image_size, channels], tf.float32, name=PIXELS_INPUT)],
+    )
+    return archive
 
 
 def write_warmup(export_dir: str | Path, images: list[bytes], model_name: str = "graft") -> Path:
@@ -112,20 +117,13 @@ def export_saved_model(
 ) -> Path:
     """Export ``<model_dir>/model.keras`` + labels.txt as a TF Serving SavedModel."""
     import keras
-    import tensorflow as tf
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
     model = keras.models.load_model(model_dir / MODEL_FILE)
     labels = [line for line in (model_dir / LABELS_FILE).read_text().splitlines() if line]
     _, image_size, _, channels = model.input_shape
-    module = _serving_module(model, labels, image_size, channels, top_k)
-    tf.saved_model.save(
-        module,
-        str(export_dir),
-        signatures={
-            "serving_default": module.serve_images.get_concrete_function(),
-            PIXELS_SIGNATURE: module.serve_pixels.get_concrete_function(),
-        },
+    _export_archive(model, labels, image_size, channels, top_k).write_out(
+        str(export_dir), verbose=False
     )
     if warmup_images:
         write_warmup(export_dir, warmup_images)
