@@ -5,7 +5,7 @@ Everything that reads or writes ``<model_repo>/<model_name>/`` goes through here
 and the dev server (which versions to load). What lives there::
 
     <model_repo>/<model_name>/
-        <version>/                     a version: a folder named by an integer, ASCII digits only
+        <version>/                     a version: a folder whose name parses as an int64
             saved_model.pb             written LAST: a version is complete once it exists
             variables/  assets/  assets.extra/tf_serving_warmup_requests
             graft_metadata.json        graft's record: data fingerprint, metrics, parent version
@@ -13,9 +13,15 @@ and the dev server (which versions to load). What lives there::
         .claims/<version>.json         a push's claim on a version number (owner, lease)
         .staging-<version>-<owner>/    a local push being copied, renamed into place in one step
 
-TF Serving (and graft serve) ignore folders whose names are not numbers, so claims and
-staging never look like versions. The version served is the highest complete one (TF
-Serving's default ``latest:1`` policy).
+What a version is has one definition here (``parse_version``/``version_dirs``), the one TF
+Serving's file-system source uses (file_system_storage_path_source.cc): a child whose name
+``absl::SimpleAtoi`` parses as an int64 (ASCII whitespace around it, a ``+``/``-`` sign and
+leading zeros are accepted, so ``007/`` is version 7; a value outside int64 is not a
+version). The folder keeps its real name: version 123 of ``00000123/`` is read from
+``00000123/``. When two names parse to one number the one sorting last wins, as in TF
+Serving, with a warning. Claims and staging folders never parse, so they never look like
+versions. The version served is the highest complete one that loads (TF Serving's default
+``latest:1``; the dev server and evaluate's champion fall back to older ones that load).
 
 Publishing, safe against concurrent pushes (a scheduled run and a watcher's, say):
 
@@ -36,7 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import time
 import uuid
@@ -56,7 +61,10 @@ STAGING_PREFIX = ".staging-"
 # push that died. Long enough that no live push is ever taken for dead.
 DEFAULT_LEASE_SECONDS = 3600.0
 CLAIM_ATTEMPTS = 8  # numbers tried before a push gives up and asks to be retried
-_VERSION_NAME = re.compile(r"[0-9]+")  # str.isdigit() also takes "²" and "٣"
+# TF Serving's version numbers are int64 (ServableId::version); absl's SimpleAtoi refuses more.
+MIN_VERSION, MAX_VERSION = -(2**63), 2**63 - 1
+_ASCII_SPACE = " \t\n\v\f\r"  # absl::ascii_isspace, stripped from both ends
+_ASCII_DIGITS = frozenset("0123456789")  # str.isdigit() also takes "²" and "٣"
 
 
 class ModelRepositoryError(RuntimeError):
@@ -79,42 +87,102 @@ class Claim:
 
     @property
     def uri(self) -> str:
-        return version_uri(self.model_root, self.version)
+        return storage.join(self.model_root, str(self.version))  # a new folder: the plain number
 
 
 def model_root(model_repo: str, model_name: str) -> str:
     return storage.join(model_repo, model_name)
 
 
-def version_uri(root: str, version: int) -> str:
-    return storage.join(root, str(version))
+def parse_version(name: str) -> int | None:
+    """The version number TF Serving reads from a child's name, or None if it is not a version.
+
+    ``absl::SimpleAtoi`` into an int64, as file_system_storage_path_source.cc does:
+    surrounding ASCII whitespace, one ``+`` or ``-`` and leading zeros are fine (``"007"``
+    is 7); anything else, or a value outside int64 (``"99999999999999999999"``), is not.
+    """
+    text = name.strip(_ASCII_SPACE)
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    if not digits or not set(digits) <= _ASCII_DIGITS:
+        return None
+    value = -int(digits) if text[0] == "-" else int(digits)
+    return value if MIN_VERSION <= value <= MAX_VERSION else None
+
+
+def is_version_name(name: str) -> bool:
+    """True for a child name TF Serving takes as a version (see ``parse_version``)."""
+    return parse_version(name) is not None
+
+
+def version_dirs(root: str) -> dict[int, str]:
+    """Every version folder, complete or not: {version: the folder's real name}, ascending.
+
+    Two names for one number (``7/`` and ``007/``): like TF Serving, the name sorting last
+    wins and the other is ignored, with a warning. A missing root has no versions.
+    """
+    by_version: dict[int, str] = {}
+    for name in sorted(storage.list_dirs(root)):  # code-point order = TF Serving's byte order
+        version = parse_version(name)
+        if version is None:
+            continue
+        if version in by_version:
+            log.warning("Duplicate version directories detected in %s. Version %d will be "
+                        "loaded from %s, %s will be ignored.", root, version, name,
+                        by_version[version])  # fmt: skip
+        by_version[version] = name
+    return dict(sorted(by_version.items()))
+
+
+def versions(root: str) -> list[int]:
+    """Every version folder, complete or not, ascending (a missing root has none)."""
+    return list(version_dirs(root))
+
+
+def version_uri(root: str, version: int, dirs: dict[int, str] | None = None) -> str:
+    """Where ``version`` lives: its folder's real name (``00000123`` for 123) if it exists
+    (``dirs`` from ``version_dirs``, else listed now), else the plain number a push creates."""
+    name = (version_dirs(root) if dirs is None else dirs).get(version, str(version))
+    return storage.join(root, name)
 
 
 def _claim_uri(root: str, version: int) -> str:
     return storage.join(root, CLAIMS_DIR, f"{version}.json")
 
 
-def is_version_name(name: str) -> bool:
-    """True for a folder name TF Serving takes as a version (ASCII digits, no sign)."""
-    return bool(_VERSION_NAME.fullmatch(name))
-
-
-def versions(root: str) -> list[int]:
-    """Every version folder, complete or not, ascending (a missing root has none)."""
-    return sorted({int(d) for d in storage.list_dirs(root) if is_version_name(d)})
+def _has_saved_model(root: str, name: str) -> bool:
+    return storage.exists(storage.join(root, name, SAVED_MODEL_FILE))
 
 
 def is_complete(root: str, version: int) -> bool:
-    return storage.exists(storage.join(version_uri(root, version), SAVED_MODEL_FILE))
+    return _has_saved_model(root, version_dirs(root).get(version, str(version)))
+
+
+def complete_version_dirs(root: str) -> dict[int, str]:
+    """Versions a server may load ({version: folder name}, ascending).
+
+    A folder that cannot be read (permissions, an I/O error) is skipped with a warning
+    naming it, so one bad folder never hides the others from a poll.
+    """
+    complete = {}
+    for version, name in version_dirs(root).items():
+        try:
+            if _has_saved_model(root, name):
+                complete[version] = name
+        except (OSError, storage.StorageError) as err:
+            log.warning("version %d (%s) cannot be read, skipped: %s", version,
+                        storage.join(root, name), err)  # fmt: skip
+    return complete
 
 
 def complete_versions(root: str) -> list[int]:
-    """Versions a server may load, ascending."""
-    return [v for v in versions(root) if is_complete(root, v)]
+    """Versions a server may load, ascending (unreadable folders skipped, logged)."""
+    return list(complete_version_dirs(root))
 
 
 def served_version(model_repo: str, model_name: str) -> int | None:
-    """The version TF Serving serves by default: the highest complete one (None: nothing)."""
+    """The newest complete version (None: nothing). A server serves it if it loads; steps
+    that must know what is really served use ``champion_metrics`` in components/evaluate.py,
+    which falls back to older versions that load, as the servers do."""
     complete = complete_versions(model_root(model_repo, model_name))
     return complete[-1] if complete else None
 
@@ -188,7 +256,13 @@ def _claimed_numbers(root: str) -> list[int]:
 def next_version(root: str, now: float | None = None) -> int:
     """Unix seconds, but above every version and claim already there (clocks go backwards)."""
     taken = versions(root) + _claimed_numbers(root)
-    return max(int(now if now is not None else time.time()), max(taken, default=-1) + 1)
+    version = max(int(now if now is not None else time.time()), max(taken, default=-1) + 1)
+    if version > MAX_VERSION:
+        raise ModelRepositoryError(
+            f"Version {max(taken)} in {root} is the largest int64 TF Serving accepts: no newer "
+            "version can be numbered. Move it to a smaller number (Unix seconds) and retry."
+        )
+    return version
 
 
 def new_owner() -> str:
@@ -269,8 +343,21 @@ def release(claim: Claim) -> None:
     ``publish``), and a folder found there belongs to someone else: it is left alone.
     """
     if storage.is_gcs(claim.uri):
-        storage.delete_tree(claim.uri)
+        storage.delete_tree(claim.uri, first=(SAVED_MODEL_FILE,))
     storage.delete_file(_claim_uri(claim.model_root, claim.version))
+
+
+def unpublish(root: str, version: int) -> None:
+    """Remove a published version, the inverse of ``publish``: saved_model.pb first (a
+    poller then never takes what is left for a complete version), then the rest.
+
+    Raises ModelRepositoryError naming what is left when any of it could not be deleted.
+    """
+    uri = version_uri(root, version)
+    try:
+        storage.delete_tree(uri, first=(SAVED_MODEL_FILE,))
+    except storage.StorageError as err:
+        raise ModelRepositoryError(f"Version {version} was not fully removed: {err}") from err
 
 
 def publish(export_dir: str | Path, claim: Claim) -> str:
@@ -336,21 +423,28 @@ def remove_abandoned(
     root = model_root(model_repo, model_name)
     now = time.time() if now is None else now
     removed = []
-    for version in versions(root):
-        if is_complete(root, version):
+    dirs = version_dirs(root)
+    complete = set()
+    for version, name in dirs.items():
+        try:
+            if _has_saved_model(root, name):
+                complete.add(version)
+                continue
+        except (OSError, storage.StorageError) as err:  # unreadable is not provably abandoned
+            log.warning("push: version %d cannot be read, left alone: %s", version, err)
             continue
-        uri = version_uri(root, version)
+        uri = version_uri(root, version, dirs)
         if _expired(_read_claim(root, version), storage.newest_change(uri), now, lease_seconds):
-            storage.delete_tree(uri)
+            storage.delete_tree(uri, first=(SAVED_MODEL_FILE,))
             storage.delete_file(_claim_uri(root, version))
             removed.append(version)
             log.warning("push: removed version %d, left incomplete by a push that died", version)
     for version in _claimed_numbers(root):
         record = _read_claim(root, version)
         claim_uri = _claim_uri(root, version)
-        if is_complete(root, version) or (
+        if version in complete or (
             version not in removed
-            and not storage.exists(version_uri(root, version))
+            and version not in dirs
             and _expired(record, storage.newest_change(claim_uri), now, lease_seconds)
         ):
             storage.delete_file(claim_uri)

@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import shutil
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+log = logging.getLogger(__name__)
 GCS_SCHEME = "gs://"
 # Storage calls in flight at once. One GCS object read costs tens of milliseconds of
 # waiting; 16 in flight read 100k images in minutes rather than an hour (benchmarks/scale.py).
@@ -129,7 +132,11 @@ def map_bounded(
 
     ``items`` is consumed lazily and at most ``2 * concurrency`` results wait to be taken,
     so memory stays bounded however many items there are. The first exception (in input
-    order) is raised where its result would have been; calls not yet started are cancelled.
+    order) is raised where its result would have been. However the iteration ends (an
+    error, an interrupt, the caller stopping early and closing it), calls not yet started
+    are cancelled and calls already running are waited for before control returns: a
+    caller that then deletes what they wrote never races its own writers. Use
+    ``run_bounded`` when only the side effects matter (it closes the iteration itself).
     """
     if concurrency < 1:
         raise ValueError(f"Received `concurrency={concurrency}`: expected >= 1")
@@ -137,17 +144,73 @@ def map_bounded(
         yield from map(fn, items)
         return
     pending: deque = deque()
-    with ThreadPoolExecutor(concurrency, thread_name_prefix="graft-io") as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= 2 * concurrency:
-                    yield pending.popleft().result()
-            while pending:
+    calls = _Calls(fn)
+    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="graft-io")
+    try:
+        for item in items:
+            pending.append(pool.submit(calls.run, item))
+            if len(pending) >= 2 * concurrency:
                 yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        calls.stop()
+        pool.shutdown(wait=False, cancel_futures=True)  # the workers are idle or exiting
+
+
+class _Calls:
+    """Runs ``fn`` for a pool, and once stopped, runs no more and waits for those running.
+
+    Counting inside the call rather than tracking futures leaves no window: an interrupt
+    can land between ``submit`` and any bookkeeping after it, never inside this lock. Not
+    ``Thread.join`` either: a join cut short by Ctrl-C marks a running thread as stopped
+    (CPython 3.11's bpo-45274 handling), so the next join returns while it still writes.
+    """
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.running = 0
+        self.stopped = False
+        self.changed = threading.Condition()
+
+    def run(self, item):
+        with self.changed:
+            if self.stopped:
+                return None  # the iteration ended before this call began: it never runs
+            self.running += 1
+        try:
+            return self.fn(item)
         finally:
-            for future in pending:
-                future.cancel()
+            with self.changed:
+                self.running -= 1
+                self.changed.notify_all()
+
+    def stop(self) -> None:
+        """No new call starts; return once every running call has ended.
+
+        A second Ctrl-C does not cut the wait short (each running call is one request,
+        bounded by its retry deadline): it is raised once they have ended.
+        """
+        interrupted = False
+        while True:
+            try:
+                with self.changed:
+                    self.stopped = True
+                    self.changed.wait_for(lambda: self.running == 0)
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
+
+
+def run_bounded(
+    fn: Callable[[_In], object], items: Iterable[_In], *, concurrency: int = DEFAULT_CONCURRENCY
+) -> int:
+    """``map_bounded`` for side effects: return how many calls ran; every call started has
+    ended when this returns or raises."""
+    with contextlib.closing(map_bounded(fn, items, concurrency=concurrency)) as results:
+        return sum(1 for _ in results)
 
 
 def exists(uri: str) -> bool:
@@ -303,9 +366,7 @@ def write_many(
     items: Iterable[tuple[str, bytes]], *, concurrency: int = DEFAULT_CONCURRENCY
 ) -> int:
     """Write ``(uri, data)`` pairs ``concurrency`` at a time; return how many were written."""
-    return sum(
-        1 for _ in map_bounded(lambda pair: write_bytes(*pair), items, concurrency=concurrency)
-    )
+    return run_bounded(lambda pair: write_bytes(*pair), items, concurrency=concurrency)
 
 
 def upload_file(local_path: str | Path, uri: str) -> None:
@@ -372,8 +433,7 @@ def copy_tree(
             upload_file(info.uri, target)
 
     for batch in (first, final):  # every other file is complete before the last ones start
-        for _ in map_bounded(copy, batch, concurrency=concurrency):
-            pass
+        run_bounded(copy, batch, concurrency=concurrency)
     return [f.relpath for f in first + final]
 
 
@@ -385,15 +445,58 @@ def download_tree(uri: str, local_dir: str | Path) -> Path:
     return Path(local_dir)
 
 
-def delete_tree(uri: str) -> None:
-    """Remove a directory or prefix and everything below it (missing is fine)."""
+def delete_tree(uri: str, *, first: tuple[str, ...] = ()) -> None:
+    """Remove a directory or prefix and everything below it (missing is fine).
+
+    Files whose relative path is in ``first`` are deleted, one after the other, before
+    anything else is touched: the inverse of ``copy_tree(last=...)``, so a reader never
+    sees ``saved_model.pb`` beside half-deleted variables. Raises StorageError naming what
+    is left when anything could not be deleted.
+    """
+    uri = str(uri)
     if is_gcs(uri):
+        from google.api_core import exceptions
+
         bucket, name = _bucket(uri)
-        blobs = bucket.list_blobs(prefix=f"{name}/", retry=_retry())
-        for _ in map_bounded(lambda blob: blob.delete(retry=_retry()), blobs):
-            pass
+        prefix = f"{name}/"
+
+        def delete(blob_name: str) -> None:
+            with contextlib.suppress(exceptions.NotFound):  # deleted already (a retry, a peer)
+                bucket.blob(blob_name).delete(retry=_retry())
+
+        try:
+            for relpath in first:
+                delete(prefix + relpath)
+            blobs = bucket.list_blobs(prefix=prefix, retry=_retry())
+            run_bounded(delete, (blob.name for blob in blobs))
+        except exceptions.GoogleAPICallError as err:
+            raise StorageError(f"Could not delete {uri}: {err}: delete it by hand") from err
+        left = [blob.name for blob in bucket.list_blobs(prefix=prefix, max_results=3)]
+        if left:
+            raise StorageError(
+                f"Could not delete {uri}: {', '.join(left)} still there (written while it "
+                "was deleted?): delete it by hand"
+            )
         return
-    shutil.rmtree(uri, ignore_errors=True)
+    root = Path(uri)
+
+    def refuse(path, err: OSError) -> None:
+        raise StorageError(
+            f"Could not delete {path} under {uri} ({err.strerror or err}): check its "
+            "permissions and attributes (lsattr), then delete the folder by hand"
+        ) from err
+
+    def failed(function, path, exc_info) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):  # gone already is what we want
+            refuse(path, exc_info[1])
+
+    for relpath in first:
+        try:
+            (root / relpath).unlink(missing_ok=True)
+        except OSError as err:
+            refuse(root / relpath, err)
+    if root.exists() or root.is_symlink():
+        shutil.rmtree(root, onerror=failed)
 
 
 def list_dirs(uri: str) -> list[str]:
@@ -408,7 +511,14 @@ def list_dirs(uri: str) -> list[str]:
     root = Path(uri)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
+    names = []
+    for path in root.iterdir():
+        try:
+            if path.is_dir():
+                names.append(path.name)
+        except OSError as err:  # one entry that cannot be stat'ed must not hide its siblings
+            log.warning("%s cannot be read, skipped: %s", path, err)
+    return sorted(names)
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:

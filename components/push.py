@@ -21,7 +21,6 @@ import numpy as np
 from kfp.dsl import Artifact, Dataset, Input, Model
 
 from common import model_repository as repository
-from common import storage
 from common.artifacts import EVALUATION_FILE, LABELS_FILE, MODEL_FILE, TRAINING_FILE
 from components import examples
 from components.component import step_component
@@ -146,7 +145,13 @@ def push_model(
     log.info("push: published version %d to %s", claim.version, uri)
 
     if verify is not None and not verify(claim.version):
-        storage.delete_tree(uri)
+        try:
+            repository.unpublish(model_root, claim.version)
+        except repository.ModelRepositoryError as err:
+            raise RuntimeError(
+                f"Version {claim.version} did not become AVAILABLE in the server, and rolling "
+                f"it back failed: {err}"
+            ) from err
         raise RuntimeError(
             f"Version {claim.version} did not become AVAILABLE in the server; removed it from {model_root}"
         )

@@ -285,7 +285,8 @@ class ModelServer:
     # --- versions ------------------------------------------------------------------------
 
     def available_versions(self, entry: ModelEntry | None = None) -> list[int]:
-        """Complete versions on storage, ascending."""
+        """Complete versions on storage, ascending, by the repository's one version rule
+        (TF Serving's int64 parse; an unreadable folder is skipped and logged, not fatal)."""
         return repository.complete_versions((entry or self._only).root)
 
     def _load(self, entry: ModelEntry, version: int) -> LoadedVersion:

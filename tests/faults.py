@@ -23,8 +23,9 @@ class FlakyProxy:
     Failures alternate between a 503 answer and a connection closed with no answer.
     """
 
-    def __init__(self, upstream: str, every: int = 3, latency: float = 0.0):
+    def __init__(self, upstream: str, every: int = 3, latency: float = 0.0, on_request=None):
         self.upstream = urlsplit(upstream)
+        self.on_request = on_request  # called with (method, path) before each request is served
         self.every = every
         self.latency = latency
         self.requests = 0
@@ -58,6 +59,8 @@ class FlakyProxy:
                 """Do the request's work; return what sends the answer."""
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy.on_request is not None:
+                    proxy.on_request(self.command, self.path)
                 with proxy._lock:
                     proxy.requests += 1
                     fail = proxy.every and proxy.requests % proxy.every == 0
