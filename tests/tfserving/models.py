@@ -195,3 +195,46 @@ def bad_half_plus_two(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "saved_model.pb").write_bytes(b"not a SavedModel")
     return path
+
+
+def mnist_softmax(path: Path, seed: int = 0) -> dict:
+    """TF Serving's example/mnist_saved_model.py shape, untrained: softmax(x W + b) over
+    784 pixels, ``predict_images`` (images -> scores) and a ``serving_default``
+    classification signature (classes from a lookup table initialised by the main_op).
+    Returns the weights so a test can compute the expected answers."""
+    import numpy as np
+    import tensorflow as tf
+
+    tf1 = tf.compat.v1
+    rng = np.random.default_rng(seed)
+    weights = {"w": rng.normal(size=(784, 10)).astype(np.float32),
+               "b": rng.normal(size=(10,)).astype(np.float32)}  # fmt: skip
+    graph = tf.Graph()
+    with graph.as_default(), tf1.Session(graph=graph) as session:
+        serialized = tf1.placeholder(tf.string, name="tf_example", shape=[None])
+        parsed = tf1.io.parse_example(serialized, {"x": tf1.io.FixedLenFeature([784], tf.float32)})
+        x = tf.identity(parsed["x"], name="x")
+        w, b = tf1.Variable(weights["w"], name="w"), tf1.Variable(weights["b"], name="b")
+        y = tf.nn.softmax(tf.matmul(x, w) + b, name="y")
+        values, indices = tf.nn.top_k(y, 10)
+        table = tf1.lookup.StaticHashTable(
+            tf1.lookup.KeyValueTensorInitializer(
+                tf.range(10, dtype=tf.int64), tf.constant([str(i) for i in range(10)])
+            ),
+            default_value="UNK",
+        )
+        classes = table.lookup(tf.cast(indices, tf.int64))
+        session.run(tf1.global_variables_initializer())
+        signatures = {
+            "predict_images": _signature(tf1, {"images": x}, {"scores": y}, PREDICT),
+            "serving_default": _signature(
+                tf1, {"inputs": serialized}, {"classes": classes, "scores": values}, CLASSIFY
+            ),
+        }
+        builder = tf1.saved_model.Builder(str(path))
+        builder.add_meta_graph_and_variables(
+            session, ["serve"], signature_def_map=signatures,
+            main_op=tf1.tables_initializer(),
+        )  # fmt: skip
+        builder.save()
+    return weights
