@@ -350,9 +350,7 @@ class ModelServer:
             wait = min(FIRST_RETRY_SECONDS * 2 ** (attempts - 1), MAX_RETRY_SECONDS)
             retry_at = time.monotonic() + wait if attempts < MAX_LOAD_ATTEMPTS else float("inf")
             with self._lock:
-                entry.failed[version] = FailedLoad(
-                    f"{type(err).__name__}: {err}", attempts, retry_at, state
-                )
+                entry.failed[version] = FailedLoad(_load_error(err), attempts, retry_at, state)
             log.error(
                 "%s version %d failed to load (attempt %d): %s", entry.name, version, attempts, err
             )
@@ -620,6 +618,14 @@ class ModelServer:
                 if v not in entry.loaded and v not in entry.failed
             ]
         return sorted(rows, reverse=True)
+
+
+def _load_error(err: Exception) -> str:
+    """One line for GetModelStatus: the error's type and its first real line (a session's
+    errors open with "Graph execution error:" and end with the failing node)."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line and line != "Graph execution error:"]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def _bind_problem(host: str, port: int) -> str:

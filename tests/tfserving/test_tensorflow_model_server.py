@@ -273,3 +273,55 @@ def test_tf_serving_test_client_from_the_mirror(run_server, testdata, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "float_val: 3" in proc.stdout and "value: 123" in proc.stdout
+
+
+def _keras_sequential(base_path, *, dense: bool):
+    import keras
+    import tensorflow as tf
+
+    model = keras.models.Sequential()
+    model.add(keras.layers.Input(dtype="float32", shape=(1,), name="x"))
+    if dense:
+        model.add(keras.layers.Dense(1, kernel_initializer="ones", bias_initializer="zeros"))
+    model.add(keras.layers.Lambda(lambda x: x, name="y"))
+    tf.saved_model.save(model, str(base_path / "00000123"))
+
+
+def _predict_inputs(running, alias):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "default"
+    request.inputs[alias].dtype = types_pb2.DT_FLOAT
+    request.inputs[alias].float_val.append(2.0)
+    request.inputs[alias].tensor_shape.dim.add().size = 1
+    request.inputs[alias].tensor_shape.dim.add().size = 1
+    return running.predictions.Predict(request, RPC_TIMEOUT)
+
+
+def test_sequential_keras_saved_model_save(run_server, tmp_path):
+    """Upstream's case expects signature keys x -> y: that is tf.keras 2. With Keras 3 (what
+    TF 2.20 ships) tf.saved_model.save names them ``inputs`` -> ``output_0``, for TF Serving
+    as for graft serve: the upstream request is refused, the same request under the Keras 3
+    names answers 2.0 (batch_input, as upstream)."""
+    _keras_sequential(tmp_path / "keras_sequential", dense=False)
+    running = run_server({"default": tmp_path / "keras_sequential"})
+    err = pytest.raises(grpc.RpcError, _predict_inputs, running, "x").value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input tensor alias not found in signature: x." in err.details()
+    output = _predict_inputs(running, "inputs").outputs["output_0"]
+    assert output.dtype == types_pb2.DT_FLOAT and list(output.float_val) == [2.0]
+
+
+def test_keras_3_model_with_variables_saved_by_tf_saved_model_save_fails_as_in_tf_serving(
+    run_server, tmp_path
+):
+    """test_distrat_sequential_keras_saved_model_save without the two virtual CPUs (they must
+    be set before TensorFlow starts, which the rest of the suite has done): the Dense model
+    through tf.saved_model.save. Under Keras 3, TF Serving's session loader finds the
+    variables uninitialised (tensorflow/tensorflow#72963, tensorflow/serving#2250), and so
+    does graft serve: FAILED_PRECONDITION "Could not find variable". graft's own export
+    uses keras.export.ExportArchive, which does not have this problem."""
+    _keras_sequential(tmp_path / "keras_dense", dense=True)
+    running = run_server({"default": tmp_path / "keras_dense"})
+    err = pytest.raises(grpc.RpcError, _predict_inputs, running, "inputs").value
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "Could not find variable" in err.details()
