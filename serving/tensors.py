@@ -108,6 +108,15 @@ def request_array(name: str, proto, limits: Limits) -> np.ndarray:
         raise refuse(str(err)) from None
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
 def response_proto(array: np.ndarray, *, tensor_content: bool = False):
     """A TensorProto for an output, encoded as TF Serving encodes it."""
     import tensorflow as tf
@@ -128,6 +137,14 @@ def response_proto(array: np.ndarray, *, tensor_content: bool = False):
         proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in flat)
     elif tensor_content:
         proto.tensor_content = np.ascontiguousarray(array).tobytes()  # host order, as TF writes it
+    elif dtype in (tf.float32.as_datatype_enum, tf.float64.as_datatype_enum):
+        # float_val/double_val written as the packed wire bytes protobuf itself would write:
+        # the same message as extend(flat.tolist()), 23x faster for 1e5 values
+        # (benchmarks/request_checks.py).
+        field = "float_val" if dtype == tf.float32.as_datatype_enum else "double_val"
+        payload = flat.astype(flat.dtype.newbyteorder("<")).tobytes()
+        number = tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name[field].number
+        proto.MergeFromString(_varint(number << 3 | 2) + _varint(len(payload)) + payload)
     elif dtype in (tf.float16.as_datatype_enum, tf.bfloat16.as_datatype_enum):
         proto.half_val.extend(flat.view(np.uint16).tolist())
     elif dtype in (tf.complex64.as_datatype_enum, tf.complex128.as_datatype_enum):
