@@ -430,8 +430,8 @@ class ModelServer:
 
         As TF Serving's ServerCore::ReloadConfig: the config is validated and its labels
         checked against the versions available now (a bad one refuses the whole config),
-        then models are added or updated (their versions loaded before this returns) and
-        models no longer listed are unloaded.
+        then models are added or updated (their versions loaded before this returns, and
+        before requests see the new config) and models no longer listed are unloaded.
         """
         entries = entries_from_config(config)
         with self._reload_lock:
@@ -442,10 +442,11 @@ class ModelServer:
                     if kept is not None and kept.root == entry.root:  # keep what is loaded
                         entry.loaded, entry.failed = kept.loaded, kept.failed
                         entry.unloaded = kept.unloaded
+            for entry in entries:  # loaded before they are visible: a moved model never gaps
+                self._poll_model(entry)
+            with self._lock:
                 removed = set(self.models) - {e.name for e in entries}
                 self.models = {e.name: e for e in entries}
-            for entry in entries:
-                self._poll_model(entry)
         for name in removed:
             log.info("model %s is no longer in the config: unloaded", name)
         self._set_health()

@@ -15,6 +15,8 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from tests.tfserving.conftest import VERSION
+
 H2 = "saved_model_half_plus_two_cpu"
 
 
@@ -410,3 +412,57 @@ def test_mnist_style_client_reads_float_val_scores_from_a_future(run_server, tmp
     assert done.wait(30)
     logits = images @ weights["w"] + weights["b"]
     assert [predictions[i] for i in range(len(images))] == list(logits.argmax(axis=1))
+
+
+# --- warmup replay (TF Serving's assets.extra/tf_serving_warmup_requests) ------------------
+
+
+def _with_warmup(testdata, tmp_path, logs) -> object:
+    import shutil
+
+    base = tmp_path / "warm"
+    shutil.copytree(testdata / H2 / "00000123", base / "00000123")
+    extra = base / "00000123" / "assets.extra"
+    extra.mkdir()
+    with tf.io.TFRecordWriter(str(extra / "tf_serving_warmup_requests")) as writer:
+        for log in logs:
+            writer.write(log.SerializeToString())
+    return base
+
+
+def test_warmup_replays_predict_and_regress_logs_before_the_version_serves(
+    run_server, testdata, tmp_path
+):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    predict = predict_pb2.PredictRequest()
+    predict.model_spec.name = "default"
+    predict.inputs["x"].CopyFrom(_float_proto([2.0], [1]))
+    regress = regression_pb2.RegressionRequest()
+    regress.model_spec.name, regress.model_spec.signature_name = "default", "regress_x_to_y"
+    regress.input.example_list.examples.add().features.feature["x"].float_list.value.append(1.0)
+    base = _with_warmup(testdata, tmp_path, [
+        prediction_log_pb2.PredictionLog(predict_log={"request": predict}),
+        prediction_log_pb2.PredictionLog(regress_log={"request": regress}),
+    ])  # fmt: skip
+    running = run_server({"default": base})
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    assert _status(running) == {VERSION: available}
+    assert list(_predict(running, {"x": _float_proto([2.0], [1])}).outputs["y"].float_val) == [3.0]
+
+
+def test_a_warmup_request_that_fails_fails_the_load_with_its_error(run_server, testdata, tmp_path):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    bad = predict_pb2.PredictRequest()
+    bad.model_spec.name = "default"
+    bad.inputs["x"].CopyFrom(tf.make_tensor_proto([b"two"]))
+    base = _with_warmup(testdata, tmp_path, [
+        prediction_log_pb2.PredictionLog(predict_log={"request": bad})
+    ])  # fmt: skip
+    running = run_server({"default": base})
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "default"
+    (status,) = running.models.GetModelStatus(request, 20).model_version_status
+    assert status.state == get_model_status_pb2.ModelVersionStatus.END
+    assert "Expects arg[0] to be float but string is provided" in status.status.error_message
