@@ -94,16 +94,21 @@ def _model_spec(target, name: str, signature_name: str, version: int) -> None:
     target.version.CopyFrom(wrappers_pb2.Int64Value(value=version))
 
 
-def _run(loaded, feeds: list[str], fetches: list[str], values: list) -> list[np.ndarray]:
-    """Run tensors by name; TensorFlow's own errors keep their status code."""
+def _tensorflow_errors(call, *args):
+    """``call(*args)``, with TensorFlow's own errors answered under their status code."""
     import tensorflow as tf
 
     try:
-        return loaded.model.run(feeds, fetches, values)
+        return call(*args)
     except tf.errors.OpError as err:
         raise RequestError(
             _CODES.get(err.error_code, grpc.StatusCode.UNKNOWN), err.message.splitlines()[0]
         ) from None
+
+
+def _run(loaded, feeds: list[str], fetches: list[str], values: list) -> list[np.ndarray]:
+    """Run tensors by name in the version's session."""
+    return _tensorflow_errors(loaded.model.run, feeds, fetches, values)
 
 
 def _input_size_error(specs, request_inputs) -> RequestError:
@@ -187,18 +192,8 @@ def run_predict(server, loaded, request):
     wanted = output_aliases(request.output_filter, signature.outputs)
     arrays = check_inputs(signature.definition, request.inputs, _limits(server))
     if server.batcher is not None and _batchable(arrays):
-        try:
-            outputs = server.batcher.run((str(loaded.path), name), signature, arrays)
-        except RequestError:
-            raise
-        except Exception as err:  # the merged call's TensorFlow error, for this request
-            import tensorflow as tf
-
-            if not isinstance(err, tf.errors.OpError):
-                raise
-            raise RequestError(
-                _CODES.get(err.error_code, grpc.StatusCode.UNKNOWN), err.message.splitlines()[0]
-            ) from None
+        key = (str(loaded.path), name)  # one model version and signature per merged call
+        outputs = _tensorflow_errors(server.batcher.run, key, signature, arrays)
     else:
         feeds = sorted(arrays)
         values = _run(

@@ -12,7 +12,7 @@ half_plus_three graph), each written as ``<base>/<version folder>/``:
 - ``half_plus_three(path)``: y = 0.5 * x + 3, TF1 with reference variables (VariableV2)
   and a legacy_init_op, as TF Serving's copy is.
 - ``counter(path)``: a reference variable with get/incr/incr_by/reset signatures.
-- ``bad_half_plus_two(path)``: a checkpoint and meta graph, no saved_model.pb.
+- ``mnist_softmax(path)``: example/mnist_saved_model.py's signatures, untrained weights.
 """
 
 from pathlib import Path
@@ -185,15 +185,6 @@ def counter(path: Path) -> Path:
         builder = tf1.saved_model.Builder(str(path))
         builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map=signatures)
         builder.save()
-    return path
-
-
-def bad_half_plus_two(path: Path) -> Path:
-    """export_bad_half_plus_two.py: a checkpoint and meta graph but no SavedModel, so the
-    version folder never holds a loadable model (saved_model.pb is written as garbage to
-    make it a version graft and TF Serving both try, and fail, to load)."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "saved_model.pb").write_bytes(b"not a SavedModel")
     return path
 
 
