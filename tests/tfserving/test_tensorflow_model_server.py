@@ -325,3 +325,37 @@ def test_keras_3_model_with_variables_saved_by_tf_saved_model_save_fails_as_in_t
     err = pytest.raises(grpc.RpcError, _predict_inputs, running, "inputs").value
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "Could not find variable" in err.details()
+
+
+def test_graft_serve_cli_serves_a_model_config_file_with_typed_answers(testdata, tmp_path):
+    """`graft serve --model-config-file` end to end (the flags as a shell gives them)."""
+    import signal
+
+    from tests.conftest import free_port
+
+    config = tmp_path / "models.config"
+    config.write_text(config_text({"half_plus_three": testdata / "saved_model_half_plus_three"}))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "serve", "--model-config-file", str(config),
+         "--model-config-file-poll-wait-seconds", "1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        from tests.tfserving.conftest import Running
+
+        running = Running(None, port)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                verify_predict_request(running, 4.0, VERSION, model_name="half_plus_three")
+                break
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "graft serve: stopped" in out
