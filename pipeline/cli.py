@@ -330,7 +330,9 @@ def serve(
     host: str = typer.Option(
         "127.0.0.1", help="Address to bind; 0.0.0.0 to accept remote clients."
     ),
-    versions: str = typer.Option("latest:1", help="Version policy: latest:N or specific:V1,V2."),
+    versions: str = typer.Option(
+        "latest:1", help="Version policy: latest:N, specific:V1,V2 or all."
+    ),
     poll_seconds: float = typer.Option(2.0, help="How often to look for new versions."),
     max_message_mb: int = typer.Option(64, help="Largest request/response in MB."),
     batching: bool = typer.Option(
