@@ -91,7 +91,9 @@ def parse_policy(policy: str) -> tuple[str, list[int]]:
     if kind == "all" and not value:
         return kind, []
     try:
-        numbers = [int(v) for v in value.split(",") if v.strip()] if value else [1]
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+        if kind == "latest" and not value:
+            numbers = [1]  # TF Serving's latest { } serves one version
     except ValueError as err:
         raise problem from err
     if kind not in ("latest", "specific") or not numbers:
