@@ -18,6 +18,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from serving.config import DEFAULTS as SERVER
+
 app = typer.Typer(
     help="graft: transfer learning from a bucket of labelled images to TF Serving.",
     no_args_is_help=True,
@@ -324,41 +326,66 @@ def pretrain(
 def serve(
     model_repo: str = typer.Option(..., help="Model repository (local dir or gs://)."),
     model_name: str = typer.Option(..., help="Model name (folder under the repository)."),
-    port: int = typer.Option(8500, help="gRPC port."),
-    host: str = typer.Option(
-        "127.0.0.1", help="Address to bind; 0.0.0.0 to accept remote clients."
+    port: int = typer.Option(SERVER["port"], help="gRPC port."),
+    rest_api_port: int = typer.Option(
+        SERVER["rest_api_port"], help="REST port (TF Serving's REST API); 0 = off."
     ),
-    versions: str = typer.Option("latest:1", help="Version policy: latest:N or specific:V1,V2."),
-    poll_seconds: float = typer.Option(2.0, help="How often to look for new versions."),
-    max_message_mb: int = typer.Option(64, help="Largest request/response in MB."),
+    host: str = typer.Option(
+        SERVER["host"], help="Address to bind; 0.0.0.0 to accept remote clients."
+    ),
+    versions: str = typer.Option(
+        SERVER["versions"], help="Version policy: latest:N or specific:V1,V2."
+    ),
+    poll_seconds: float = typer.Option(
+        SERVER["poll_seconds"], help="How often to look for new versions."
+    ),
+    max_message_mb: int = typer.Option(
+        SERVER["max_message_mb"], help="Largest request/response in MB."
+    ),
+    max_batch: int = typer.Option(SERVER["max_batch"], help="Most rows one request may carry."),
+    max_workers: int = typer.Option(
+        None,
+        help="gRPC worker threads (default: 8, or with --batching enough to fill --max-batch-size).",
+        show_default=False,
+    ),
     batching: bool = typer.Option(
         False, help="Merge concurrent small requests into one model call."
     ),
-    max_batch_size: int = typer.Option(32, help="With --batching: rows per merged call."),
+    max_batch_size: int = typer.Option(
+        SERVER["max_batch_size"], help="With --batching: rows per merged call."
+    ),
     batch_timeout_ms: float = typer.Option(
-        2.0, help="With --batching: how long a request waits for company."
+        SERVER["batch_timeout_ms"], help="With --batching: how long a request waits for company."
     ),
     batch_threads: int = typer.Option(
         None,
         help="With --batching: merged calls run at once (default: the CPU count, as TF Serving).",
         show_default=False,
     ),
+    monitoring_config_file: str = typer.Option(
+        None,
+        help="TF Serving MonitoringConfig text proto; prometheus_config { enable: true } serves "
+        "metrics on the REST port (default path /monitoring/prometheus/metrics).",
+        show_default=False,
+    ),
     tls_cert: str = typer.Option(None, help="PEM certificate: serve TLS (with --tls-key)."),
     tls_key: str = typer.Option(None, help="PEM private key for --tls-cert."),
 ) -> None:
-    """Serve a model repository over TF Serving's gRPC API until SIGTERM/Ctrl-C."""
+    """Serve a model repository over TF Serving's gRPC and REST APIs until SIGTERM/Ctrl-C."""
     import logging
 
+    from serving.config import ServerConfig
     from serving.server import ModelServer
 
     logging.basicConfig(level=logging.INFO)
     with user_errors():
-        _check_port("--port", port)
-        server = ModelServer(model_repo, model_name, host=host, versions=versions, poll_seconds=poll_seconds,
-                             max_message_mb=max_message_mb, batching=batching, max_batch_size=max_batch_size,
-                             batch_timeout_ms=batch_timeout_ms, batch_threads=batch_threads,
-                             tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
-        server.serve_forever(port)
+        config = ServerConfig(host=host, port=port, rest_api_port=rest_api_port, versions=versions,
+                              poll_seconds=poll_seconds, max_message_mb=max_message_mb, max_batch=max_batch,
+                              max_workers=max_workers, batching=batching, max_batch_size=max_batch_size,
+                              batch_timeout_ms=batch_timeout_ms, batch_threads=batch_threads,
+                              monitoring_config_file=monitoring_config_file, tls_cert=tls_cert,
+                              tls_key=tls_key)  # fmt: skip
+        ModelServer(model_repo, model_name, config).serve_forever()
 
 
 @app.command("predict")

@@ -37,6 +37,8 @@ import grpc
 
 from common import model_repository as repository
 from common import storage
+from serving.config import ServerConfig
+from serving.metrics import Metrics, TimedSignature, metered
 
 log = logging.getLogger(__name__)
 DEFAULT_SIGNATURE = "serving_default"
@@ -94,35 +96,19 @@ class ModelServer:
     """Serve one model name from a repository; start() returns the bound port."""
 
     def __init__(
-        self,
-        model_repo: str,
-        model_name: str,
-        *,
-        host: str = "127.0.0.1",
-        versions: str = "latest:1",
-        poll_seconds: float = 1.0,
-        max_message_mb: int = 64,
-        max_batch: int = 1024,
-        max_workers: int = 8,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        batching: bool = False,
-        max_batch_size: int = 32,
-        batch_timeout_ms: float = 2.0,
-        batch_threads: int | None = None,
+        self, model_repo: str, model_name: str, config: ServerConfig | None = None, **settings
     ):
-        check_server_settings(
-            poll_seconds=poll_seconds, max_message_mb=max_message_mb, max_batch=max_batch,
-            max_workers=max_workers, tls_cert=tls_cert, tls_key=tls_key,
-            max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
-            batch_threads=batch_threads,
-        )  # fmt: skip
-        self.model_repo, self.model_name, self.host = model_repo, model_name, host
+        """``config`` or ServerConfig field overrides (``batching=True``), not both."""
+        if config is not None and settings:
+            raise TypeError(f"Give a ServerConfig or settings, not both (got {sorted(settings)})")
+        self.config = config = config if config is not None else ServerConfig(**settings)
+        self.model_repo, self.model_name, self.host = model_repo, model_name, config.host
         self.root = repository.model_root(model_repo, model_name)
-        self.policy = parse_policy(versions)
-        self.poll_seconds, self.max_batch, self.max_workers = poll_seconds, max_batch, max_workers
-        self.max_message_bytes = max_message_mb * 1024 * 1024
-        self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
+        self.policy = parse_policy(config.versions)
+        self.poll_seconds, self.max_batch = config.poll_seconds, config.max_batch
+        self.max_workers = config.workers
+        self.max_message_bytes = config.max_message_mb * 1024 * 1024
+        self.tls = (config.tls_cert, config.tls_key) if config.tls_cert else None
         self.loaded: dict[int, LoadedVersion] = {}
         self.failed: dict[int, FailedLoad] = {}
         self.unloaded: set[int] = set()
@@ -130,12 +116,19 @@ class ModelServer:
         self._stop = threading.Event()
         self._server = None
         self._health = None
+        self._poller: threading.Thread | None = None
+        self.rest = None  # serving.rest.RestServer while REST is on
+        self.rest_port: int | None = None
+        self.metrics = Metrics()
+        self.prometheus_path = config.prometheus_path
         self._cache = Path(tempfile.mkdtemp(prefix="graft-serve-"))
         self.batcher = None
-        if batching:
+        if config.batching:
             from serving.batching import DynamicBatcher
 
-            self.batcher = DynamicBatcher(max_batch_size, batch_timeout_ms, batch_threads)
+            self.batcher = DynamicBatcher(
+                config.max_batch_size, config.batch_timeout_ms, config.resolved_batch_threads
+            )
 
     # --- versions ------------------------------------------------------------------------
 
@@ -154,23 +147,43 @@ class ModelServer:
             local = storage.download_tree(uri, self._cache / str(version))
         else:
             local = Path(uri)
-        module = tf.saved_model.load(str(local))
-        loaded = LoadedVersion(
-            version, local, module, dict(module.signatures), _signature_defs(local)
-        )
-        self._warmup(loaded)
+        started = time.perf_counter()
+        try:
+            module = tf.saved_model.load(str(local))
+        except Exception:  # counted as TensorFlow's loader counts it, then reported as before
+            self.metrics.load_attempts.add(uri, "fail")
+            raise
+        self.metrics.load_attempts.add(uri, "success")
+        self.metrics.load_latency.add(uri, by=round((time.perf_counter() - started) * 1e6))
+        signatures = {
+            key: TimedSignature(signature, self.metrics, self.model_name)
+            for key, signature in module.signatures.items()
+        }
+        loaded = LoadedVersion(version, local, module, signatures, _signature_defs(local))
+        self._warmup(loaded, uri)
         return loaded
 
-    def _warmup(self, loaded: LoadedVersion) -> None:
+    def _warmup(self, loaded: LoadedVersion, uri: str) -> None:
         import tensorflow as tf
 
         from serving.export import WARMUP_FILE, read_warmup
 
         if not (loaded.path / WARMUP_FILE).exists():
             return
-        for request in read_warmup(loaded.path):
-            signature = loaded.signatures[request.model_spec.signature_name or DEFAULT_SIGNATURE]
-            signature(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+        started, replayed, status = time.perf_counter(), 0, "OK"
+        try:
+            for request in read_warmup(loaded.path):
+                name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+                inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+                loaded.signatures[name](**inputs)
+                replayed += 1
+        except Exception as err:  # recorded with TF Serving's status string, then re-raised
+            status = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            micros = (time.perf_counter() - started) * 1e6
+            self.metrics.warmup_latency.observe(micros, uri, status)
+            self.metrics.warmup_records.add(uri, status, by=replayed)
 
     def _may_try(self, version: int, now: float) -> bool:
         """Whether a version that failed before is due another load attempt."""
@@ -280,7 +293,9 @@ class ModelServer:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def start(self, port: int = 0) -> int:
+    def start(self, port: int = 0, rest_api_port: int | None = None) -> int:
+        """Bind gRPC on ``port`` (0: a free one) and REST on ``rest_api_port`` (0: a free one,
+        None: off); load what the policy wants; return the gRPC port (``rest_port`` holds REST's)."""
         from grpc_health.v1 import health, health_pb2_grpc
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -299,10 +314,14 @@ class ModelServer:
             maximum_concurrent_rpcs=self.max_workers
             * 8,  # bounded queue: excess gets RESOURCE_EXHAUSTED
         )
+        # Metrics wrap the servicers rather than living in their bodies: the same wrapped
+        # objects answer gRPC and REST, so both count alike.
+        self.prediction_servicer = PredictionServicer(self)  # REST meters its own requests
+        self.model_servicer = ModelServicer(self)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self), self._server
+            metered(self.prediction_servicer, self.metrics, "GRPC"), self._server
         )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self), self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(self.model_servicer, self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         address = f"{self.host}:{port}"
@@ -321,24 +340,48 @@ class ModelServer:
             log.debug("bind failed: %s", err)
         if not bound:
             raise ServerStartError(_bind_problem(self.host, port))
+        if rest_api_port is not None:
+            from serving.rest import RestServer
+
+            try:
+                self.rest = RestServer(self, self.host, rest_api_port)
+            except OSError as err:
+                self._server.stop(0)
+                raise ServerStartError(
+                    _bind_problem(self.host, rest_api_port, "--rest-api-port")
+                ) from err
+            self.rest_port = self.rest.port
         self.poll_once()
         self._server.start()
-        threading.Thread(target=self._poll_loop, daemon=True, name="graft-poll").start()
+        if self.rest is not None:
+            self.rest.start()
+        self._poller = threading.Thread(target=self._poll_loop, daemon=True, name="graft-poll")
+        self._poller.start()
         log.info("serving %s from %s on %s:%d", self.model_name, self.model_repo, self.host, bound)
         return bound
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting requests, let in-flight ones finish for ``grace`` seconds."""
         self._stop.set()
+        if self.rest is not None:
+            self.rest.stop()
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self._poller is not None:
+            self._poller.join()
         if self.batcher is not None:
             self.batcher.close()
 
-    def serve_forever(self, port: int) -> None:
-        """Run until SIGTERM/SIGINT, then drain gracefully."""
-        bound = self.start(port)
-        print(f"graft serve: {self.model_name} on {self.host}:{bound} (Ctrl-C to stop)", flush=True)
+    def serve_forever(self) -> None:
+        """Serve on the configured ports until SIGTERM/SIGINT, then drain gracefully."""
+        rest = self.config.rest_api_port or None  # 0 switches REST off, as in TF Serving
+        bound = self.start(self.config.port, rest)
+        where = f"gRPC {self.host}:{bound}"
+        if self.rest_port is not None:
+            where += f", REST http://{self.host}:{self.rest_port}/v1/models/{self.model_name}"
+        if self.prometheus_path and self.rest_port is not None:
+            where += f", metrics http://{self.host}:{self.rest_port}{self.prometheus_path}"
+        print(f"graft serve: {self.model_name} on {where} (Ctrl-C to stop)", flush=True)
         stopped = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopped.set())
@@ -373,7 +416,7 @@ class ModelServer:
         return sorted(rows, reverse=True)
 
 
-def _bind_problem(host: str, port: int) -> str:
+def _bind_problem(host: str, port: int, flag: str = "--port") -> str:
     """Why ``host:port`` cannot be bound, in words (gRPC only says "Failed to bind")."""
     import socket
 
@@ -383,35 +426,7 @@ def _bind_problem(host: str, port: int) -> str:
             probe.bind((host, port))
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
-            return f"Cannot serve on {host}:{port}: address in use (another server is there; stop it or pick another --port)"
-        return f"Cannot serve on {host}:{port}: {err.strerror or err} (check --host and --port)"
-    return f"Cannot serve on {host}:{port}: gRPC could not bind it (check --host and --port)"
-
-
-def check_server_settings(
-    *, poll_seconds: float, max_message_mb: int, max_batch: int, max_workers: int,
-    tls_cert: str | None, tls_key: str | None, max_batch_size: int, batch_timeout_ms: float,
-    batch_threads: int | None = None,
-) -> None:  # fmt: skip
-    """Refuse settings that cannot work together, before anything starts."""
-    problems = []
-    if bool(tls_cert) != bool(tls_key):
-        given, missing = ("--tls-cert", "--tls-key") if tls_cert else ("--tls-key", "--tls-cert")
-        problems.append(f"{given} was given without {missing}: TLS needs both")
-    for name, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
-        if value and not Path(value).is_file():
-            problems.append(f"{name} {value}: no such file")
-    if not poll_seconds > 0:
-        problems.append(f"Received `--poll-seconds {poll_seconds}`: expected > 0")
-    for name, value in (("--max-message-mb", max_message_mb), ("max_batch", max_batch),
-                        ("max_workers", max_workers), ("--max-batch-size", max_batch_size)):  # fmt: skip
-        if value < 1:
-            problems.append(f"Received `{name} {value}`: expected >= 1")
-    if max_message_mb > 2047:  # gRPC message sizes are 32-bit signed byte counts
-        problems.append(f"Received `--max-message-mb {max_message_mb}`: gRPC allows at most 2047")
-    if batch_threads is not None and batch_threads < 1:
-        problems.append(f"Received `--batch-threads {batch_threads}`: expected >= 1")
-    if batch_timeout_ms < 0:
-        problems.append(f"Received `--batch-timeout-ms {batch_timeout_ms}`: expected >= 0")
-    if problems:
-        raise ValueError("; ".join(problems))
+            return f"Cannot serve on {host}:{port}: address in use (another server is there; stop it or pick another {flag})"
+        return f"Cannot serve on {host}:{port}: {err.strerror or err} (check --host and {flag})"
+    what = "gRPC" if flag == "--port" else "REST"
+    return f"Cannot serve on {host}:{port}: {what} could not bind it (check --host and {flag})"
