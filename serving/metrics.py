@@ -47,11 +47,15 @@ METERED_APIS = ("Predict", "Classify", "Regress")  # what prediction_service_imp
 
 
 def exponential_buckets(scale: float, growth: float, count: int) -> list[float]:
-    """TensorFlow's monitoring::Buckets::Exponential: limits, then DBL_MAX as the last one."""
-    return [scale * growth**i for i in range(count)] + [sys.float_info.max]
+    """TensorFlow's monitoring::Buckets::Exponential: limits, then DBL_MAX as the last one
+    (multiplied step by step, as TensorFlow does, so the limits print alike)."""
+    limits = [scale]
+    while len(limits) < count:
+        limits.append(limits[-1] * growth)
+    return limits + [sys.float_info.max]
 
 
-LATENCY_BUCKETS = exponential_buckets(10, 1.8, 33)  # ~20 minutes in microseconds
+LATENCY_BUCKETS = exponential_buckets(10, 1.8, 33)  # up to ~25 minutes in microseconds
 
 
 def metric_name(name: str) -> str:
