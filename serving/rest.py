@@ -779,9 +779,11 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("rest: %s %s failed", http_method, path)
             code, model_name, method = grpc.StatusCode.INTERNAL, "", ""
             output = json.dumps({"error": f"graft serve failed: {type(err).__name__}: {err}"})
-        self._reply(HTTP_STATUS.get(code, 500), output)
+        # Recorded before the reply goes out, so a client that reads the metrics page
+        # after its answer always finds its request there.
         micros = (time.perf_counter() - started) * 1e6
         self.api.server.metrics.record_request(model_name, method, "REST", code, micros)
+        self._reply(HTTP_STATUS.get(code, 500), output)
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         self._serve("GET")
