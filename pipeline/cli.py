@@ -391,26 +391,32 @@ def serve(
 @app.command("predict")
 def predict(
     images: list[str] = typer.Argument(..., help="JPEG/PNG files (local or gs://)."),
-    target: str = typer.Option("127.0.0.1:8500", help="host:port of TF Serving or graft serve."),
+    target: str = typer.Option(
+        None,
+        help="host:port of TF Serving or graft serve (default: 127.0.0.1:8500, or :8501 with --rest).",
+        show_default=False,
+    ),
     model: str = typer.Option(..., help="Model name."),
     version: int = typer.Option(None, help="A specific version (default: the latest served)."),
     timeout: float = typer.Option(10.0, help="Deadline per request in seconds."),
+    rest: bool = typer.Option(False, "--rest", help="Use TF Serving's REST API instead of gRPC."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Classify images over gRPC and print the top-k labels with probabilities."""
+    """Classify images over gRPC (or REST) and print the top-k labels with probabilities."""
     import json
 
     from common import storage
-    from serving.client import PredictClient
+    from serving.client import PredictClient, RestClient
 
+    if target is None:
+        target = f"127.0.0.1:{SERVER['rest_api_port'] if rest else SERVER['port']}"
     with user_errors():
         if timeout <= 0:
             raise ValueError(f"Received `--timeout {timeout}`: expected seconds > 0")
         _check_target(target)
         payloads = [storage.read_bytes(path) for path in images]
-        predictions = PredictClient(target, timeout=timeout).predict_images(
-            model, payloads, version=version
-        )
+        client = (RestClient if rest else PredictClient)(target, timeout=timeout)
+        predictions = client.predict_images(model, payloads, version=version)
     if json_out:
         rows = [{"image": path, "version": p.version, "labels": p.labels, "probabilities": p.probabilities}
                 for path, p in zip(images, predictions, strict=True)]  # fmt: skip
@@ -420,7 +426,8 @@ def predict(
         top = ", ".join(
             f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probabilities, strict=True)
         )
-        typer.echo(f"{path}: {top}  (version {p.version})")
+        served = "latest; REST answers carry no version" if p.version is None else p.version
+        typer.echo(f"{path}: {top}  (version {served})")
 
 
 # --- submit / schedule / watch --------------------------------------------------------------
