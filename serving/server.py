@@ -4,7 +4,13 @@
     graft serve --model-repo gs://bucket/models --model-name fashion --batching
 
 (`graft serve`, in pipeline/cli.py, is the one way to start it from a shell; in Python,
-`ModelServer(repo, name).start(port=0)` as tests and the demo do.)
+`ModelServer(repo, name).start(port=0)` as tests and the demo do, with
+`start(0, rest_api_port=0)` for REST too. Every knob is a serving/config.py ServerConfig
+field, the same for both.)
+
+Besides gRPC it answers TF Serving's REST API (serving/rest.py, a translation over the
+same servicers) and, with a monitoring config, TF Serving's Prometheus metrics
+(serving/metrics.py, which wraps the servicers at registration).
 
 It speaks tensorflow-serving-api's PredictionService (Predict, GetModelMetadata) and
 ModelService (GetModelStatus) over TF Serving's layout ``<repo>/<name>/<int version>/``,
