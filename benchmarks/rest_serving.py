@@ -82,7 +82,7 @@ def main() -> None:
     pushes = []
     for _ in range(args.pushes):
         started = time.perf_counter()
-        record = infra_validate(export_dir, work / "repo" / "bench-keras", pixels)
+        record = infra_validate(export_dir, work / "bench-keras", pixels)
         pushes.append({"seconds": round(time.perf_counter() - started, 1), **record})
         print(
             f"infra-validation: {pushes[-1]['seconds']} s, first request {record['first_request_ms']} ms "
