@@ -7,7 +7,8 @@
    224-px photo-like PNG, answered over gRPC (PredictClient) and over REST (RestClient:
    JSON, {"b64": ...}), the two alternated in ``--rounds`` blocks so the machine's drifting
    load falls on both alike. p50/p99 per API and REST/gRPC ratios.
-2. serving/infra_validation.py's ``infra_validate`` on the same export, ``--pushes`` times:
+2. serving/infra_validation.py's ``infra_validate`` on the same export (with 4 warmup
+   records, as push writes), ``--pushes`` times:
    wall seconds per push (child `graft serve` start, load, warmup, ``--images`` golden
    requests over each API, stop), and the first-request-after-warmup figure it records.
 The last line is JSON; it carries the load average at the start and the end.
@@ -43,6 +44,7 @@ def main() -> None:
     from PIL import Image
 
     from serving.client import PredictClient, RestClient
+    from serving.export import write_warmup
     from serving.infra_validation import infra_validate
     from serving.server import ModelServer
 
@@ -79,6 +81,7 @@ def main() -> None:
         )
 
     pixels = np.stack([photo_like(SIZE, seed=i) for i in range(args.images)])
+    write_warmup(export_dir, [image] * 4)  # as push exports: 4 warmup records
     pushes = []
     for _ in range(args.pushes):
         started = time.perf_counter()
