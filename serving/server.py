@@ -314,6 +314,16 @@ class ModelServer:
             # start too and take half the clients, to another model repository.
             ("grpc.so_reuseport", 0),
         ]
+        if rest_api_port is not None:  # bound first: a refused REST port leaves nothing bound
+            from serving.rest import RestServer
+
+            try:
+                self.rest = RestServer(self, self.host, rest_api_port)
+            except OSError as err:
+                raise ServerStartError(
+                    _bind_problem(self.host, rest_api_port, "--rest-api-port")
+                ) from err
+            self.rest_port = self.rest.port
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.max_workers),
             options=options,
@@ -340,23 +350,14 @@ class ModelServer:
             else:
                 bound = self._server.add_insecure_port(address)
         except OSError as err:  # the TLS files
+            self._close_rest()
             raise ServerStartError(f"Cannot read {err.filename}: {err.strerror}") from None
         except RuntimeError as err:  # grpc: "Failed to bind to address ..."
             bound = 0
             log.debug("bind failed: %s", err)
         if not bound:
+            self._close_rest()
             raise ServerStartError(_bind_problem(self.host, port))
-        if rest_api_port is not None:
-            from serving.rest import RestServer
-
-            try:
-                self.rest = RestServer(self, self.host, rest_api_port)
-            except OSError as err:
-                self._server.stop(0)
-                raise ServerStartError(
-                    _bind_problem(self.host, rest_api_port, "--rest-api-port")
-                ) from err
-            self.rest_port = self.rest.port
         self.poll_once()
         self._server.start()
         if self.rest is not None:
@@ -365,6 +366,11 @@ class ModelServer:
         self._poller.start()
         log.info("serving %s from %s on %s:%d", self.model_name, self.model_repo, self.host, bound)
         return bound
+
+    def _close_rest(self) -> None:
+        if self.rest is not None:
+            self.rest.stop()
+            self.rest = self.rest_port = None
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting requests, let in-flight ones finish for ``grace`` seconds."""

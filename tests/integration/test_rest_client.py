@@ -61,3 +61,23 @@ def test_rest_client_errors_name_the_server_and_the_problem(served):
     assert client.model_status(NAME) == [(3, "AVAILABLE", "")]
     with pytest.raises(ServingError, match="cannot reach a REST model server"):
         RestClient(f"127.0.0.1:{free_port()}", timeout=5).model_status(NAME)
+
+
+def test_a_busy_port_fails_the_start_and_leaves_the_other_port_free(served, tmp_path):
+    from serving.server import ServerStartError
+
+    server, busy_grpc = served
+    free = free_port()
+    with pytest.raises(ServerStartError, match="address in use .*--rest-api-port"):
+        ModelServer(str(tmp_path / "repo"), NAME).start(free, rest_api_port=server.rest_port)
+    with pytest.raises(ServerStartError, match="address in use .*--port"):
+        ModelServer(str(tmp_path / "repo"), NAME).start(busy_grpc, rest_api_port=free)
+    third = ModelServer(str(tmp_path / "repo"), NAME)
+    try:  # neither refused server left anything bound
+        assert third.start(free, rest_api_port=free_port()) == free
+        third.stop()
+        third = ModelServer(str(tmp_path / "repo"), NAME)
+        third.start(0, rest_api_port=free)
+        assert third.rest_port == free
+    finally:
+        third.stop()
