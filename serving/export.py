@@ -16,8 +16,6 @@ and ``labels`` string [N, k]. Warmup requests go to
 
 from pathlib import Path
 
-import numpy as np
-
 from common.artifacts import LABELS_FILE, MODEL_FILE
 from common.images import decode_square
 
@@ -25,10 +23,6 @@ WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 IMAGES_INPUT, PIXELS_INPUT = "images", "pixels"
 PIXELS_SIGNATURE = "predict_pixels"
 OUTPUTS = ("probabilities", "classes", "labels")
-
-
-class InfraValidationError(RuntimeError):
-    """The exported SavedModel did not load or did not answer like the model it came from."""
 
 
 def _export_archive(model, labels: list[str], image_size: int, channels: int, top_k: int):
@@ -128,44 +122,3 @@ def export_saved_model(
     if warmup_images:
         write_warmup(export_dir, warmup_images)
     return export_dir
-
-
-def infra_validate(
-    export_dir: str | Path, model_dir: str | Path, pixels: np.ndarray, *, atol: float = 1e-4
-) -> dict:
-    """Load the export as a server would, replay its warmup, and check that it answers like
-    the Keras model on the same pixels. Raises InfraValidationError with the reason."""
-    import keras
-    import tensorflow as tf
-
-    try:
-        loaded = tf.saved_model.load(str(export_dir))
-        signatures = loaded.signatures
-        missing = {"serving_default", PIXELS_SIGNATURE} - set(signatures)
-        if missing:
-            raise InfraValidationError(f"{export_dir} lacks signature(s) {sorted(missing)}")
-        warmup = read_warmup(export_dir) if (Path(export_dir) / WARMUP_FILE).exists() else []
-        for request in warmup:
-            answer = signatures["serving_default"](
-                images=tf.make_ndarray(request.inputs[IMAGES_INPUT])
-            )
-            if set(answer) != set(OUTPUTS):
-                raise InfraValidationError(f"warmup answered {sorted(answer)}, expected {OUTPUTS}")
-        served = signatures[PIXELS_SIGNATURE](pixels=tf.constant(pixels, tf.float32))[
-            "probabilities"
-        ].numpy()
-    except (tf.errors.OpError, ValueError, OSError) as err:
-        raise InfraValidationError(f"{export_dir} failed to load or answer: {err}") from err
-    expected = keras.models.load_model(Path(model_dir) / MODEL_FILE).predict(
-        pixels.astype("float32"), verbose=0
-    )
-    difference = float(np.max(np.abs(served - expected))) if len(pixels) else 0.0
-    if difference > atol:
-        raise InfraValidationError(
-            f"the export disagrees with the trained model by {difference:.2e} (> {atol}) on {len(pixels)} images"
-        )
-    return {
-        "warmup_requests": len(warmup),
-        "images_checked": int(len(pixels)),
-        "max_abs_difference": difference,
-    }

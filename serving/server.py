@@ -5,7 +5,13 @@
     graft serve --model-config-file models.config --model-config-file-poll-wait-seconds 30
 
 (`graft serve`, in pipeline/cli.py, is the one way to start it from a shell; in Python,
-`ModelServer(repo, name).start(port=0)` as tests and the demo do.)
+`ModelServer(repo, name).start(port=0)` as tests and the demo do, with
+`start(0, rest_api_port=0)` for REST too. Every knob is a serving/config.py ServerConfig
+field, the same for both.)
+
+Besides gRPC it answers TF Serving's REST API (serving/rest.py, a translation over the
+same servicers) and, with a monitoring config, TF Serving's Prometheus metrics
+(serving/metrics.py, which wraps the servicers at registration).
 
 It speaks tensorflow-serving-api's PredictionService (Predict, Classify, Regress,
 MultiInference, GetModelMetadata) and ModelService (GetModelStatus,
@@ -39,12 +45,15 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
 
 from common import model_repository as repository
 from common import storage
+from serving.config import ServerConfig
+from serving.metrics import Metrics, TimedModel, metered
 from serving.savedmodel import SessionModel
 from serving.tensors import RequestError
 
@@ -75,7 +84,7 @@ class FailedLoad:
 class LoadedVersion:
     version: int
     path: Path
-    model: SessionModel  # the session holding the version's graph and variables
+    model: SessionModel  # the version's session (a TimedModel: its runs are metered)
 
     @property
     def signature_defs(self) -> dict:
@@ -192,59 +201,39 @@ class ModelServer:
         self,
         model_repo: str | None = None,
         model_name: str | None = None,
-        *,
-        host: str = "127.0.0.1",
-        versions: str = "latest:1",
-        poll_seconds: float = 1.0,
-        max_message_mb: int = 64,
-        max_batch: int = 1024,
-        max_workers: int = 8,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        batching: bool = False,
-        max_batch_size: int = 32,
-        batch_timeout_ms: float = 2.0,
-        batch_threads: int | None = None,
-        enable_serialization_as_tensor_content: bool = False,
-        model_config_file: str | None = None,
-        model_config_file_poll_wait_seconds: float = 0.0,
-        allow_version_labels_for_unavailable_models: bool = False,
+        config: ServerConfig | None = None,
+        **settings,
     ):
-        check_server_settings(
-            poll_seconds=poll_seconds, max_message_mb=max_message_mb, max_batch=max_batch,
-            max_workers=max_workers, tls_cert=tls_cert, tls_key=tls_key,
-            max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
-            batch_threads=batch_threads,
-        )  # fmt: skip
-        if model_config_file_poll_wait_seconds < 0:
-            raise ValueError(
-                f"Received `--model-config-file-poll-wait-seconds "
-                f"{model_config_file_poll_wait_seconds}`: expected >= 0 (0: read it once)"
-            )
-        if bool(model_config_file) == bool(model_repo and model_name):
+        """Models from ``model_repo``/``model_name`` or from ``config.model_config_file``;
+        ``config`` or ServerConfig field overrides (``batching=True``), not both."""
+        if config is not None and settings:
+            raise TypeError(f"Give a ServerConfig or settings, not both (got {sorted(settings)})")
+        self.config = config = config if config is not None else ServerConfig(**settings)
+        if bool(config.model_config_file) == bool(model_repo and model_name):
             raise ValueError(
                 "Give either --model-repo with --model-name, or --model-config-file (not both)"
             )
-        self.model_repo, self.host = model_repo, host
-        self.poll_seconds, self.max_batch, self.max_workers = poll_seconds, max_batch, max_workers
-        self.max_message_bytes = max_message_mb * 1024 * 1024
-        self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
-        self.tensor_content = enable_serialization_as_tensor_content
-        self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
-        self.model_config_file = model_config_file
-        self.config_poll_seconds = model_config_file_poll_wait_seconds
-        if model_config_file:
+        self.model_repo, self.host = model_repo, config.host
+        self.poll_seconds, self.max_batch = config.poll_seconds, config.max_batch
+        self.max_workers = config.workers
+        self.max_message_bytes = config.max_message_mb * 1024 * 1024
+        self.tls = (config.tls_cert, config.tls_key) if config.tls_cert else None
+        self.tensor_content = config.enable_serialization_as_tensor_content
+        self.allow_unavailable_labels = config.allow_version_labels_for_unavailable_models
+        self.model_config_file = config.model_config_file
+        self.config_poll_seconds = config.model_config_file_poll_wait_seconds
+        if config.model_config_file:
             try:
-                entries = entries_from_config(read_model_config(model_config_file))
+                entries = entries_from_config(read_model_config(config.model_config_file))
             except RequestError as err:
-                raise ValueError(f"--model-config-file {model_config_file}: {err}") from None
-            self._config_text = storage.read_text(model_config_file)
+                raise ValueError(f"--model-config-file {config.model_config_file}: {err}") from None
+            self._config_text = storage.read_text(config.model_config_file)
         else:
             entries = [
                 ModelEntry(
                     model_name,
                     repository.model_root(model_repo, model_name),
-                    parse_policy(versions),
+                    parse_policy(config.versions),
                 )
             ]
         self.models: dict[str, ModelEntry] = {}
@@ -262,12 +251,19 @@ class ModelServer:
         self._stop = threading.Event()
         self._server = None
         self._health = None
+        self._poller: threading.Thread | None = None
+        self.rest = None  # serving.rest.RestServer while REST is on
+        self.rest_port: int | None = None
+        self.metrics = Metrics()
+        self.prometheus_path = config.prometheus_path
         self._cache = Path(tempfile.mkdtemp(prefix="graft-serve-"))
         self.batcher = None
-        if batching:
+        if config.batching:
             from serving.batching import DynamicBatcher
 
-            self.batcher = DynamicBatcher(max_batch_size, batch_timeout_ms, batch_threads)
+            self.batcher = DynamicBatcher(
+                config.max_batch_size, config.batch_timeout_ms, config.resolved_batch_threads
+            )
 
     # The single-model view (``--model-repo``/``--model-name``) tests and the demo use.
 
@@ -301,29 +297,48 @@ class ModelServer:
             local = storage.download_tree(uri, cache)
         else:
             local = Path(uri)
-        loaded = LoadedVersion(version, local, SessionModel.load(local))
-        self._warmup(entry, loaded)
+        started = time.perf_counter()
+        try:
+            model = SessionModel.load(local)
+        except Exception:  # counted as TensorFlow's loader counts it, then reported as before
+            self.metrics.load_attempts.add(uri, "fail")
+            raise
+        self.metrics.load_attempts.add(uri, "success")
+        self.metrics.load_latency.add(uri, by=round((time.perf_counter() - started) * 1e6))
+        loaded = LoadedVersion(version, local, TimedModel(model, self.metrics, entry.name))
+        self._warmup(loaded, uri)
         return loaded
 
-    def _warmup(self, entry: ModelEntry, loaded: LoadedVersion) -> None:
-        """Replay assets.extra/tf_serving_warmup_requests as TF Serving does; a failure fails the load."""
+    def _warmup(self, loaded: LoadedVersion, uri: str) -> None:
+        """Replay assets.extra/tf_serving_warmup_requests as TF Serving does; a failure fails
+        the load. Latency and records read are recorded under TF Serving's status string."""
         from serving import servicers
         from serving.export import WARMUP_FILE
         from serving.savedmodel import read_warmup_logs
 
         if not (loaded.path / WARMUP_FILE).exists():
             return
-        for record in read_warmup_logs(loaded.path):
-            kind = record.WhichOneof("log_type")
-            run = {
-                "predict_log": servicers.run_predict,
-                "classify_log": servicers.run_classify,
-                "regress_log": servicers.run_regress,
-                "multi_inference_log": servicers.run_multi_inference,
-            }.get(kind)
-            if run is None:
-                raise ValueError(f"warmup record of kind {kind!r} is not supported")
-            run(self, loaded, getattr(record, kind).request)
+        started, replayed, status = time.perf_counter(), 0, "OK"
+        try:
+            for record in read_warmup_logs(loaded.path):
+                kind = record.WhichOneof("log_type")
+                run = {
+                    "predict_log": partial(servicers.run_predict, batched=False),
+                    "classify_log": servicers.run_classify,
+                    "regress_log": servicers.run_regress,
+                    "multi_inference_log": servicers.run_multi_inference,
+                }.get(kind)
+                if run is None:
+                    raise ValueError(f"warmup record of kind {kind!r} is not supported")
+                run(self, loaded, getattr(record, kind).request)
+                replayed += 1
+        except Exception as err:
+            status = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            micros = (time.perf_counter() - started) * 1e6
+            self.metrics.warmup_latency.observe(micros, uri, status)
+            self.metrics.warmup_records.add(uri, status, by=replayed)
 
     def _may_try(self, entry: ModelEntry, version: int, now: float) -> bool:
         """Whether a version that failed before is due another load attempt."""
@@ -503,7 +518,9 @@ class ModelServer:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def start(self, port: int = 0) -> int:
+    def start(self, port: int = 0, rest_api_port: int | None = None) -> int:
+        """Bind gRPC on ``port`` (0: a free one) and REST on ``rest_api_port`` (0: a free one,
+        None: off); load what the policy wants; return the gRPC port (``rest_port`` holds REST's)."""
         from grpc_health.v1 import health, health_pb2_grpc
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -516,16 +533,30 @@ class ModelServer:
             # start too and take half the clients, to another model repository.
             ("grpc.so_reuseport", 0),
         ]
+        if rest_api_port is not None:  # bound first: a refused REST port leaves nothing bound
+            from serving.rest import RestServer
+
+            try:
+                self.rest = RestServer(self, self.host, rest_api_port)
+            except OSError as err:
+                raise ServerStartError(
+                    _bind_problem(self.host, rest_api_port, "--rest-api-port")
+                ) from err
+            self.rest_port = self.rest.port
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.max_workers),
             options=options,
             maximum_concurrent_rpcs=self.max_workers
             * 8,  # bounded queue: excess gets RESOURCE_EXHAUSTED
         )
+        # Metrics wrap the servicers rather than living in their bodies: the same wrapped
+        # objects answer gRPC and REST, so both count alike.
+        self.prediction_servicer = PredictionServicer(self)  # REST meters its own requests
+        self.model_servicer = ModelServicer(self)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self), self._server
+            metered(self.prediction_servicer, self.metrics, "GRPC"), self._server
         )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self), self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(self.model_servicer, self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         address = f"{self.host}:{port}"
@@ -538,15 +569,20 @@ class ModelServer:
             else:
                 bound = self._server.add_insecure_port(address)
         except OSError as err:  # the TLS files
+            self._close_rest()
             raise ServerStartError(f"Cannot read {err.filename}: {err.strerror}") from None
         except RuntimeError as err:  # grpc: "Failed to bind to address ..."
             bound = 0
             log.debug("bind failed: %s", err)
         if not bound:
+            self._close_rest()
             raise ServerStartError(_bind_problem(self.host, port))
         self.poll_once()
         self._server.start()
-        threading.Thread(target=self._poll_loop, daemon=True, name="graft-poll").start()
+        if self.rest is not None:
+            self.rest.start()
+        self._poller = threading.Thread(target=self._poll_loop, daemon=True, name="graft-poll")
+        self._poller.start()
         if self.model_config_file and self.config_poll_seconds > 0:
             threading.Thread(
                 target=self._config_poll_loop, daemon=True, name="graft-config-poll"
@@ -554,21 +590,35 @@ class ModelServer:
         log.info("serving %s on %s:%d", ", ".join(sorted(self.models)), self.host, bound)
         return bound
 
+    def _close_rest(self) -> None:
+        if self.rest is not None:
+            self.rest.stop()
+            self.rest = self.rest_port = None
+
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting requests, let in-flight ones finish for ``grace`` seconds."""
         self._stop.set()
+        if self.rest is not None:
+            self.rest.stop()
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self._poller is not None:
+            self._poller.join()
         if self.batcher is not None:
             self.batcher.close()
 
-    def serve_forever(self, port: int) -> None:
-        """Run until SIGTERM/SIGINT, then drain gracefully."""
-        bound = self.start(port)
-        print(
-            f"graft serve: {', '.join(sorted(self.models))} on {self.host}:{bound} (Ctrl-C to stop)",
-            flush=True,
-        )
+    def serve_forever(self) -> None:
+        """Serve on the configured ports until SIGTERM/SIGINT, then drain gracefully."""
+        rest = self.config.rest_api_port or None  # 0 switches REST off, as in TF Serving
+        bound = self.start(self.config.port, rest)
+        names = ",".join(sorted(self.models))  # one word: infra-validation reads this line
+        where = f"gRPC {self.host}:{bound}"
+        if self.rest_port is not None:
+            only = self.model_name if len(self.models) == 1 else ""
+            where += f", REST http://{self.host}:{self.rest_port}/v1/models/{only}"
+        if self.prometheus_path and self.rest_port is not None:
+            where += f", metrics http://{self.host}:{self.rest_port}{self.prometheus_path}"
+        print(f"graft serve: {names} on {where} (Ctrl-C to stop)", flush=True)
         stopped = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopped.set())
@@ -576,7 +626,6 @@ class ModelServer:
         self.stop()
         print("graft serve: stopped", flush=True)
 
-    # --- request helpers used by the servicers -------------------------------------------
     # --- request helpers used by the servicers -------------------------------------------
 
     def resolve(
@@ -631,7 +680,7 @@ def _load_error(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def _bind_problem(host: str, port: int) -> str:
+def _bind_problem(host: str, port: int, flag: str = "--port") -> str:
     """Why ``host:port`` cannot be bound, in words (gRPC only says "Failed to bind")."""
     import socket
 
@@ -641,35 +690,7 @@ def _bind_problem(host: str, port: int) -> str:
             probe.bind((host, port))
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
-            return f"Cannot serve on {host}:{port}: address in use (another server is there; stop it or pick another --port)"
-        return f"Cannot serve on {host}:{port}: {err.strerror or err} (check --host and --port)"
-    return f"Cannot serve on {host}:{port}: gRPC could not bind it (check --host and --port)"
-
-
-def check_server_settings(
-    *, poll_seconds: float, max_message_mb: int, max_batch: int, max_workers: int,
-    tls_cert: str | None, tls_key: str | None, max_batch_size: int, batch_timeout_ms: float,
-    batch_threads: int | None = None,
-) -> None:  # fmt: skip
-    """Refuse settings that cannot work together, before anything starts."""
-    problems = []
-    if bool(tls_cert) != bool(tls_key):
-        given, missing = ("--tls-cert", "--tls-key") if tls_cert else ("--tls-key", "--tls-cert")
-        problems.append(f"{given} was given without {missing}: TLS needs both")
-    for name, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
-        if value and not Path(value).is_file():
-            problems.append(f"{name} {value}: no such file")
-    if not poll_seconds > 0:
-        problems.append(f"Received `--poll-seconds {poll_seconds}`: expected > 0")
-    for name, value in (("--max-message-mb", max_message_mb), ("max_batch", max_batch),
-                        ("max_workers", max_workers), ("--max-batch-size", max_batch_size)):  # fmt: skip
-        if value < 1:
-            problems.append(f"Received `{name} {value}`: expected >= 1")
-    if max_message_mb > 2047:  # gRPC message sizes are 32-bit signed byte counts
-        problems.append(f"Received `--max-message-mb {max_message_mb}`: gRPC allows at most 2047")
-    if batch_threads is not None and batch_threads < 1:
-        problems.append(f"Received `--batch-threads {batch_threads}`: expected >= 1")
-    if batch_timeout_ms < 0:
-        problems.append(f"Received `--batch-timeout-ms {batch_timeout_ms}`: expected >= 0")
-    if problems:
-        raise ValueError("; ".join(problems))
+            return f"Cannot serve on {host}:{port}: address in use (another server is there; stop it or pick another {flag})"
+        return f"Cannot serve on {host}:{port}: {err.strerror or err} (check --host and {flag})"
+    what = "gRPC" if flag == "--port" else "REST"
+    return f"Cannot serve on {host}:{port}: {what} could not bind it (check --host and {flag})"

@@ -42,6 +42,8 @@ only resolution and ``context.abort``, so the REST gateway and warmup replay cal
 same code.
 """
 
+from functools import partial
+
 import grpc
 import numpy as np
 from google.protobuf import text_format, wrappers_pb2
@@ -106,9 +108,9 @@ def _tensorflow_errors(call, *args):
         ) from None
 
 
-def _run(loaded, feeds: list[str], fetches: list[str], values: list) -> list[np.ndarray]:
-    """Run tensors by name in the version's session."""
-    return _tensorflow_errors(loaded.model.run, feeds, fetches, values)
+def _run(loaded, feeds: list[str], fetches: list[str], values: list, api: str | None):
+    """Run tensors by name in the version's session; ``api`` labels its runtime_latency."""
+    return _tensorflow_errors(partial(loaded.model.run, api=api), feeds, fetches, values)
 
 
 def _input_size_error(specs, request_inputs) -> RequestError:
@@ -180,8 +182,10 @@ def _batchable(arrays: dict) -> bool:
     return len(rows) == 1 and None not in rows and 0 not in rows
 
 
-def run_predict(server, loaded, request):
-    """Predict on a resolved version (predict_util.cc's RunPredict)."""
+def run_predict(server, loaded, request, *, batched: bool = True):
+    """Predict on a resolved version (predict_util.cc's RunPredict). ``batched=False`` runs
+    it alone even with batching on (warmup: records replay one at a time, so a record in
+    the batcher would only wait out the batch timeout for company that never comes)."""
     name = request.model_spec.signature_name or DEFAULT_SIGNATURE
     if name not in loaded.signature_defs:
         raise RequestError(
@@ -191,7 +195,7 @@ def run_predict(server, loaded, request):
     # Like TF Serving, a bad output_filter is refused before the model runs.
     wanted = output_aliases(request.output_filter, signature.outputs)
     arrays = check_inputs(signature.definition, request.inputs, _limits(server))
-    if server.batcher is not None and _batchable(arrays):
+    if batched and server.batcher is not None and _batchable(arrays):
         key = (str(loaded.path), name)  # one model version and signature per merged call
         outputs = _tensorflow_errors(server.batcher.run, key, signature, arrays)
     else:
@@ -201,6 +205,7 @@ def run_predict(server, loaded, request):
             [signature.inputs[a].name for a in feeds],
             [signature.outputs[a].name for a in wanted],
             [arrays[a] for a in feeds],
+            "Predict",
         )
         outputs = dict(zip(wanted, values, strict=True))
     response = predict_pb2.PredictResponse()
@@ -366,17 +371,17 @@ def regression_result(signature_def, rows: int, by_name: dict, result) -> None:
         result.regressions.add(value=float(value))
 
 
-def _run_examples(server, loaded, inputs: set[str], outputs: list[str], input_proto):
+def _run_examples(server, loaded, inputs: set[str], outputs: list[str], input_proto, api):
     examples = serialized_examples(input_proto, _limits(server))
     feeds = sorted(inputs)
-    values = _run(loaded, feeds, outputs, [examples] * len(feeds))
+    values = _run(loaded, feeds, outputs, [examples] * len(feeds), api)
     return len(examples), dict(zip(outputs, values, strict=True))
 
 
 def run_classify(server, loaded, request):
     signature_def = _example_signature(loaded, request.model_spec)
     input_name, outputs = classification_tensors(signature_def)
-    rows, by_name = _run_examples(server, loaded, {input_name}, outputs, request.input)
+    rows, by_name = _run_examples(server, loaded, {input_name}, outputs, request.input, "Classify")
     response = classification_pb2.ClassificationResponse()
     classification_result(signature_def, rows, by_name, response.result)
     _model_spec(
@@ -389,7 +394,7 @@ def run_classify(server, loaded, request):
 def run_regress(server, loaded, request):
     signature_def = _example_signature(loaded, request.model_spec)
     input_name, outputs = regression_tensors(signature_def)
-    rows, by_name = _run_examples(server, loaded, {input_name}, outputs, request.input)
+    rows, by_name = _run_examples(server, loaded, {input_name}, outputs, request.input, "Regress")
     response = regression_pb2.RegressionResponse()
     regression_result(signature_def, rows, by_name, response.result)
     _model_spec(
@@ -430,7 +435,8 @@ def run_multi_inference(server, loaded, request):
         inputs.add(input_name)
         outputs += [n for n in names if n not in outputs]
         plans.append((task, signature_def))
-    rows, by_name = _run_examples(server, loaded, inputs, outputs, request.input)
+    # TF Serving records no runtime_latency for MultiInference (multi_inference.cc).
+    rows, by_name = _run_examples(server, loaded, inputs, outputs, request.input, None)
     response = inference_pb2.MultiInferenceResponse()
     for task, signature_def in plans:
         result = response.results.add()
@@ -524,6 +530,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             row = response.model_version_status.add(
                 version=version, state=getattr(get_model_status_pb2.ModelVersionStatus, state)
             )
+            # TF Serving sets every row's status (get_model_status_impl.cc's ToStatusProto of
+            # the servable's health): error_code OK on an AVAILABLE row, not an absent field.
+            row.status.SetInParent()
             if error:
                 row.status.error_code = grpc.StatusCode.UNKNOWN.value[0]
                 row.status.error_message = error

@@ -53,18 +53,23 @@ class Running:
 
 @pytest.fixture
 def run_server(tmp_path):
-    """run_server({"default": base_path}, **ModelServer kwargs) -> Running (stopped after)."""
+    """run_server({"default": base_path}, **ModelServer kwargs) -> Running (stopped after);
+    ``rest=True`` binds TF Serving's REST API too, at ``running.rest`` (http://host:port)."""
     from serving.server import ModelServer
 
     started = []
 
-    def start(models_by_name: dict[str, Path], *, extra: dict | None = None, **settings):
+    def start(
+        models_by_name: dict[str, Path], *, extra: dict | None = None, rest: bool = False,
+        **settings,
+    ):  # fmt: skip
         config = tmp_path / f"models-{len(started)}.config"
         config.write_text(config_text(models_by_name, **(extra or {})))
         server = ModelServer(model_config_file=str(config), poll_seconds=0.2, **settings)
         started.append(server)
-        running = Running(server, server.start(port=0))
+        running = Running(server, server.start(port=0, rest_api_port=0 if rest else None))
         running.config = config
+        running.rest = f"http://127.0.0.1:{server.rest_port}" if rest else None
         return running
 
     yield start

@@ -66,6 +66,7 @@ def test_get_model_status(run_server, testdata):
     result = running.models.GetModelStatus(request, RPC_TIMEOUT)
     assert len(result.model_version_status) == 1
     assert result.model_version_status[0].version == 123
+    assert result.model_version_status[0].HasField("status")  # set, as TF Serving sets it
     assert result.model_version_status[0].status.error_code == 0  # OK
 
 
