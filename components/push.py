@@ -103,7 +103,8 @@ def push_model(
 ) -> PushResult:
     """Export, infra-validate and publish ``model_dir``; refuses an unblessed model."""
     from components.datasets import encode_png
-    from serving.export import export_saved_model, infra_validate
+    from serving.export import export_saved_model
+    from serving.infra_validation import infra_validate
 
     model_dir, evaluation_path = Path(model_dir), Path(evaluation_path)
     if evaluation_path.is_dir():

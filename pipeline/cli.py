@@ -18,6 +18,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from serving.config import DEFAULTS as SERVER
+
 app = typer.Typer(
     help="graft: transfer learning from a bucket of labelled images to TF Serving.",
     no_args_is_help=True,
@@ -328,68 +330,120 @@ def pretrain(
 
 @app.command("serve")
 def serve(
-    model_repo: str = typer.Option(..., help="Model repository (local dir or gs://)."),
-    model_name: str = typer.Option(..., help="Model name (folder under the repository)."),
-    port: int = typer.Option(8500, help="gRPC port."),
-    host: str = typer.Option(
-        "127.0.0.1", help="Address to bind; 0.0.0.0 to accept remote clients."
+    model_repo: str = typer.Option(
+        None, help="Model repository (local dir or gs://); or use --model-config-file."
     ),
-    versions: str = typer.Option("latest:1", help="Version policy: latest:N or specific:V1,V2."),
-    poll_seconds: float = typer.Option(2.0, help="How often to look for new versions."),
-    max_message_mb: int = typer.Option(64, help="Largest request/response in MB."),
+    model_name: str = typer.Option(None, help="Model name (folder under the repository)."),
+    port: int = typer.Option(SERVER["port"], help="gRPC port."),
+    rest_api_port: int = typer.Option(
+        SERVER["rest_api_port"], help="REST port (TF Serving's REST API); 0 = off."
+    ),
+    host: str = typer.Option(
+        SERVER["host"], help="Address to bind; 0.0.0.0 to accept remote clients."
+    ),
+    versions: str = typer.Option(
+        SERVER["versions"], help="Version policy: latest:N, specific:V1,V2 or all."
+    ),
+    poll_seconds: float = typer.Option(
+        SERVER["poll_seconds"], help="How often to look for new versions."
+    ),
+    max_message_mb: int = typer.Option(
+        SERVER["max_message_mb"], help="Largest request/response in MB."
+    ),
+    max_batch: int = typer.Option(SERVER["max_batch"], help="Most rows one request may carry."),
+    max_workers: int = typer.Option(
+        None,
+        help="gRPC worker threads (default: 8, or with --batching enough to fill --max-batch-size).",
+        show_default=False,
+    ),
     batching: bool = typer.Option(
         False, help="Merge concurrent small requests into one model call."
     ),
-    max_batch_size: int = typer.Option(32, help="With --batching: rows per merged call."),
+    max_batch_size: int = typer.Option(
+        SERVER["max_batch_size"], help="With --batching: rows per merged call."
+    ),
     batch_timeout_ms: float = typer.Option(
-        2.0, help="With --batching: how long a request waits for company."
+        SERVER["batch_timeout_ms"], help="With --batching: how long a request waits for company."
     ),
     batch_threads: int = typer.Option(
         None,
         help="With --batching: merged calls run at once (default: the CPU count, as TF Serving).",
         show_default=False,
     ),
+    monitoring_config_file: str = typer.Option(
+        None,
+        help="TF Serving MonitoringConfig text proto; prometheus_config { enable: true } serves "
+        "metrics on the REST port (default path /monitoring/prometheus/metrics).",
+        show_default=False,
+    ),
     tls_cert: str = typer.Option(None, help="PEM certificate: serve TLS (with --tls-key)."),
     tls_key: str = typer.Option(None, help="PEM private key for --tls-cert."),
+    enable_serialization_as_tensor_content: bool = typer.Option(
+        SERVER["enable_serialization_as_tensor_content"],
+        help="Answer numeric outputs in tensor_content (TF Serving's flag), not float_val...",
+    ),
+    model_config_file: str = typer.Option(
+        None, help="TF Serving ModelServerConfig text file: several models, policies, labels."
+    ),
+    model_config_file_poll_wait_seconds: float = typer.Option(
+        SERVER["model_config_file_poll_wait_seconds"],
+        help="Re-read --model-config-file this often (0: read it once).",
+    ),
+    allow_version_labels_for_unavailable_models: bool = typer.Option(
+        SERVER["allow_version_labels_for_unavailable_models"],
+        help="Let a config label a version that is not loaded yet (TF Serving's flag).",
+    ),
 ) -> None:
-    """Serve a model repository over TF Serving's gRPC API until SIGTERM/Ctrl-C."""
+    """Serve a model repository (or a model config file's models) over TF Serving's gRPC and
+    REST APIs until SIGTERM/Ctrl-C."""
     import logging
 
+    from serving.config import ServerConfig
     from serving.server import ModelServer
 
     logging.basicConfig(level=logging.INFO)
     with user_errors():
-        _check_port("--port", port)
-        server = ModelServer(model_repo, model_name, host=host, versions=versions, poll_seconds=poll_seconds,
-                             max_message_mb=max_message_mb, batching=batching, max_batch_size=max_batch_size,
-                             batch_timeout_ms=batch_timeout_ms, batch_threads=batch_threads,
-                             tls_cert=tls_cert, tls_key=tls_key)  # fmt: skip
-        server.serve_forever(port)
+        config = ServerConfig(host=host, port=port, rest_api_port=rest_api_port, versions=versions,
+                              poll_seconds=poll_seconds, max_message_mb=max_message_mb, max_batch=max_batch,
+                              max_workers=max_workers, batching=batching, max_batch_size=max_batch_size,
+                              batch_timeout_ms=batch_timeout_ms, batch_threads=batch_threads,
+                              monitoring_config_file=monitoring_config_file, tls_cert=tls_cert,
+                              tls_key=tls_key, model_config_file=model_config_file,
+                              model_config_file_poll_wait_seconds=model_config_file_poll_wait_seconds,
+                              allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
+                              enable_serialization_as_tensor_content=enable_serialization_as_tensor_content)  # fmt: skip
+        ModelServer(model_repo, model_name, config).serve_forever()
 
 
 @app.command("predict")
 def predict(
     images: list[str] = typer.Argument(..., help="JPEG/PNG files (local or gs://)."),
-    target: str = typer.Option("127.0.0.1:8500", help="host:port of TF Serving or graft serve."),
+    target: str = typer.Option(
+        None,
+        help="host:port of TF Serving or graft serve (default: 127.0.0.1:8500, or :8501 with --rest).",
+        show_default=False,
+    ),
     model: str = typer.Option(..., help="Model name."),
     version: int = typer.Option(None, help="A specific version (default: the latest served)."),
     timeout: float = typer.Option(10.0, help="Deadline per request in seconds."),
+    rest: bool = typer.Option(False, "--rest", help="Use TF Serving's REST API instead of gRPC."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Classify images over gRPC and print the top-k labels with probabilities."""
+    """Classify images over gRPC (or REST) and print the top-k labels with probabilities."""
     import json
 
     from common import storage
-    from serving.client import PredictClient
+    from serving.client import PredictClient, RestClient
 
+    if target is None:
+        target = f"127.0.0.1:{SERVER['rest_api_port'] if rest else SERVER['port']}"
     with user_errors():
         if timeout <= 0:
             raise ValueError(f"Received `--timeout {timeout}`: expected seconds > 0")
         _check_target(target)
         payloads = [storage.read_bytes(path) for path in images]
-        predictions = PredictClient(target, timeout=timeout).predict_images(
-            model, payloads, version=version
-        )
+        client = (RestClient if rest else PredictClient)(target, timeout=timeout)
+        predictions = client.predict_images(model, payloads, version=version)
     if json_out:
         rows = [{"image": path, "version": p.version, "labels": p.labels, "probabilities": p.probabilities}
                 for path, p in zip(images, predictions, strict=True)]  # fmt: skip
@@ -399,7 +453,8 @@ def predict(
         top = ", ".join(
             f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probabilities, strict=True)
         )
-        typer.echo(f"{path}: {top}  (version {p.version})")
+        served = "latest; REST answers carry no version" if p.version is None else p.version
+        typer.echo(f"{path}: {top}  (version {served})")
 
 
 # --- submit / schedule / watch --------------------------------------------------------------

@@ -9,7 +9,10 @@ thread once it is full or its oldest request has waited ``timeout_ms``. While ev
 is busy, open batches keep filling, so load makes batches bigger rather than queues longer.
 
 A batch whose merged call fails (one request's bad image, say) is retried request by
-request, so only the bad request gets the error.
+request, so only the bad request gets the error. So is a batch whose outputs cannot be
+split back by rows (an output without the batch dimension, or with a different number of
+rows): a request run alone gets its outputs whole. Whatever goes wrong, every caller gets
+an answer or an error: a batch thread never dies with callers waiting on it.
 """
 
 import os
@@ -32,7 +35,7 @@ def default_batch_threads() -> int:
 @dataclass
 class _Pending:
     key: object  # requests with the same key may share a call (same version + signature)
-    call: object  # the signature: call(**inputs) -> {name: tensor}
+    call: object  # the signature: call(**{name: ndarray}) -> {name: ndarray}
     inputs: dict  # name -> numpy array, batch on axis 0
     rows: int
     done: threading.Event = field(default_factory=threading.Event)
@@ -65,8 +68,12 @@ class DynamicBatcher:
         self._changed = threading.Condition()
         self._closed = False
         self.calls = 0  # model calls made (tests and benchmarks read it)
-        for i in range(num_threads):
-            threading.Thread(target=self._loop, daemon=True, name=f"graft-batcher-{i}").start()
+        self._threads = [
+            threading.Thread(target=self._loop, daemon=True, name=f"graft-batcher-{i}")
+            for i in range(num_threads)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def run(self, key, call, inputs: dict) -> dict:
         """Run ``call(**inputs)`` as part of a batch; return this request's rows of each output."""
@@ -88,10 +95,13 @@ class DynamicBatcher:
             return sum(len(b.requests) for b in self._batches)
 
     def close(self) -> None:
-        """Let the batch threads finish what is queued, then end."""
+        """Let the batch threads finish what is queued, then wait until they have ended."""
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
 
     def _enqueue(self, pending: _Pending) -> None:
         """Add to the key's open batch, or open a new one (the caller holds the lock)."""
@@ -123,19 +133,23 @@ class DynamicBatcher:
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
-            self._execute(batch.requests)
+            try:
+                self._execute(batch.requests)
+            except BaseException as err:  # a bug here must not strand the batch's callers
+                for pending in batch.requests:
+                    if not pending.done.is_set():
+                        pending.error = RuntimeError(f"the batcher failed: {err!r}")
+                        pending.done.set()
+                raise
 
     def _execute(self, batch: list[_Pending]) -> None:
-        import tensorflow as tf
-
         try:
             merged = {
                 name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs
             }
-            outputs = {
-                k: np.asarray(v)
-                for k, v in batch[0].call(**{k: tf.constant(v) for k, v in merged.items()}).items()
-            }
+            outputs = {k: np.asarray(v) for k, v in batch[0].call(**merged).items()}
+            if len(batch) > 1:
+                _check_splittable(outputs, sum(p.rows for p in batch))
         except Exception as err:  # handed to the waiting request; a batch retries one by one
             if len(batch) > 1:
                 for pending in batch:
@@ -146,8 +160,27 @@ class DynamicBatcher:
             batch[0].error = err
             batch[0].done.set()
             return
+        if (
+            len(batch) == 1
+        ):  # nothing to split: the outputs are this request's, whatever their shape
+            batch[0].result = outputs
+            batch[0].done.set()
+            return
         start = 0
         for pending in batch:
             pending.result = {k: v[start : start + pending.rows] for k, v in outputs.items()}
             start += pending.rows
             pending.done.set()
+
+
+class UnsplittableOutputs(ValueError):
+    """A merged call's outputs do not have one row per merged input row."""
+
+
+def _check_splittable(outputs: dict, rows: int) -> None:
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != rows:
+            raise UnsplittableOutputs(
+                f"output {name!r} has shape {list(value.shape)}, expected {rows} rows "
+                "(one per merged input row): the batch is run request by request"
+            )

@@ -1,8 +1,9 @@
-"""A gRPC client for TF Serving and `graft serve` (the same API, the same client).
+"""Clients for TF Serving and `graft serve` (the same APIs, the same clients): gRPC and REST.
 
-    from serving.client import PredictClient
+    from serving.client import PredictClient, RestClient
     for p in PredictClient("127.0.0.1:8500").predict_images("fashion", [open("x.png", "rb").read()]):
         print(p.labels[0], p.probabilities[0])
+    RestClient("127.0.0.1:8501").predict_images("fashion", [png])   # TF Serving's REST API
 
 Outputs are read by the names the signature declares (probabilities, classes, labels),
 never by generated tensor names.
@@ -24,7 +25,7 @@ class Prediction:
     labels: list[str]  # top-k, best first
     classes: list[int]
     probabilities: list[float]  # aligned with labels
-    version: int
+    version: int | None  # None over REST unless asked for: TF Serving's REST answer omits it
 
 
 class PredictClient:
@@ -161,3 +162,75 @@ def wait_until_available(
         return False
 
     return verify
+
+
+class RestClient:
+    """TF Serving's REST API: row-format ``:predict`` with ``{"b64": ...}`` images."""
+
+    def __init__(self, target: str, *, timeout: float = 10.0):
+        self.target, self.timeout = target, timeout
+        self.base = target if "://" in target else f"http://{target}"
+
+    def _call(self, path: str, body: dict | None, what: str) -> dict:
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            text = err.read().decode(errors="replace")
+            try:
+                message = json.loads(text)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = text or err.reason
+            raise ServingError(f"{what}: HTTP {err.code}: {message}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            reason = getattr(err, "reason", err)
+            raise ServingError(
+                f"cannot reach a REST model server at {self.base} ({reason}): is it running "
+                "with a --rest-api-port?"
+            ) from None
+
+    def _model_path(self, model_name: str, version: int | None) -> str:
+        from urllib.parse import quote
+
+        path = f"/v1/models/{quote(model_name, safe='')}"
+        return path if version is None else f"{path}/versions/{version}"
+
+    def predict_images(
+        self,
+        model_name: str,
+        images: list[bytes],
+        *,
+        version: int | None = None,
+        signature: str = "serving_default",
+    ) -> list[Prediction]:
+        """Send encoded JPEG/PNG bytes; get top-k labels with probabilities per image."""
+        import base64
+
+        body = {
+            "signature_name": signature,
+            "instances": [{"b64": base64.b64encode(image).decode()} for image in images],
+        }
+        path = self._model_path(model_name, version) + ":predict"
+        answer = self._call(path, body, f"predict on model {model_name!r}")
+        rows = answer["predictions"]
+        return [
+            Prediction(list(row["labels"]), [int(c) for c in row["classes"]],
+                       [float(row["probabilities"][c]) for c in row["classes"]], version)
+            for row in rows
+        ]  # fmt: skip
+
+    def model_status(self, model_name: str) -> list[tuple[int, str, str]]:
+        """(version, state name, error message) per version the server knows."""
+        answer = self._call(
+            self._model_path(model_name, None), None, f"status of model {model_name!r}"
+        )
+        return [
+            (int(row["version"]), row["state"], row.get("status", {}).get("error_message", ""))
+            for row in answer["model_version_status"]
+        ]

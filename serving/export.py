@@ -22,8 +22,6 @@ and ``labels`` string [N, k]. Warmup requests go to
 
 from pathlib import Path
 
-import numpy as np
-
 from common.artifacts import LABELS_FILE, MODEL_FILE
 from common.images import decode_square
 from components.config import GraftConfig
@@ -32,10 +30,6 @@ WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 IMAGES_INPUT, PIXELS_INPUT = "images", "pixels"
 PIXELS_SIGNATURE = "predict_pixels"
 OUTPUTS = ("probabilities", "classes", "labels")
-
-
-class InfraValidationError(RuntimeError):
-    """The exported SavedModel did not load or did not answer like the model it came from."""
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -85,61 +79,66 @@ def declared_size(encoded):
     ))  # fmt: skip
 
 
-def _serving_module(
+def _export_archive(
     model, labels: list[str], image_size: int, channels: int, top_k: int, max_pixels: int
 ):
+    """Both signatures as a Keras ExportArchive.
+
+    Not tf.saved_model.save on a tf.Module holding the Keras 3 model: that SavedModel
+    loads with tf.saved_model.load but not with TF Serving's session loader, where every
+    request fails "Could not find variable dense/bias" (tensorflow/tensorflow#72963); the
+    archive tracks the model's variables so both loaders restore the same ones.
+    """
+    import keras
     import tensorflow as tf
 
     k = min(top_k, len(labels))
+    label_table = tf.constant(labels)
+    # Recorded in the export: the pixel limit this version's signature enforces.
+    limit = tf.Variable(max_pixels, dtype=tf.int64, trainable=False, name="max_pixels")
 
-    class ServingModule(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-            self.label_table = tf.constant(labels)
-            # Recorded in the export: the pixel limit this version's signature enforces.
-            self.max_pixels = tf.Variable(max_pixels, dtype=tf.int64, trainable=False,
-                                          name="max_pixels")  # fmt: skip
+    def answer(pixels):
+        probabilities = tf.cast(model(pixels, training=False), tf.float32)
+        top = tf.math.top_k(probabilities, k=k)
+        classes = tf.cast(top.indices, tf.int32)
+        return {"probabilities": probabilities, "classes": classes,
+                "labels": tf.gather(label_table, classes)}  # fmt: skip
 
-        def _answer(self, pixels):
-            probabilities = tf.cast(self.model(pixels, training=False), tf.float32)
-            top = tf.math.top_k(probabilities, k=k)
-            classes = tf.cast(top.indices, tf.int32)
-            return {"probabilities": probabilities, "classes": classes,
-                    "labels": tf.gather(self.label_table, classes)}  # fmt: skip
+    def decode(encoded):
+        size = declared_size(encoded)
+        # Refused from the header, before the decoder allocates width x height x 3 bytes.
+        check = tf.debugging.assert_less_equal(
+            size[0] * size[1], limit,
+            message=f"the image declares more pixels (width x height, read from its "
+            f"header) than max_pixels={max_pixels}, the limit validate applies; not decoded",
+        )  # fmt: skip
+        with tf.control_dependencies([check]):
+            # The very function augment decoded the training images with.
+            return tf.cast(decode_square(encoded, image_size, channels), tf.float32)
 
-        def _decode(self, encoded):
-            size = declared_size(encoded)
-            # Refused from the header, before the decoder allocates width x height x 3 bytes.
-            check = tf.debugging.assert_less_equal(
-                size[0] * size[1], self.max_pixels,
-                message=f"the image declares more pixels (width x height, read from its "
-                f"header) than max_pixels={max_pixels}, the limit validate applies; not decoded",
-            )  # fmt: skip
-            with tf.control_dependencies([check]):
-                # The very function augment decoded the training images with.
-                return tf.cast(decode_square(encoded, image_size, channels), tf.float32)
-
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)])
-        def serve_images(self, images):
-            pixels = tf.map_fn(
-                self._decode,
-                images,
-                fn_output_signature=tf.TensorSpec((image_size, image_size, channels), tf.float32),
-            )
-            return self._answer(pixels)
-
-        @tf.function(
-            input_signature=[
-                tf.TensorSpec(
-                    [None, image_size, image_size, channels], tf.float32, name=PIXELS_INPUT
-                )
-            ]
+    def serve_images(images):
+        pixels = tf.map_fn(
+            decode,
+            images,
+            fn_output_signature=tf.TensorSpec((image_size, image_size, channels), tf.float32),
         )
-        def serve_pixels(self, pixels):
-            return self._answer(pixels)
+        return answer(pixels)
 
-    return ServingModule()
+    def serve_pixels(pixels):
+        return answer(pixels)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.max_pixels = limit  # tracked, so the SavedModel carries it
+    archive.add_endpoint(
+        "serving_default", serve_images, [tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)]
+    )
+    archive.add_endpoint(
+        PIXELS_SIGNATURE,
+        serve_pixels,
+        [tf.TensorSpec([None, image_size, image_size, channels], tf.float32, name=PIXELS_INPUT)],
+    )
+    return archive
 
 
 def write_warmup(export_dir: str | Path, images: list[bytes], model_name: str = "graft") -> Path:
@@ -185,62 +184,14 @@ def export_saved_model(
     """Export ``<model_dir>/model.keras`` + labels.txt as a TF Serving SavedModel whose
     ``serving_default`` refuses images declaring more than ``max_pixels`` pixels."""
     import keras
-    import tensorflow as tf
 
     model_dir, export_dir = Path(model_dir), Path(export_dir)
     model = keras.models.load_model(model_dir / MODEL_FILE)
     labels = [line for line in (model_dir / LABELS_FILE).read_text().splitlines() if line]
     _, image_size, _, channels = model.input_shape
-    module = _serving_module(model, labels, image_size, channels, top_k, max_pixels)
-    tf.saved_model.save(
-        module,
-        str(export_dir),
-        signatures={
-            "serving_default": module.serve_images.get_concrete_function(),
-            PIXELS_SIGNATURE: module.serve_pixels.get_concrete_function(),
-        },
+    _export_archive(model, labels, image_size, channels, top_k, max_pixels).write_out(
+        str(export_dir), verbose=False
     )
     if warmup_images:
         write_warmup(export_dir, warmup_images)
     return export_dir
-
-
-def infra_validate(
-    export_dir: str | Path, model_dir: str | Path, pixels: np.ndarray, *, atol: float = 1e-4
-) -> dict:
-    """Load the export as a server would, replay its warmup, and check that it answers like
-    the Keras model on the same pixels. Raises InfraValidationError with the reason."""
-    import keras
-    import tensorflow as tf
-
-    try:
-        loaded = tf.saved_model.load(str(export_dir))
-        signatures = loaded.signatures
-        missing = {"serving_default", PIXELS_SIGNATURE} - set(signatures)
-        if missing:
-            raise InfraValidationError(f"{export_dir} lacks signature(s) {sorted(missing)}")
-        warmup = read_warmup(export_dir) if (Path(export_dir) / WARMUP_FILE).exists() else []
-        for request in warmup:
-            answer = signatures["serving_default"](
-                images=tf.make_ndarray(request.inputs[IMAGES_INPUT])
-            )
-            if set(answer) != set(OUTPUTS):
-                raise InfraValidationError(f"warmup answered {sorted(answer)}, expected {OUTPUTS}")
-        served = signatures[PIXELS_SIGNATURE](pixels=tf.constant(pixels, tf.float32))[
-            "probabilities"
-        ].numpy()
-    except (tf.errors.OpError, ValueError, OSError) as err:
-        raise InfraValidationError(f"{export_dir} failed to load or answer: {err}") from err
-    expected = keras.models.load_model(Path(model_dir) / MODEL_FILE).predict(
-        pixels.astype("float32"), verbose=0
-    )
-    difference = float(np.max(np.abs(served - expected))) if len(pixels) else 0.0
-    if difference > atol:
-        raise InfraValidationError(
-            f"the export disagrees with the trained model by {difference:.2e} (> {atol}) on {len(pixels)} images"
-        )
-    return {
-        "warmup_requests": len(warmup),
-        "images_checked": int(len(pixels)),
-        "max_abs_difference": difference,
-    }

@@ -2,21 +2,35 @@
 
     graft serve --model-repo .graft/demo/models --model-name fashion --port 8500
     graft serve --model-repo gs://bucket/models --model-name fashion --batching
+    graft serve --model-config-file models.config --model-config-file-poll-wait-seconds 30
 
 (`graft serve`, in pipeline/cli.py, is the one way to start it from a shell; in Python,
-`ModelServer(repo, name).start(port=0)` as tests and the demo do.)
+`ModelServer(repo, name).start(port=0)` as tests and the demo do, with
+`start(0, rest_api_port=0)` for REST too. Every knob is a serving/config.py ServerConfig
+field, the same for both.)
 
-It speaks tensorflow-serving-api's PredictionService (Predict, GetModelMetadata) and
-ModelService (GetModelStatus) over TF Serving's layout ``<repo>/<name>/<int version>/``,
-so `graft predict` and any TF Serving client work against it unchanged. TF Serving runs
-only in Docker on x86 Linux; this runs wherever graft does (laptops, CI, ARM Macs). In a
-cluster, use TF Serving itself (k8s/).
+Besides gRPC it answers TF Serving's REST API (serving/rest.py, a translation over the
+same servicers) and, with a monitoring config, TF Serving's Prometheus metrics
+(serving/metrics.py, which wraps the servicers at registration).
 
-Behaviour copied from TF Serving: versions are polled; a new version is loaded (and its
-warmup replayed) before the old one is unloaded; a folder without saved_model.pb is not a
-version yet (common/model_repository.py says what a version is); unknown model/version
-answer NOT_FOUND with "Servable". A version that fails to load is reported by
-GetModelStatus and retried (MAX_LOAD_ATTEMPTS times with doubling waits, and again
+It speaks tensorflow-serving-api's PredictionService (Predict, Classify, Regress,
+MultiInference, GetModelMetadata) and ModelService (GetModelStatus,
+HandleReloadConfigRequest) over TF Serving's layout ``<base_path>/<int version>/``, so
+`graft predict` and any TF Serving client work against it unchanged. TF Serving runs only
+in Docker on x86 Linux; this runs wherever graft does (laptops, CI, ARM Macs). In a
+cluster, use TF Serving itself (k8s/). docs/TF_SERVING_PARITY.md lists TF Serving's own
+test cases this passes, and the ones that do not apply.
+
+Behaviour copied from TF Serving: versions load with the TF1 session loader
+(serving/savedmodel.py) and warmup is replayed before a version serves; a new version is
+loaded before the old one is unloaded; a folder without saved_model.pb is not a version
+yet (common/model_repository.py says what a version is); unknown model/version answer
+NOT_FOUND with "Servable". Models come from ``--model-repo``/``--model-name`` or from a
+``ModelServerConfig`` text file (several models, ``model_version_policy`` latest/all/
+specific, ``version_labels``), re-read every poll period and replaceable at run time by
+HandleReloadConfigRequest. A label may only point at an AVAILABLE version unless
+``allow_version_labels_for_unavailable_models``. A version that fails to load is reported
+by GetModelStatus and retried (MAX_LOAD_ATTEMPTS times with doubling waits, and again
 whenever its files change), while the best complete version that does load keeps
 serving, older ones included: a broken newest version never leaves the server empty.
 The port is bound exclusively (gRPC's SO_REUSEPORT is switched off), so a second server
@@ -30,13 +44,18 @@ import tempfile
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import grpc
 
 from common import model_repository as repository
 from common import storage
+from serving.config import ServerConfig
+from serving.metrics import Metrics, TimedModel, metered
+from serving.savedmodel import SessionModel
+from serving.tensors import RequestError
 
 log = logging.getLogger(__name__)
 DEFAULT_SIGNATURE = "serving_default"
@@ -44,6 +63,7 @@ PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MAX_LOAD_ATTEMPTS = 5  # then only a change to the version's files brings another try
 FIRST_RETRY_SECONDS = 1.0  # doubled after every failed attempt, capped at MAX_RETRY_SECONDS
 MAX_RETRY_SECONDS = 60.0
+CONFIG_PARSE_ERROR = "Error parsing text-format tensorflow.serving.ModelServerConfig"
 
 
 class ServerStartError(RuntimeError):
@@ -64,25 +84,23 @@ class FailedLoad:
 class LoadedVersion:
     version: int
     path: Path
-    module: object  # the loaded SavedModel (keeps variables alive)
-    signatures: dict
-    signature_defs: dict  # name -> SignatureDef proto (for GetModelMetadata)
+    model: SessionModel  # the version's session (a TimedModel: its runs are metered)
 
-
-def _signature_defs(saved_model_dir: Path) -> dict:
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel.FromString((saved_model_dir / "saved_model.pb").read_bytes())
-    return dict(proto.meta_graphs[0].signature_def)
+    @property
+    def signature_defs(self) -> dict:
+        return self.model.signature_defs
 
 
 def parse_policy(policy: str) -> tuple[str, list[int]]:
-    """``latest:N`` or ``specific:V1,V2`` -> (kind, numbers). ``latest`` alone is latest:1.
+    """``latest:N``, ``specific:V1,V2`` or ``all`` -> (kind, numbers). ``latest`` alone is
+    latest:1.
 
     TF Serving serves max(N, 1) of the latest versions (file_system_storage_path_source.cc),
     so latest:0 serves one, as there; ``specific`` needs at least one version."""
     kind, sep, value = policy.partition(":")
-    expected = f"Received `versions={policy!r}`: expected latest:N or specific:V1,V2"
+    expected = f"Received `versions={policy!r}`: expected latest:N, specific:V1,V2 or all"
+    if kind == "all" and not sep:
+        return kind, []
     if (
         kind not in ("latest", "specific")
         or (sep and not value.strip())
@@ -102,163 +120,362 @@ def parse_policy(policy: str) -> tuple[str, list[int]]:
     return kind, numbers
 
 
+def policy_from_proto(proto) -> tuple[str, list[int]]:
+    """A ModelConfig's model_version_policy as (kind, numbers); unset is TF Serving's latest:1."""
+    which = proto.WhichOneof("policy_choice")
+    if which == "all":
+        return "all", []
+    if which == "specific":
+        if not proto.specific.versions:
+            raise ValueError("model_version_policy specific {} names no versions")
+        return "specific", list(proto.specific.versions)
+    if which == "latest":
+        return "latest", [proto.latest.num_versions or 1]
+    return "latest", [1]
+
+
+@dataclass
+class ModelEntry:
+    """One model the server serves: where its versions are, which to serve, their labels."""
+
+    name: str
+    root: str  # <base_path>: holds the version folders
+    policy: tuple[str, list[int]]
+    labels: dict[str, int] = field(default_factory=dict)
+    loaded: dict[int, LoadedVersion] = field(default_factory=dict)
+    failed: dict[int, FailedLoad] = field(default_factory=dict)
+    unloaded: set[int] = field(default_factory=set)
+
+
+def read_model_config(path: str):
+    """A ModelServerConfig from its text-proto file, or ValueError naming the file and line."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    try:
+        text = storage.read_text(path)
+    except (storage.StorageError, OSError) as err:
+        raise ValueError(f"Cannot read --model-config-file {path}: {err}") from err
+    try:
+        return text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    except text_format.ParseError as err:
+        raise ValueError(f"{CONFIG_PARSE_ERROR} from {path}: {err}") from err
+
+
+def entries_from_config(config) -> list[ModelEntry]:
+    """Check a ModelServerConfig as TF Serving's ValidateModelConfigList does; its models."""
+    if config.WhichOneof("config") != "model_config_list":
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "ServerModelConfig type not supported by HandleReloadConfigRequest. Only "
+            "ModelConfigList is currently supported",
+        )
+    entries, seen = [], set()
+    for model in config.model_config_list.config:
+        if model.name in seen:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Illegal to list model {model.name} multiple times in config list",
+            )
+        seen.add(model.name)
+        if not (storage.is_gcs(model.base_path) or Path(model.base_path).is_absolute()):
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Expected model {model.name} to have an absolute path or URI; got "
+                f"base_path()={model.base_path}",
+            )
+        if model.model_platform not in ("", "tensorflow"):
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Model {model.name}: model_platform {model.model_platform!r} is not "
+                "served by graft serve (only tensorflow)",
+            )
+        try:
+            policy = policy_from_proto(model.model_version_policy)
+        except ValueError as err:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"Model {model.name}: {err}"
+            ) from None
+        entries.append(
+            ModelEntry(model.name, model.base_path.rstrip("/"), policy, dict(model.version_labels))
+        )
+    return entries
+
+
 class ModelServer:
-    """Serve one model name from a repository; start() returns the bound port."""
+    """Serve models from a repository or a model config file; start() returns the bound port."""
 
     def __init__(
         self,
-        model_repo: str,
-        model_name: str,
-        *,
-        host: str = "127.0.0.1",
-        versions: str = "latest:1",
-        poll_seconds: float = 1.0,
-        max_message_mb: int = 64,
-        max_batch: int = 1024,
-        max_workers: int = 8,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        batching: bool = False,
-        max_batch_size: int = 32,
-        batch_timeout_ms: float = 2.0,
-        batch_threads: int | None = None,
+        model_repo: str | None = None,
+        model_name: str | None = None,
+        config: ServerConfig | None = None,
+        **settings,
     ):
-        check_server_settings(
-            poll_seconds=poll_seconds, max_message_mb=max_message_mb, max_batch=max_batch,
-            max_workers=max_workers, tls_cert=tls_cert, tls_key=tls_key,
-            max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms,
-            batch_threads=batch_threads,
-        )  # fmt: skip
-        self.model_repo, self.model_name, self.host = model_repo, model_name, host
-        self.root = repository.model_root(model_repo, model_name)
-        self.policy = parse_policy(versions)
-        if storage.is_gcs(model_repo):  # at start, not as a warning every poll forever
+        """Models from ``model_repo``/``model_name`` or from ``config.model_config_file``;
+        ``config`` or ServerConfig field overrides (``batching=True``), not both."""
+        if config is not None and settings:
+            raise TypeError(f"Give a ServerConfig or settings, not both (got {sorted(settings)})")
+        self.config = config = config if config is not None else ServerConfig(**settings)
+        if bool(config.model_config_file) == bool(model_repo and model_name):
+            raise ValueError(
+                "Give either --model-repo with --model-name, or --model-config-file (not both)"
+            )
+        self.model_repo, self.host = model_repo, config.host
+        if model_repo and storage.is_gcs(model_repo):  # at start, not a warning every poll
             storage.check_credentials()
-        self.poll_seconds, self.max_batch, self.max_workers = poll_seconds, max_batch, max_workers
-        self.max_message_bytes = max_message_mb * 1024 * 1024
-        self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
-        self.loaded: dict[int, LoadedVersion] = {}
-        self.failed: dict[int, FailedLoad] = {}
-        self.unloaded: set[int] = set()
-        self._lock = threading.Lock()
+        self.poll_seconds, self.max_batch = config.poll_seconds, config.max_batch
+        self.max_workers = config.workers
+        self.max_message_bytes = config.max_message_mb * 1024 * 1024
+        self.tls = (config.tls_cert, config.tls_key) if config.tls_cert else None
+        self.tensor_content = config.enable_serialization_as_tensor_content
+        self.allow_unavailable_labels = config.allow_version_labels_for_unavailable_models
+        self.model_config_file = config.model_config_file
+        self.config_poll_seconds = config.model_config_file_poll_wait_seconds
+        if config.model_config_file:
+            try:
+                entries = entries_from_config(read_model_config(config.model_config_file))
+            except RequestError as err:
+                raise ValueError(f"--model-config-file {config.model_config_file}: {err}") from None
+            self._config_text = storage.read_text(config.model_config_file)
+        else:
+            entries = [
+                ModelEntry(
+                    model_name,
+                    repository.model_root(model_repo, model_name),
+                    parse_policy(config.versions),
+                )
+            ]
+        self.models: dict[str, ModelEntry] = {}
+        try:
+            self._check_labels(entries)  # nothing is loaded yet, as in TF Serving at start
+        except RequestError as err:
+            raise ValueError(
+                f"{err} (at start no version is loaded: pass "
+                "--allow-version-labels-for-unavailable-models, or label after loading "
+                "with a config reload)"
+            ) from None
+        self.models = {e.name: e for e in entries}
+        self._lock = threading.RLock()  # guards self.models and every entry's dicts
+        self._reload_lock = threading.Lock()  # one poll or reload at a time
         self._stop = threading.Event()
         self._server = None
         self._health = None
+        self._poller: threading.Thread | None = None
+        self.rest = None  # serving.rest.RestServer while REST is on
+        self.rest_port: int | None = None
+        self.metrics = Metrics()
+        self.prometheus_path = config.prometheus_path
         self._cache = Path(tempfile.mkdtemp(prefix="graft-serve-"))
         self.batcher = None
-        if batching:
+        if config.batching:
             from serving.batching import DynamicBatcher
 
-            self.batcher = DynamicBatcher(max_batch_size, batch_timeout_ms, batch_threads)
+            self.batcher = DynamicBatcher(
+                config.max_batch_size, config.batch_timeout_ms, config.resolved_batch_threads
+            )
+
+    # The single-model view (``--model-repo``/``--model-name``) tests and the demo use.
+
+    @property
+    def _only(self) -> ModelEntry:
+        if len(self.models) != 1:
+            raise AttributeError("this server serves several models: use server.models[name]")
+        return next(iter(self.models.values()))
+
+    model_name = property(lambda self: self._only.name)
+    root = property(lambda self: self._only.root)
+    policy = property(lambda self: self._only.policy)
+    loaded = property(lambda self: self._only.loaded)
+    failed = property(lambda self: self._only.failed)
+    unloaded = property(lambda self: self._only.unloaded)
 
     # --- versions ------------------------------------------------------------------------
 
-    def available_versions(self) -> list[int]:
+    def available_versions(self, entry: ModelEntry | None = None) -> list[int]:
         """Complete versions on storage, ascending, by the repository's one version rule
         (TF Serving's int64 parse; an unreadable folder is skipped and logged, not fatal)."""
-        return repository.complete_versions(self.root)
+        return repository.complete_versions((entry or self._only).root)
 
-    def _load(self, version: int) -> LoadedVersion:
+    def _load(self, entry: ModelEntry, version: int) -> LoadedVersion:
         import shutil
 
-        import tensorflow as tf
-
-        uri = repository.version_uri(self.root, version)
+        uri = repository.version_uri(entry.root, version)
         if storage.is_gcs(uri):
-            shutil.rmtree(self._cache / str(version), ignore_errors=True)  # a retry reads anew
-            local = storage.download_tree(uri, self._cache / str(version))
+            cache = self._cache / entry.name / str(version)
+            shutil.rmtree(cache, ignore_errors=True)  # a retry reads anew
+            local = storage.download_tree(uri, cache)
         else:
             local = Path(uri)
-        module = tf.saved_model.load(str(local))
-        loaded = LoadedVersion(
-            version, local, module, dict(module.signatures), _signature_defs(local)
-        )
-        self._warmup(loaded)
+        started = time.perf_counter()
+        try:
+            model = SessionModel.load(local)
+        except Exception:  # counted as TensorFlow's loader counts it, then reported as before
+            self.metrics.load_attempts.add(uri, "fail")
+            raise
+        self.metrics.load_attempts.add(uri, "success")
+        self.metrics.load_latency.add(uri, by=round((time.perf_counter() - started) * 1e6))
+        loaded = LoadedVersion(version, local, TimedModel(model, self.metrics, entry.name))
+        self._warmup(loaded, uri)
         return loaded
 
-    def _warmup(self, loaded: LoadedVersion) -> None:
-        import tensorflow as tf
-
-        from serving.export import WARMUP_FILE, read_warmup
+    def _warmup(self, loaded: LoadedVersion, uri: str) -> None:
+        """Replay assets.extra/tf_serving_warmup_requests as TF Serving does; a failure fails
+        the load. Latency and records read are recorded under TF Serving's status string."""
+        from serving import servicers
+        from serving.export import WARMUP_FILE
+        from serving.savedmodel import read_warmup_logs
 
         if not (loaded.path / WARMUP_FILE).exists():
             return
-        for request in read_warmup(loaded.path):
-            signature = loaded.signatures[request.model_spec.signature_name or DEFAULT_SIGNATURE]
-            signature(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+        started, replayed, status = time.perf_counter(), 0, "OK"
+        try:
+            for record in read_warmup_logs(loaded.path):
+                kind = record.WhichOneof("log_type")
+                run = {
+                    "predict_log": partial(servicers.run_predict, batched=False),
+                    "classify_log": servicers.run_classify,
+                    "regress_log": servicers.run_regress,
+                    "multi_inference_log": servicers.run_multi_inference,
+                }.get(kind)
+                if run is None:
+                    raise ValueError(f"warmup record of kind {kind!r} is not supported")
+                run(self, loaded, getattr(record, kind).request)
+                replayed += 1
+        except Exception as err:
+            status = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            micros = (time.perf_counter() - started) * 1e6
+            self.metrics.warmup_latency.observe(micros, uri, status)
+            self.metrics.warmup_records.add(uri, status, by=replayed)
 
-    def _may_try(self, version: int, now: float) -> bool:
+    def _may_try(self, entry: ModelEntry, version: int, now: float) -> bool:
         """Whether a version that failed before is due another load attempt."""
-        failed = self.failed.get(version)
+        failed = entry.failed.get(version)
         if failed is None:
             return True
         if now >= failed.retry_at:
             return True
         try:
-            return repository.version_state(self.root, version) != failed.state
+            return repository.version_state(entry.root, version) != failed.state
         except (storage.StorageError, OSError):
             return False
 
-    def _try_load(self, version: int) -> bool:
+    def _try_load(self, entry: ModelEntry, version: int) -> bool:
         """Load one version; on failure record why and when to try again. True if loaded."""
         try:
-            state = repository.version_state(self.root, version)
+            state = repository.version_state(entry.root, version)
         except (storage.StorageError, OSError):
             state = ()
-        previous = self.failed.get(version)
+        previous = entry.failed.get(version)
         try:
-            loaded = self._load(version)
+            loaded = self._load(entry, version)
         except Exception as err:  # any load failure is reported via GetModelStatus, like TF Serving
             changed = previous is not None and previous.state != state
             attempts = 1 if previous is None or changed else previous.attempts + 1
             wait = min(FIRST_RETRY_SECONDS * 2 ** (attempts - 1), MAX_RETRY_SECONDS)
             retry_at = time.monotonic() + wait if attempts < MAX_LOAD_ATTEMPTS else float("inf")
             with self._lock:
-                self.failed[version] = FailedLoad(
-                    f"{type(err).__name__}: {err}", attempts, retry_at, state
-                )
-            log.error("version %d failed to load (attempt %d): %s", version, attempts, err)
+                entry.failed[version] = FailedLoad(_load_error(err), attempts, retry_at, state)
+            log.error(
+                "%s version %d failed to load (attempt %d): %s", entry.name, version, attempts, err
+            )
             return False
         with self._lock:
-            self.loaded[version] = loaded
-            self.failed.pop(version, None)
-            self.unloaded.discard(version)
-        log.info("version %d loaded", version)
+            entry.loaded[version] = loaded
+            entry.failed.pop(version, None)
+            entry.unloaded.discard(version)
+        log.info("%s version %d loaded", entry.name, version)
         return True
 
-    def poll_once(self) -> None:
+    def _poll_model(self, entry: ModelEntry) -> None:
         """Load what the policy wants, keep the best versions that load, unload the rest.
 
         ``latest:N`` serves the N highest complete versions that load: a newest version
         that fails is retried later while the next older one serves. ``specific:`` serves
-        exactly the versions named, as TF Serving does.
+        exactly the versions named, and ``all`` every complete version, as TF Serving does.
         """
         try:
-            available = self.available_versions()
+            available = self.available_versions(entry)
         except (storage.StorageError, OSError) as err:
-            log.warning("poll: cannot list %s: %s", self.root, err)
+            log.warning("poll: cannot list %s: %s", entry.root, err)
             return
         now = time.monotonic()
-        kind, numbers = self.policy
+        kind, numbers = entry.policy
         serving: list[int] = []
         if kind == "latest":
             candidates, limit = sorted(available, reverse=True), numbers[0]
-        else:
+        elif kind == "specific":
             candidates = [v for v in numbers if v in available]
             limit = len(candidates)
+        else:
+            candidates, limit = sorted(available, reverse=True), len(available)
         for version in candidates:
             if len(serving) >= limit:
                 break
-            if version in self.loaded or (self._may_try(version, now) and self._try_load(version)):
+            if version in entry.loaded or (
+                self._may_try(entry, version, now) and self._try_load(entry, version)
+            ):
                 serving.append(version)
         with self._lock:
             if serving:  # never drop the last servable version when nothing else loads
-                for version in set(self.loaded) - set(serving):
-                    del self.loaded[version]
-                    self.unloaded.add(version)
-                    log.info("version %d unloaded", version)
-            for version in set(self.failed) - set(available):
-                del self.failed[version]  # removed from storage: nothing left to retry
+                for version in set(entry.loaded) - set(serving):
+                    del entry.loaded[version]
+                    entry.unloaded.add(version)
+                    log.info("%s version %d unloaded", entry.name, version)
+            for version in set(entry.failed) - set(available):
+                del entry.failed[version]  # removed from storage: nothing left to retry
+
+    def poll_once(self) -> None:
+        """One pass over every model: load, keep and unload versions by each one's policy."""
+        with self._reload_lock:
+            for entry in list(self.models.values()):
+                self._poll_model(entry)
+        self._set_health()
+
+    def _check_labels(self, entries: list[ModelEntry]) -> None:
+        """TF Serving's UpdateModelVersionLabelMap rule, checked before a config is applied:
+        a label may point only at an AVAILABLE version, unless
+        allow_version_labels_for_unavailable_models (which still may not move a label)."""
+        for entry in entries:
+            current = self.models.get(entry.name)
+            same = current is not None and current.root == entry.root
+            loaded = current.loaded if same else {}
+            labels = current.labels if same else {}
+            for label, version in entry.labels.items():
+                moved = label in labels and labels[label] != version
+                if version not in loaded and not (self.allow_unavailable_labels and not moved):
+                    raise RequestError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"Request to assign label to version {version} of model {entry.name}, "
+                        "which is not currently available for inference",
+                    )
+
+    def reload_config(self, config) -> None:
+        """Serve the models a ModelServerConfig lists (HandleReloadConfigRequest, file polls).
+
+        As TF Serving's ServerCore::ReloadConfig: the config is validated and its labels
+        checked against the versions available now (a bad one refuses the whole config),
+        then models are added or updated (their versions loaded before this returns, and
+        before requests see the new config) and models no longer listed are unloaded.
+        """
+        entries = entries_from_config(config)
+        with self._reload_lock:
+            with self._lock:
+                self._check_labels(entries)
+                for entry in entries:
+                    kept = self.models.get(entry.name)
+                    if kept is not None and kept.root == entry.root:  # keep what is loaded
+                        entry.loaded, entry.failed = kept.loaded, kept.failed
+                        entry.unloaded = kept.unloaded
+            for entry in entries:  # loaded before they are visible: a moved model never gaps
+                self._poll_model(entry)
+            with self._lock:
+                removed = set(self.models) - {e.name for e in entries}
+                self.models = {e.name: e for e in entries}
+        for name in removed:
+            log.info("model %s is no longer in the config: unloaded", name)
         self._set_health()
 
     def _set_health(self) -> None:
@@ -268,7 +485,7 @@ class ModelServer:
 
         state = (
             health_pb2.HealthCheckResponse.SERVING
-            if self.loaded
+            if any(e.loaded for e in self.models.values())
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for service in ("", PREDICTION_SERVICE):
@@ -278,24 +495,42 @@ class ModelServer:
         while not self._stop.wait(self.poll_seconds):
             self.poll_once()
 
-    def wait_for_version(self, version: int, timeout: float = 60.0) -> None:
+    def _config_poll_loop(self) -> None:
+        """Re-read --model-config-file every poll period, as TF Serving does; a bad file is logged."""
+        while not self._stop.wait(self.config_poll_seconds):
+            try:
+                text = storage.read_text(self.model_config_file)
+                if text == self._config_text:
+                    continue
+                self.reload_config(read_model_config(self.model_config_file))
+                self._config_text = text
+                log.info("model config %s reloaded", self.model_config_file)
+            except (ValueError, RequestError, storage.StorageError, OSError) as err:
+                log.error("model config %s not applied: %s", self.model_config_file, err)
+
+    def wait_for_version(
+        self, version: int, timeout: float = 60.0, *, model: str | None = None
+    ) -> None:
         """Block until ``version`` is loaded; a version that keeps failing raises with its error."""
+        entry = self.models[model] if model else self._only
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if version in self.loaded:
+            if version in entry.loaded:
                 return
-            failed = self.failed.get(version)
+            failed = entry.failed.get(version)
             if failed is not None and failed.retry_at == float("inf"):
                 break  # no retry is due until its files change
             time.sleep(0.1)
-        failed = self.failed.get(version)
+        failed = entry.failed.get(version)
         if failed is not None:
             raise RuntimeError(f"version {version} failed to load: {failed.error}")
-        raise TimeoutError(f"version {version} of {self.model_name} not loaded after {timeout}s")
+        raise TimeoutError(f"version {version} of {entry.name} not loaded after {timeout}s")
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def start(self, port: int = 0) -> int:
+    def start(self, port: int = 0, rest_api_port: int | None = None) -> int:
+        """Bind gRPC on ``port`` (0: a free one) and REST on ``rest_api_port`` (0: a free one,
+        None: off); load what the policy wants; return the gRPC port (``rest_port`` holds REST's)."""
         from grpc_health.v1 import health, health_pb2_grpc
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -308,16 +543,30 @@ class ModelServer:
             # start too and take half the clients, to another model repository.
             ("grpc.so_reuseport", 0),
         ]
+        if rest_api_port is not None:  # bound first: a refused REST port leaves nothing bound
+            from serving.rest import RestServer
+
+            try:
+                self.rest = RestServer(self, self.host, rest_api_port)
+            except OSError as err:
+                raise ServerStartError(
+                    _bind_problem(self.host, rest_api_port, "--rest-api-port")
+                ) from err
+            self.rest_port = self.rest.port
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.max_workers),
             options=options,
             maximum_concurrent_rpcs=self.max_workers
             * 8,  # bounded queue: excess gets RESOURCE_EXHAUSTED
         )
+        # Metrics wrap the servicers rather than living in their bodies: the same wrapped
+        # objects answer gRPC and REST, so both count alike.
+        self.prediction_servicer = PredictionServicer(self)  # REST meters its own requests
+        self.model_servicer = ModelServicer(self)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self), self._server
+            metered(self.prediction_servicer, self.metrics, "GRPC"), self._server
         )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self), self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(self.model_servicer, self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         address = f"{self.host}:{port}"
@@ -330,30 +579,56 @@ class ModelServer:
             else:
                 bound = self._server.add_insecure_port(address)
         except OSError as err:  # the TLS files
+            self._close_rest()
             raise ServerStartError(f"Cannot read {err.filename}: {err.strerror}") from None
         except RuntimeError as err:  # grpc: "Failed to bind to address ..."
             bound = 0
             log.debug("bind failed: %s", err)
         if not bound:
+            self._close_rest()
             raise ServerStartError(_bind_problem(self.host, port))
         self.poll_once()
         self._server.start()
-        threading.Thread(target=self._poll_loop, daemon=True, name="graft-poll").start()
-        log.info("serving %s from %s on %s:%d", self.model_name, self.model_repo, self.host, bound)
+        if self.rest is not None:
+            self.rest.start()
+        self._poller = threading.Thread(target=self._poll_loop, daemon=True, name="graft-poll")
+        self._poller.start()
+        if self.model_config_file and self.config_poll_seconds > 0:
+            threading.Thread(
+                target=self._config_poll_loop, daemon=True, name="graft-config-poll"
+            ).start()
+        log.info("serving %s on %s:%d", ", ".join(sorted(self.models)), self.host, bound)
         return bound
+
+    def _close_rest(self) -> None:
+        if self.rest is not None:
+            self.rest.stop()
+            self.rest = self.rest_port = None
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting requests, let in-flight ones finish for ``grace`` seconds."""
         self._stop.set()
+        if self.rest is not None:
+            self.rest.stop()
         if self._server is not None:
             self._server.stop(grace).wait()
+        if self._poller is not None:
+            self._poller.join()
         if self.batcher is not None:
             self.batcher.close()
 
-    def serve_forever(self, port: int) -> None:
-        """Run until SIGTERM/SIGINT, then drain gracefully."""
-        bound = self.start(port)
-        print(f"graft serve: {self.model_name} on {self.host}:{bound} (Ctrl-C to stop)", flush=True)
+    def serve_forever(self) -> None:
+        """Serve on the configured ports until SIGTERM/SIGINT, then drain gracefully."""
+        rest = self.config.rest_api_port or None  # 0 switches REST off, as in TF Serving
+        bound = self.start(self.config.port, rest)
+        names = ",".join(sorted(self.models))  # one word: infra-validation reads this line
+        where = f"gRPC {self.host}:{bound}"
+        if self.rest_port is not None:
+            only = self.model_name if len(self.models) == 1 else ""
+            where += f", REST http://{self.host}:{self.rest_port}/v1/models/{only}"
+        if self.prometheus_path and self.rest_port is not None:
+            where += f", metrics http://{self.host}:{self.rest_port}{self.prometheus_path}"
+        print(f"graft serve: {names} on {where} (Ctrl-C to stop)", flush=True)
         stopped = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stopped.set())
@@ -363,32 +638,59 @@ class ModelServer:
 
     # --- request helpers used by the servicers -------------------------------------------
 
-    def resolve(self, name: str, version: int | None) -> LoadedVersion:
-        """The loaded version a request names; KeyError carries TF Serving's NOT_FOUND text."""
-        wanted = f"Latest({name})" if version is None else f"Specific({name}, {version})"
+    def resolve(
+        self, name: str, version: int | None = None, label: str | None = None
+    ) -> LoadedVersion:
+        """The loaded version a request names (by number, label or latest), or RequestError
+        with TF Serving's code and text (NOT_FOUND "Servable not found for request: ...")."""
         with self._lock:
-            if name != self.model_name or not self.loaded:
-                raise KeyError(f"Servable not found for request: {wanted}")
+            entry = self.models.get(name)
+            if label is not None:
+                labels = entry.labels if entry is not None else {}
+                if label not in labels:
+                    raise RequestError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"Unrecognized servable version label: {label}",
+                    )
+                version = labels[label]
+            wanted = f"Latest({name})" if version is None else f"Specific({name}, {version})"
+            if entry is None or not entry.loaded:
+                raise RequestError(
+                    grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {wanted}"
+                )
             if version is None:
-                return self.loaded[max(self.loaded)]
-            if version not in self.loaded:
-                raise KeyError(f"Servable not found for request: {wanted}")
-            return self.loaded[version]
+                return entry.loaded[max(entry.loaded)]
+            if version not in entry.loaded:
+                raise RequestError(
+                    grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {wanted}"
+                )
+            return entry.loaded[version]
 
-    def status(self) -> list[tuple[int, str, str]]:
-        """(version, state, error) for every version seen, newest first."""
+    def status(self, name: str | None = None) -> list[tuple[int, str, str]]:
+        """(version, state, error) for every version of a model seen, newest first."""
         with self._lock:  # the poll thread changes these while requests read them
-            rows = [(v, "AVAILABLE", "") for v in self.loaded]
-            rows += [(v, "END", f.error) for v, f in self.failed.items() if v not in self.loaded]
+            entry = self.models.get(name) if name is not None else self._only
+            if entry is None:
+                return []
+            rows = [(v, "AVAILABLE", "") for v in entry.loaded]
+            rows += [(v, "END", f.error) for v, f in entry.failed.items() if v not in entry.loaded]
             rows += [
                 (v, "END", "")
-                for v in self.unloaded
-                if v not in self.loaded and v not in self.failed
+                for v in entry.unloaded
+                if v not in entry.loaded and v not in entry.failed
             ]
         return sorted(rows, reverse=True)
 
 
-def _bind_problem(host: str, port: int) -> str:
+def _load_error(err: Exception) -> str:
+    """One line for GetModelStatus: the error's type and its first real line (a session's
+    errors open with "Graph execution error:" and end with the failing node)."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line and line != "Graph execution error:"]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def _bind_problem(host: str, port: int, flag: str = "--port") -> str:
     """Why ``host:port`` cannot be bound, in words (gRPC only says "Failed to bind")."""
     import socket
 
@@ -398,35 +700,7 @@ def _bind_problem(host: str, port: int) -> str:
             probe.bind((host, port))
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
-            return f"Cannot serve on {host}:{port}: address in use (another server is there; stop it or pick another --port)"
-        return f"Cannot serve on {host}:{port}: {err.strerror or err} (check --host and --port)"
-    return f"Cannot serve on {host}:{port}: gRPC could not bind it (check --host and --port)"
-
-
-def check_server_settings(
-    *, poll_seconds: float, max_message_mb: int, max_batch: int, max_workers: int,
-    tls_cert: str | None, tls_key: str | None, max_batch_size: int, batch_timeout_ms: float,
-    batch_threads: int | None = None,
-) -> None:  # fmt: skip
-    """Refuse settings that cannot work together, before anything starts."""
-    problems = []
-    if bool(tls_cert) != bool(tls_key):
-        given, missing = ("--tls-cert", "--tls-key") if tls_cert else ("--tls-key", "--tls-cert")
-        problems.append(f"{given} was given without {missing}: TLS needs both")
-    for name, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
-        if value and not Path(value).is_file():
-            problems.append(f"{name} {value}: no such file")
-    if not poll_seconds > 0:
-        problems.append(f"Received `--poll-seconds {poll_seconds}`: expected > 0")
-    for name, value in (("--max-message-mb", max_message_mb), ("max_batch", max_batch),
-                        ("max_workers", max_workers), ("--max-batch-size", max_batch_size)):  # fmt: skip
-        if value < 1:
-            problems.append(f"Received `{name} {value}`: expected >= 1")
-    if max_message_mb > 2047:  # gRPC message sizes are 32-bit signed byte counts
-        problems.append(f"Received `--max-message-mb {max_message_mb}`: gRPC allows at most 2047")
-    if batch_threads is not None and batch_threads < 1:
-        problems.append(f"Received `--batch-threads {batch_threads}`: expected >= 1")
-    if batch_timeout_ms < 0:
-        problems.append(f"Received `--batch-timeout-ms {batch_timeout_ms}`: expected >= 0")
-    if problems:
-        raise ValueError("; ".join(problems))
+            return f"Cannot serve on {host}:{port}: address in use (another server is there; stop it or pick another {flag})"
+        return f"Cannot serve on {host}:{port}: {err.strerror or err} (check --host and {flag})"
+    what = "gRPC" if flag == "--port" else "REST"
+    return f"Cannot serve on {host}:{port}: {what} could not bind it (check --host and {flag})"

@@ -25,7 +25,7 @@ class ScriptedModel:
         self.batches: list[list[int]] = []  # the rows of every call, in call order
 
     def __call__(self, x):
-        rows = [int(v) for v in x.numpy()]
+        rows = [int(v) for v in x]
         with self.lock:
             self.running += 1
             self.peak = max(self.peak, self.running)
@@ -149,3 +149,57 @@ def test_settings_that_cannot_batch_are_refused(settings, received):
     with pytest.raises(ValueError, match="Received") as raised:
         DynamicBatcher(**settings)
     assert received in str(raised.value)
+
+
+class SummingModel(ScriptedModel):
+    """Like ScriptedModel, plus outputs without one row per input row: a merged call's
+    answers cannot be split back by rows, a request run alone still gets them whole."""
+
+    def __call__(self, x):
+        answer = super().__call__(x)
+        rows = answer["doubled"] // 2
+        return {**answer, "total": np.int64(rows.sum()), "first": rows[:1]}
+
+
+def test_a_merged_call_whose_outputs_cannot_be_split_is_answered_request_by_request():
+    model = SummingModel()
+    batcher = DynamicBatcher(max_batch_size=16, timeout_ms=0, num_threads=1)
+    answers = {}
+
+    def one(value):
+        answers[value] = batcher.run("v1", model, {"x": np.array([value, value + 1])})
+
+    threading.Thread(target=one, args=(0,), daemon=True).start()
+    _until(lambda: model.running == 1, "the one thread is busy")
+    for value in (10, 20):
+        threading.Thread(target=one, args=(value,), daemon=True).start()
+    _until(lambda: batcher.queued() == 2, "2 requests wait")
+    model.gate.set()
+    _until(lambda: len(answers) == 3, "every request is answered")
+    batcher.close()
+    assert sorted(model.batches[1]) == [10, 11, 20, 21]  # merged first, then one by one
+    assert sorted(map(tuple, model.batches[2:])) == [(10, 11), (20, 21)]
+    for value in (0, 10, 20):
+        assert int(answers[value]["total"]) == 2 * value + 1
+        assert answers[value]["first"].tolist() == [value]
+        assert answers[value]["doubled"].tolist() == [2 * value, 2 * value + 2]
+
+
+def test_close_waits_for_the_batch_threads_to_finish_and_end():
+    model = ScriptedModel()
+    batcher = DynamicBatcher(max_batch_size=16, timeout_ms=0, num_threads=2)
+    answers = {}
+    _submit(batcher, model, [7], answers)
+    _until(lambda: model.running == 1, "a call runs")
+
+    def open_gate_once_closing():
+        _until(lambda: batcher._closed, "close() was called")
+        model.gate.set()
+
+    threading.Thread(target=open_gate_once_closing, daemon=True).start()
+    batcher.close()
+    assert [t.is_alive() for t in batcher._threads] == [False, False]
+    _until(lambda: 7 in answers, "the caller has its answer")
+    assert int(answers[7][0]) == 14
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.run("v1", model, {"x": np.array([1])})

@@ -16,7 +16,8 @@ from common import model_repository as repository
 from common import storage
 from components.config import GraftConfig
 from components.push import NotBlessedError, push_model
-from serving.export import export_saved_model, infra_validate, read_warmup
+from serving.export import export_saved_model, read_warmup
+from serving.infra_validation import infra_validate
 from tests.serving_models import (
     LABELS,
     keras_probabilities,
@@ -75,7 +76,7 @@ def test_warmup_file_holds_prediction_log_requests_the_model_answers(model_dir, 
 
 
 def test_infra_validation_fails_when_the_export_disagrees(model_dir, tmp_path):
-    from serving.export import InfraValidationError
+    from serving.infra_validation import InfraValidationError
 
     pixels, pngs = sample_images(3)
     export_saved_model(

@@ -1,0 +1,64 @@
+"""Infra-validation through a real `graft serve` child process (issue 27 class 9)."""
+
+import shutil
+
+import pytest
+
+from serving.export import export_saved_model
+from serving.infra_validation import InfraValidationError, infra_validate, serve_candidate
+from tests.serving_models import make_model_dir, sample_images
+
+
+@pytest.fixture
+def exported(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model", seed=1)
+    _, pngs = sample_images(2)
+    export_saved_model(model_dir, tmp_path / "export", warmup_images=pngs, top_k=2)
+    return model_dir, tmp_path / "export"
+
+
+def test_the_candidate_is_served_over_grpc_and_rest_and_its_latencies_recorded(exported):
+    model_dir, export_dir = exported
+    pixels, _ = sample_images(6, seed=5)
+    record = infra_validate(export_dir, model_dir, pixels)
+    assert record["server"] == "graft serve (child process)"
+    assert (record["warmup_requests"], record["images_checked"], record["top1_agrees"]) == (
+        2,
+        6,
+        True,
+    )
+    assert record["max_abs_difference"] <= 1e-4
+    for api in ("grpc", "rest"):
+        assert 0 < record[api]["p50_ms"] <= record[api]["p99_ms"]
+    assert record["first_request_ms"] > 0
+    assert record["first_request_over_p50"] == pytest.approx(
+        record["first_request_ms"] / record["grpc"]["p50_ms"], rel=0.01
+    )
+    assert record["first_request_goal_met"] == (record["first_request_over_p50"] <= 2.0)
+
+
+def test_a_candidate_whose_top1_differs_from_the_trained_model_is_refused(exported, tmp_path):
+    model_dir, _ = exported
+    other = make_model_dir(tmp_path / "other", seed=7)
+    export_saved_model(other, tmp_path / "other-export", warmup_images=[], top_k=2)
+    pixels, _ = sample_images(8, seed=5)
+    with pytest.raises(InfraValidationError, match="over gRPC the served top-1 differs"):
+        infra_validate(tmp_path / "other-export", model_dir, pixels)
+
+
+def test_a_candidate_that_does_not_load_is_refused_with_the_servers_words(exported, tmp_path):
+    model_dir, export_dir = exported
+    shutil.rmtree(export_dir / "variables")
+    (export_dir / "variables").mkdir()
+    with pytest.raises(InfraValidationError, match="did not load in graft serve: .*END"):
+        infra_validate(export_dir, model_dir, sample_images(1)[0])
+
+
+def test_the_child_server_is_stopped_when_the_check_is_interrupted(exported, tmp_path):
+    _, export_dir = exported
+    shutil.copytree(export_dir, tmp_path / "repo" / "candidate" / "1")
+    with pytest.raises(KeyboardInterrupt):
+        with serve_candidate(tmp_path / "repo", "candidate") as served:
+            assert served.process.poll() is None  # serving
+            raise KeyboardInterrupt  # Ctrl-C during the check
+    assert served.process.poll() is not None
