@@ -42,7 +42,9 @@ def test_graft_run_image_with_a_path_no_container_sees_is_one_line_exit_2(tmp_pa
 
 def test_the_local_run_strips_every_retry_policy_the_cluster_package_carries(tmp_path):
     package = compile_pipeline(build_pipeline(GpuPool()), tmp_path / "p.yaml", image="graft:x")
-    assert package.read_text().count("retryPolicy:") == 5  # check, validate, augment, push in each branch
+    assert (
+        package.read_text().count("retryPolicy:") == 5
+    )  # check, validate, augment, push in each branch
 
     removed = strip_retries(package, tmp_path / "local.yaml")
 
