@@ -174,7 +174,7 @@ def _rewrite(path, text: str) -> None:
     path.write_text(text)
 
 
-def _serving(running, model_name, expected_output, timeout: float = 30.0) -> None:
+def _serving(running, model_name, expected_output, timeout: float = 90.0) -> None:
     """Wait (deadline poll, not a fixed sleep) until the model answers, then verify it."""
     deadline = time.monotonic() + timeout
     while True:
