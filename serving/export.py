@@ -13,7 +13,7 @@ Before decoding, ``serving_default`` reads each image's declared width x height 
 header (JPEG SOF, PNG IHDR, GIF screen, BMP info header) and answers InvalidArgument for
 more than ``max_pixels``, the limit validate applies (GraftConfig.max_pixels): a 400 KB PNG
 declaring 20000x20000 pixels is refused without allocating its 1.2 GB. The export records
-the limit as the variable ``max_pixels``.
+the limit in the refusal's message (and push in the version's metadata).
 
 Both return ``probabilities`` float32 [N, classes], ``classes`` int32 [N, k] (top-k ids)
 and ``labels`` string [N, k]. Warmup requests go to
@@ -94,8 +94,9 @@ def _export_archive(
 
     k = min(top_k, len(labels))
     label_table = tf.constant(labels)
-    # Recorded in the export: the pixel limit this version's signature enforces.
-    limit = tf.Variable(max_pixels, dtype=tf.int64, trainable=False, name="max_pixels")
+    # A constant of the graph, not a variable: an extra variable made the checkpoint's
+    # variable order differ between exports of the same architecture.
+    limit = tf.constant(max_pixels, dtype=tf.int64, name="max_pixels")
 
     def answer(pixels):
         probabilities = tf.cast(model(pixels, training=False), tf.float32)
@@ -129,7 +130,6 @@ def _export_archive(
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.max_pixels = limit  # tracked, so the SavedModel carries it
     archive.add_endpoint(
         "serving_default", serve_images, [tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)]
     )

@@ -79,9 +79,9 @@ def test_version_policies_parse_as_tf_serving_reads_them(policy, parsed):
                "newest:1", "latest:1,2"],
 )  # fmt: skip
 def test_a_version_policy_naming_no_version_is_refused(policy, tmp_path):
-    with pytest.raises(ValueError, match="expected latest:N or specific:V1,V2"):
+    with pytest.raises(ValueError, match="expected latest:N, specific:V1,V2 or all"):
         parse_policy(policy)
-    assert "expected latest:N or specific:V1,V2" in refused(
+    assert "expected latest:N, specific:V1,V2 or all" in refused(
         "serve", "--model-repo", tmp_path, "--model-name", "m", "--versions", policy
     )
 
