@@ -378,30 +378,30 @@ def _run_examples(server, loaded, inputs: set[str], outputs: list[str], input_pr
     return len(examples), dict(zip(outputs, values, strict=True))
 
 
-def run_classify(server, loaded, request):
+def _run_example_api(server, loaded, request, api: str):
+    """Classify or Regress: the signature's tf.Example input run, its result filled in."""
+    tensors, fill, response = {
+        "Classify": (classification_tensors, classification_result,
+                     classification_pb2.ClassificationResponse()),
+        "Regress": (regression_tensors, regression_result, regression_pb2.RegressionResponse()),
+    }[api]  # fmt: skip
     signature_def = _example_signature(loaded, request.model_spec)
-    input_name, outputs = classification_tensors(signature_def)
-    rows, by_name = _run_examples(server, loaded, {input_name}, outputs, request.input, "Classify")
-    response = classification_pb2.ClassificationResponse()
-    classification_result(signature_def, rows, by_name, response.result)
+    input_name, outputs = tensors(signature_def)
+    rows, by_name = _run_examples(server, loaded, {input_name}, outputs, request.input, api)
+    fill(signature_def, rows, by_name, response.result)
     _model_spec(
         response.model_spec, request.model_spec.name, request.model_spec.signature_name,
         loaded.version,
     )  # fmt: skip
     return response
+
+
+def run_classify(server, loaded, request):
+    return _run_example_api(server, loaded, request, "Classify")
 
 
 def run_regress(server, loaded, request):
-    signature_def = _example_signature(loaded, request.model_spec)
-    input_name, outputs = regression_tensors(signature_def)
-    rows, by_name = _run_examples(server, loaded, {input_name}, outputs, request.input, "Regress")
-    response = regression_pb2.RegressionResponse()
-    regression_result(signature_def, rows, by_name, response.result)
-    _model_spec(
-        response.model_spec, request.model_spec.name, request.model_spec.signature_name,
-        loaded.version,
-    )  # fmt: skip
-    return response
+    return _run_example_api(server, loaded, request, "Regress")
 
 
 def run_multi_inference(server, loaded, request):

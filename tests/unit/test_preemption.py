@@ -18,6 +18,7 @@ from components.augment import augment_dataset
 from components.config import GraftConfig
 from components.fine_tune import fine_tune_model
 from components.train_head import train_head_model
+from tests.unit.test_training import tiny_base
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = GraftConfig(
@@ -35,23 +36,11 @@ fine_tune_model(examples_dir, head_dir, out_dir, GraftConfig(**json.loads(settin
 """
 
 
-def tiny_base(path: Path) -> str:
-    import keras
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((None, None, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv_a")(x)
-    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv_b")(x)
-    keras.Model(inputs, x, name="tiny").save(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def trained_head(tmp_path_factory):
     root = tmp_path_factory.mktemp("preempt")
     datasets.write_synthetic_dataset(str(root / "data"), num_classes=3, per_class=12, size=16, seed=2)  # fmt: skip
-    config = replace(CONFIG, base=tiny_base(root / "base.keras"))
+    config = replace(CONFIG, base=tiny_base(root / "base.keras", batch_norm=False))
     augment_dataset(str(root / "data"), root / "examples", config)
     assert train_head_model(root / "examples", root / "head", config).converged
     return root, config

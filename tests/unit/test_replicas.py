@@ -18,6 +18,7 @@ from components import datasets
 from components.augment import augment_dataset
 from components.config import GraftConfig
 from components.examples import read_spec
+from tests.unit.test_training import tiny_base
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = GraftConfig(
@@ -45,16 +46,6 @@ print(json.dumps({"replicas": replicas, "head": head.replicas, "tuned": tuned.re
 """
 
 
-def tiny_base(path: Path) -> str:
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((None, None, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv_a")(x)
-    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv_b")(x)
-    keras.Model(inputs, x, name="tiny").save(path)
-    return str(path)
-
-
 def test_two_replicas_train_the_head_as_one_does_on_the_same_global_batch(tmp_path):
     datasets.write_synthetic_dataset(str(tmp_path / "data"), num_classes=3, per_class=20, size=16, seed=1)  # fmt: skip
     augment_dataset(str(tmp_path / "data"), tmp_path / "examples", CONFIG)
@@ -62,7 +53,7 @@ def test_two_replicas_train_the_head_as_one_does_on_the_same_global_batch(tmp_pa
     # to evaluate a split that is one odd partial batch (AddN shape mismatch across replicas).
     assert read_spec(tmp_path / "examples")["counts"]["val"] >= CONFIG.batch_size
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(CONFIG).items()}
-    settings["base"] = tiny_base(tmp_path / "base.keras")
+    settings["base"] = tiny_base(tmp_path / "base.keras", batch_norm=False)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     runs = []
     for replicas in (1, 2):

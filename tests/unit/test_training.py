@@ -38,13 +38,14 @@ class CountingLayer(keras.layers.Layer):
         return x
 
 
-def tiny_base(path: Path, counting: bool = False) -> str:
+def tiny_base(path: Path, counting: bool = False, batch_norm: bool = True) -> str:
     keras.utils.set_random_seed(0)
     inputs = keras.Input((None, None, 3))
     x = CountingLayer(name="counter")(inputs) if counting else inputs
     x = keras.layers.Rescaling(1 / 255.0)(x)
     x = keras.layers.Conv2D(8, 3, activation="relu", name="conv_a")(x)
-    x = keras.layers.BatchNormalization(name="bn")(x)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(name="bn")(x)
     x = keras.layers.Conv2D(8, 3, activation="relu", name="conv_b")(x)
     keras.Model(inputs, x, name="tiny").save(path)
     return str(path)
