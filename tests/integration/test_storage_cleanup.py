@@ -18,6 +18,15 @@ from tests.faults import FlakyProxy
 SAVED = repository.SAVED_MODEL_FILE
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as at a terminal, even where this run was started with
+    SIGINT ignored (a shell's background job inherits SIG_IGN, and Python then keeps it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _export(path: Path) -> Path:
     """The shape of a SavedModel export: a few variables, assets, saved_model.pb."""
     for relpath in ("variables/variables.index", "variables/variables.data-00000-of-00001",
