@@ -65,11 +65,6 @@ def _check_count(flag: str, value: int, *, minimum: int = 1) -> None:
         raise ValueError(f"Received `{flag} {value}`: expected >= {minimum}")
 
 
-def _check_port(flag: str, port: int) -> None:
-    if not 0 <= port <= 65535:
-        raise ValueError(f"Received `{flag} {port}`: a port is 0..65535 (0 picks a free one)")
-
-
 def _check_target(target: str) -> None:
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
