@@ -235,26 +235,25 @@ def newest_loading(
     return None, None, skipped
 
 
-def read_metadata(root: str, version: int) -> dict:
-    """graft_metadata.json of a version ({} when the version was not pushed by graft)."""
-    uri = storage.join(version_uri(root, version), METADATA_FILE)
-    if not storage.exists(uri):
-        return {}
-    try:
-        return json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as err:
-        raise ModelRepositoryError(f"{uri} is not valid JSON ({err}): remove or fix it") from err
-
-
-def read_data_files(root: str, version: int) -> dict | None:
-    """The data files a version was trained on (relpath -> content id); None if not recorded."""
-    uri = storage.join(version_uri(root, version), DATA_FILES_FILE)
+def _read_json(uri: str, *, fix: str = "remove or fix it") -> dict | None:
+    """A JSON file graft wrote beside the versions; None when it is not there."""
     if not storage.exists(uri):
         return None
     try:
         return json.loads(storage.read_text(uri))
     except json.JSONDecodeError as err:
-        raise ModelRepositoryError(f"{uri} is not valid JSON ({err}): remove or fix it") from err
+        raise ModelRepositoryError(f"{uri} is not valid JSON ({err}): {fix}") from err
+
+
+def read_metadata(root: str, version: int) -> dict:
+    """graft_metadata.json of a version ({} when the version was not pushed by graft)."""
+    found = _read_json(storage.join(version_uri(root, version), METADATA_FILE))
+    return {} if found is None else found
+
+
+def read_data_files(root: str, version: int) -> dict | None:
+    """The data files a version was trained on (relpath -> content id); None if not recorded."""
+    return _read_json(storage.join(version_uri(root, version), DATA_FILES_FILE))
 
 
 def _refusal_uri(model_repo: str, model_name: str, key: str) -> str:
@@ -267,13 +266,7 @@ def record_refusal(model_repo: str, model_name: str, key: str, record: dict) -> 
 
 
 def read_refusal(model_repo: str, model_name: str, key: str) -> dict | None:
-    uri = _refusal_uri(model_repo, model_name, key)
-    if not storage.exists(uri):
-        return None
-    try:
-        return json.loads(storage.read_text(uri))
-    except json.JSONDecodeError as err:
-        raise ModelRepositoryError(f"{uri} is not valid JSON ({err}): remove it") from err
+    return _read_json(_refusal_uri(model_repo, model_name, key), fix="remove it")
 
 
 def served_metadata(model_repo: str, model_name: str) -> dict | None:
