@@ -253,29 +253,6 @@ def test_tf_saved_model_save_multiple_signatures(run_server, tmp_path):
     verify_predict_request(running, 1.0, VERSION)
 
 
-MIRROR = "/work/.mirror/tensorflow+serving/repo"
-TEST_CLIENT = "tensorflow_serving/model_servers/tensorflow_model_server_test_client.py"
-
-
-def test_tf_serving_test_client_from_the_mirror(run_server, testdata, tmp_path):
-    """TF Serving's own tensorflow_model_server_test_client.py, run from the fetched
-    mirror (never committed to graft): it prints the PredictResponse for y = 0.5 * 2 + 2."""
-    if not os.path.isdir(MIRROR):
-        pytest.skip(f"NOT RUN: TF Serving's source is not fetched at {MIRROR}")
-    script = tmp_path / "tensorflow_model_server_test_client.py"
-    script.write_bytes(
-        subprocess.run(["git", "-C", MIRROR, "show", f"HEAD:{TEST_CLIENT}"],
-                       check=True, capture_output=True).stdout
-    )  # fmt: skip
-    running = run_server({"default": testdata / "saved_model_half_plus_two_cpu"})
-    proc = subprocess.run(
-        [sys.executable, str(script), f"--server={running.address}"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "float_val: 3" in proc.stdout and "value: 123" in proc.stdout
-
-
 def _keras_sequential(base_path, *, dense: bool):
     import keras
     import tensorflow as tf
