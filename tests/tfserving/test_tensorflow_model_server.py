@@ -292,17 +292,83 @@ def test_sequential_keras_saved_model_save(run_server, tmp_path):
 def test_keras_3_model_with_variables_saved_by_tf_saved_model_save_fails_as_in_tf_serving(
     run_server, tmp_path
 ):
-    """test_distrat_sequential_keras_saved_model_save without the two virtual CPUs (they must
-    be set before TensorFlow starts, which the rest of the suite has done): the Dense model
-    through tf.saved_model.save. Under Keras 3, TF Serving's session loader finds the
-    variables uninitialised (tensorflow/tensorflow#72963, tensorflow/serving#2250), and so
-    does graft serve: FAILED_PRECONDITION "Could not find variable". graft's own export
-    uses keras.export.ExportArchive, which does not have this problem."""
+    """The distrat case's Dense model without the strategy, in this process: under Keras 3,
+    TF Serving's session loader finds the variables uninitialised (tensorflow/tensorflow#72963,
+    tensorflow/serving#2250), and so does graft serve: FAILED_PRECONDITION "Could not find
+    variable". graft's own export uses keras.export.ExportArchive, which does not."""
     _keras_sequential(tmp_path / "keras_dense", dense=True)
     running = run_server({"default": tmp_path / "keras_dense"})
     err = pytest.raises(grpc.RpcError, _predict_inputs, running, "inputs").value
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "Could not find variable" in err.details()
+
+
+# Run in a child: logical CPUs can be configured only before TensorFlow initialises its
+# devices, which this process has done. SetVirtualCpus(2) of TF Serving's test base, its
+# MirroredStrategy model, saved twice: by tf.saved_model.save (upstream's case) and by
+# keras.export.ExportArchive (graft's export, serving/export.py), with upstream's x -> y names.
+# Each is then run by TF's own session loader (what TF Serving's LoadSavedModel does).
+DISTRAT_SAVE = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+strategy = tf.distribute.MirroredStrategy(devices=("/cpu:0", "/cpu:1"))
+with strategy.scope():
+    model = keras.models.Sequential()
+    model.add(keras.layers.Input(dtype="float32", shape=(1,), name="x"))
+    model.add(keras.layers.Dense(1, kernel_initializer="ones", bias_initializer="zeros"))
+    model.add(keras.layers.Lambda(lambda x: x, name="y"))
+    tf.saved_model.save(model, sys.argv[1] + "/00000123")
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", lambda x: {"y": model(x)},
+                         input_signature=[tf.TensorSpec([None, 1], tf.float32, name="x")])
+    archive.write_out(sys.argv[2] + "/00000123")
+session_loader = {}
+for base in sys.argv[1:]:
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], base + "/00000123")
+        signature = meta.signature_def["serving_default"]
+        (x,), (y,) = signature.inputs.values(), signature.outputs.values()
+        try:
+            session_loader[base] = session.run(y.name, {x.name: [[2.0]]}).tolist()
+        except tf.errors.FailedPreconditionError as err:
+            session_loader[base] = err.message
+print(json.dumps({"replicas": strategy.num_replicas_in_sync,
+                  "variable": type(model.weights[0].value).__name__,
+                  "session_loader": session_loader}))
+"""
+
+
+def test_distrat_sequential_keras_saved_model_save(run_server, tmp_path):
+    """test_distrat_sequential_keras_saved_model_save: the model built under MirroredStrategy
+    over two virtual CPUs. Saved as upstream saves it (tf.saved_model.save, Keras 3), TF's
+    session loader cannot run it ("Could not find variable": tensorflow#72963), so TF Serving
+    2.20 cannot, and graft serve answers FAILED_PRECONDITION with those words. The same model
+    through graft's export (ExportArchive) passes upstream's VerifyPredictRequest unchanged:
+    x = 2.0 as [1, 1], y = 2.0, version 123."""
+    import json
+
+    upstream, exported = tmp_path / "saved_model_save", tmp_path / "export_archive"
+    child = subprocess.run(
+        [sys.executable, "-c", DISTRAT_SAVE, str(upstream), str(exported)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-3000:]
+    built = json.loads(child.stdout.strip().splitlines()[-1])
+    assert built["replicas"] == 2 and built["variable"] == "MirroredVariable"
+    assert "Could not find variable" in built["session_loader"][str(upstream)]
+    assert built["session_loader"][str(exported)] == [[2.0]]
+
+    running = run_server({"default": upstream, "exported": exported})
+    err = pytest.raises(grpc.RpcError, _predict_inputs, running, "inputs").value
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "Could not find variable" in err.details()
+    verify_predict_request(
+        running, 2.0, VERSION, model_name="exported", batch_input=True, specify_output=False
+    )
 
 
 def test_graft_serve_cli_serves_a_model_config_file_with_typed_answers(testdata, tmp_path):
