@@ -125,8 +125,49 @@ def _status_string(err: RestError) -> str:
 
 def _debug(value) -> str:
     """JsonValueToDebugString: compact, cut at 256 characters."""
-    text = json.dumps(value, separators=(",", ":"))
+    try:
+        text = json.dumps(value, separators=(",", ":"))
+    except RecursionError:  # nested deeper than Python's stack: write only what is shown
+        text = _debug_prefix(value)
     return text[:MAX_DEBUG_CHARS]
+
+
+def _debug_prefix(value) -> str:
+    """json.dumps' compact text of ``value``, iteratively, up to MAX_DEBUG_CHARS."""
+    pieces, size, todo = [], 0, [value]  # todo: values and literal text, last first
+    while todo and size < MAX_DEBUG_CHARS:
+        item = todo.pop()
+        if isinstance(item, _Text):
+            piece = item.text
+        elif isinstance(item, list):
+            piece = "["
+            todo.append(_Text("]"))
+            for index in range(len(item) - 1, -1, -1):
+                todo.append(item[index])
+                if index:
+                    todo.append(_Text(","))
+        elif isinstance(item, dict):
+            piece = "{"
+            todo.append(_Text("}"))
+            members = list(item.items())
+            for index in range(len(members) - 1, -1, -1):
+                key, member = members[index]
+                todo.append(member)
+                todo.append(_Text(json.dumps(str(key)) + ":"))
+                if index:
+                    todo.append(_Text(","))
+        else:
+            piece = json.dumps(item)
+        pieces.append(piece)
+        size += len(piece)
+    return "".join(pieces)
+
+
+class _Text:
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
 
 
 def _json_type(value) -> str:
@@ -258,11 +299,19 @@ def _tensor_proto(dtype: int, shape: list[int], values: list) -> tensor_pb2.Tens
 
 
 def parse_json(body: bytes) -> dict:
-    """ParseJson: an object, or TF Serving's parse error."""
+    """ParseJson: an object, or TF Serving's parse error. Its flags are rapidjson's
+    kParseNanAndInfFlag (NaN, Infinity), kParseStopWhenDoneFlag (what follows the document
+    is not read) and kParseIterativeFlag (any depth: a document nested deeper than Python's
+    stack is parsed by ``_loads_iteratively``)."""
     if not body:
         raise _invalid("JSON Parse error: The document is empty")
     try:
-        document = json.loads(body)  # NaN and Infinity allowed, as kParseNanAndInfFlag
+        text = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads
+        start = _WHITESPACE.match(text).end()
+        try:
+            document, _ = _DECODER.raw_decode(text, start)
+        except RecursionError:
+            document = _loads_iteratively(text, start)
     except json.JSONDecodeError as err:
         message = "Invalid value" if err.msg == "Expecting value" else err.msg
         raise _invalid(f"JSON Parse error: {message} at offset: {err.pos}") from None
@@ -273,6 +322,98 @@ def parse_json(body: bytes) -> dict:
     if not isinstance(document, dict):
         raise _invalid(f"JSON Value: {_debug(document)} Is not object")
     return document
+
+
+_DECODER = json.JSONDecoder()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_LITERALS = {"null": None, "true": True, "false": False, "NaN": math.nan,
+             "Infinity": math.inf, "-Infinity": -math.inf}  # fmt: skip
+
+
+class _Member:
+    """An object being parsed: its dict and the key whose value comes next."""
+
+    __slots__ = ("object", "key")
+
+    def __init__(self, key: str):
+        self.object, self.key = {}, key
+
+
+def _loads_iteratively(text: str, start: int):
+    """The JSON value at ``text[start:]`` (what follows it is not read), parsed with an
+    explicit stack instead of recursion; strings and numbers are read by json's own
+    scanners, errors are json.JSONDecodeError with json.loads' messages."""
+
+    def space(at: int) -> int:
+        return _WHITESPACE.match(text, at).end()
+
+    def key_at(at: int) -> tuple[str, int]:
+        if text[at : at + 1] != '"':
+            raise json.JSONDecodeError(
+                "Expecting property name enclosed in double quotes", text, at
+            )
+        key, at = json.decoder.scanstring(text, at + 1)
+        at = space(at)
+        if text[at : at + 1] != ":":
+            raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
+        return key, space(at + 1)
+
+    open_containers: list = []  # lists, and _Member for objects
+    at = start
+    while True:
+        char = text[at : at + 1]
+        if char == "[":
+            at = space(at + 1)
+            if text[at : at + 1] != "]":
+                open_containers.append([])
+                continue
+            value, at = [], at + 1
+        elif char == "{":
+            at = space(at + 1)
+            if text[at : at + 1] != "}":
+                key, at = key_at(at)
+                open_containers.append(_Member(key))
+                continue
+            value, at = {}, at + 1
+        elif char == '"':
+            value, at = json.decoder.scanstring(text, at + 1)
+        else:
+            number = json.scanner.NUMBER_RE.match(text, at)
+            literal = next((w for w in _LITERALS if text.startswith(w, at)), None)
+            if number:
+                integer, fraction, exponent = number.groups()
+                value = (
+                    float(integer + (fraction or "") + (exponent or ""))
+                    if fraction or exponent
+                    else int(integer)
+                )
+                at = number.end()
+            elif literal is not None:
+                value, at = _LITERALS[literal], at + len(literal)
+            else:
+                raise json.JSONDecodeError("Expecting value", text, at)
+        while True:  # the value is complete: give it to its container, close what ends
+            if not open_containers:
+                return value
+            container = open_containers[-1]
+            at = space(at)
+            char = text[at : at + 1]
+            if isinstance(container, list):
+                container.append(value)
+                closing = "]"
+            else:
+                container.object[container.key] = value
+                closing = "}"
+            if char == ",":
+                at = space(at + 1)
+                if closing == "}":
+                    container.key, at = key_at(at)
+                break
+            if char != closing:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+            open_containers.pop()
+            value = container if closing == "]" else container.object
+            at += 1
 
 
 def _signature_name(document: dict) -> str:

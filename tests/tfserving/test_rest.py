@@ -634,3 +634,264 @@ def test_classify_regress_request_errors(document, message):
         with pytest.raises(rest.RestError) as raised:
             rest.examples_request_from_json(json.dumps(document).encode(), request)
         assert message in raised.value.message
+
+
+# --- json_tensor_test.cc, the cases not above ---------------------------------------------
+
+DOUBLE = 2  # DT_DOUBLE
+DEEP = 500_000  # json_tensor_test.cc's depth: far beyond Python's recursion limit
+
+
+def test_deeply_nested_well_formed():
+    """rapidjson's kParseIterativeFlag: any depth parses; the key is not an input."""
+    body = '{"instances":[1], "nested":' + "[" * DEEP + "]" * DEEP + "}"
+    request = _request()
+    assert (
+        rest.predict_request_from_json(body.encode(), request, lambda s: {"default": INT32})
+        == "row"
+    )
+    assert list(request.inputs) == ["default"]  # fmt: skip
+
+
+def test_deeply_nested_malformed():
+    body = '{"signature_name":' + "[" * DEEP + "]" * DEEP + "}"
+    with pytest.raises(rest.RestError) as raised:
+        rest.predict_request_from_json(body.encode(), _request(), lambda s: {"default": INT32})
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "key must be a string value" in raised.value.message
+    assert '{"signature_name":[[[[' in raised.value.message  # the debug string, cut at 256
+
+
+def test_a_deeply_nested_request_is_answered_over_http(served):
+    """Over the REST port: was 500 "graft serve failed: RecursionError"."""
+    _, base, _ = served
+    body = ('{"instances": [2.0], "nested": ' + "[" * DEEP + "]" * DEEP + "}").encode()
+    assert call(base, "/v1/models/default:predict", body) == (200, {"predictions": [3.0]})
+    body = ('{"signature_name": ' + "[" * DEEP + "]" * DEEP + ', "instances": [2.0]}').encode()
+    status, answer = call(base, "/v1/models/default:predict", body)
+    assert status == 400 and "'signature_name' key must be a string value." in answer["error"]
+
+
+def test_what_follows_the_document_is_not_read():
+    """kParseStopWhenDoneFlag: rapidjson stops after the root value."""
+    assert fill(rest.parse_json(b'{"instances": [[1,2],[3,4],[5,6]]}X'), {"default": INT32})[1][
+        "default"
+    ].endswith("int_val: 5 int_val: 6")
+
+
+def test_mixed_input_for_float_and_double_tensors():
+    assert fill({"instances": [1, 2.0, 3, 4, 5.003, 0.007, 0.0]}, {"default": FLOAT}) == ("row", {
+        "default": "dtype: DT_FLOAT tensor_shape { dim { size: 7 } } float_val: 1.0 float_val: 2.0 "
+        "float_val: 3.0 float_val: 4.0 float_val: 5.003 float_val: 0.007 float_val: 0.0"
+    })  # fmt: skip
+    assert fill({"instances": [1.0, 2, 3, 4, 0.662, 0, 0.0]}, {"default": DOUBLE}) == ("row", {
+        "default": "dtype: DT_DOUBLE tensor_shape { dim { size: 7 } } double_val: 1.0 "
+        "double_val: 2.0 double_val: 3.0 double_val: 4.0 double_val: 0.662 double_val: 0.0 "
+        "double_val: 0.0"
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "number, stored",
+    [("1.7976931348623157e+308", "inf"), ("-1.7976931348623157e+308", "-inf"),
+     ("2.2250738585072014e-308", "0.0"), ("-2.2250738585072014e-308", "-0.0")],
+)  # fmt: skip
+def test_float_tensor_beyond_float_range_is_inf_and_below_it_zero(number, stored):
+    """FloatTensorThatExceedsMaxReturnsInf, FloatTensorThatExceedsMinReturnsZero: the
+    doubles' max and min into a float tensor."""
+    document = rest.parse_json(b'{ "instances": [%s] }' % number.encode())
+    assert fill(document, {"default": FLOAT}) == ("row", {
+        "default": f"dtype: DT_FLOAT tensor_shape {{ dim {{ size: 1 }} }} float_val: {stored}"
+    })  # fmt: skip
+
+
+def test_single_unnamed_tensor_with_signature():
+    request = _request()
+    body = b'{"signature_name": "predict_images", "instances": [[1,2]]}'
+    assert rest.predict_request_from_json(body, request, lambda s: {"default": INT32}) == "row"
+    assert request.model_spec.signature_name == "predict_images"
+    assert text_format.MessageToString(request.inputs["default"], as_one_line=True) == (
+        "dtype: DT_INT32 tensor_shape { dim { size: 1 } dim { size: 2 } } int_val: 1 int_val: 2"
+    )
+
+
+def test_base64_lists_and_a_named_base64_tensor():
+    """SingleUnnamedTensorBase64Lists, SingleNamedTensorBase64."""
+    hello_world = [[{"b64": "aGVsbG8="}], [{"b64": "d29ybGQ="}]]
+    assert fill({"instances": hello_world}, {"default": STRING})[1]["default"] == (
+        "dtype: DT_STRING tensor_shape { dim { size: 2 } dim { size: 1 } } "
+        'string_val: "hello" string_val: "world"'
+    )
+    assert fill({"instances": [{"default": hello_world}]}, {"default": STRING})[1]["default"] == (
+        "dtype: DT_STRING tensor_shape { dim { size: 1 } dim { size: 2 } dim { size: 1 } } "
+        'string_val: "hello" string_val: "world"'
+    )
+
+
+def test_multiple_named_tensor():
+    document = rest.parse_json(b"""{"instances": [
+        {"int_tensor": [[1,2],[3,4],[5,6]], "str_tensor": ["foo", "bar"],
+         "float_tensor": [1.0, NaN], "dbl_tensor": [NaN]},
+        {"int_tensor": [[7,8],[9,0],[1,2]], "str_tensor": ["baz", "bat"],
+         "float_tensor": [2.0, Infinity], "dbl_tensor": [2.0]}]}""")
+    dtypes = {
+        "int_tensor": INT32,
+        "str_tensor": STRING,
+        "float_tensor": FLOAT,
+        "dbl_tensor": DOUBLE,
+    }
+    assert fill(document, dtypes) == ("row", {
+        "int_tensor": "dtype: DT_INT32 tensor_shape { dim { size: 2 } dim { size: 3 } dim { size: 2 } } "
+        + " ".join(f"int_val: {v}" for v in [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2]),
+        "str_tensor": 'dtype: DT_STRING tensor_shape { dim { size: 2 } dim { size: 2 } } '
+        'string_val: "foo" string_val: "bar" string_val: "baz" string_val: "bat"',
+        "float_tensor": "dtype: DT_FLOAT tensor_shape { dim { size: 2 } dim { size: 2 } } "
+        "float_val: 1.0 float_val: nan float_val: 2.0 float_val: inf",
+        "dbl_tensor": "dtype: DT_DOUBLE tensor_shape { dim { size: 2 } dim { size: 1 } } "
+        "double_val: nan double_val: 2.0",
+    })  # fmt: skip
+
+
+INT_1X3X2 = (
+    "dtype: DT_INT32 tensor_shape { dim { size: 1 } dim { size: 3 } dim { size: 2 } } "
+    "int_val: 1 int_val: 2 int_val: 3 int_val: 4 int_val: 5 int_val: 6"
+)
+
+
+def test_single_unnamed_tensor_columnar_format_named_or_not():
+    for document in ({"inputs": {"int_tensor": [[[1, 2], [3, 4], [5, 6]]]}},
+                     {"inputs": [[[1, 2], [3, 4], [5, 6]]]}):  # fmt: skip
+        assert fill(document, {"int_tensor": INT32}) == ("columnar", {"int_tensor": INT_1X3X2})
+
+
+def test_multiple_named_tensor_columnar_format_with_a_base64_scalar():
+    document = {"inputs": {"int_tensor": [[[1, 2], [3, 4], [5, 6]]], "str_tensor": ["foo", "bar"],
+                           "bin_tensor": {"b64": "aGVsbG8="}}}  # fmt: skip
+    assert fill(document, {"int_tensor": INT32, "str_tensor": STRING, "bin_tensor": STRING}) == (
+        "columnar", {
+            "int_tensor": INT_1X3X2,
+            "str_tensor": 'dtype: DT_STRING tensor_shape { dim { size: 2 } } string_val: "foo" string_val: "bar"',
+            "bin_tensor": 'dtype: DT_STRING string_val: "hello"',  # tensor_shape {}: a scalar
+        },
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "instances, dtypes, message",
+    [
+        ([{"int_tensor": [[1, 2], [3, 4], [5, 6]], "str_tensor": ["foo", "bar"]},
+          {"int_tensor": [[[7, 8], [9, 0], [1, 2]]], "str_tensor": ["baz", "bat"]}],
+         {"int_tensor": INT32, "str_tensor": STRING}, "Expecting shape"),
+        ([{"int_tensor": [[1, 2], [3, 4], [5, 6], [7, 8]], "str_tensor": ["foo", "bar"]},
+          {"int_tensor": [[7, 8], [9, 0], [1, 2]], "str_tensor": ["baz", "bat"]}],
+         {"int_tensor": INT32, "str_tensor": STRING}, "Expecting tensor size"),
+        ([{"int_tensor": [[1, 2], [3, 4], [5, 6]], "str_tensor": ["foo", "bar"]}, [1, 20, 30],
+          {"int_tensor": [[[7, 8], [9, 0], [1, 2]]], "str_tensor": ["baz", "bat"]}],
+         {"int_tensor": INT32, "str_tensor": STRING}, "Expecting object but got list"),
+        ([["baz", "bar"], {"str_tensor": ["baz", "bat"]}], {"str_tensor": STRING},
+         "Expecting value/list but got object"),
+    ],
+)  # fmt: skip
+def test_multiple_named_tensor_errors_as_upstream(instances, dtypes, message):
+    """MultipleNamedTensorErrors with upstream's own four documents."""
+    with pytest.raises(rest.RestError) as raised:
+        rest.fill_predict_inputs({"instances": instances}, dtypes, _request())
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT and message in raised.value.message
+
+
+INT_2X3X2 = "dtype: DT_INT32 tensor_shape { dim { size: 2 } dim { size: 3 } dim { size: 2 } } " + (
+    " ".join(f"int_val: {v}" for v in [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2])
+)
+
+
+def test_from_json_single_tensor_and_scalars():
+    """FromJsonSingleTensor, FromJsonSingleScalarTensor: row and columnar."""
+    outputs = {"int_tensor": tensor(INT_2X3X2)}
+    nested = [[[1, 2], [3, 4], [5, 6]], [[7, 8], [9, 0], [1, 2]]]
+    assert json.loads(rest.tensors_to_json(outputs, "row")) == {"predictions": nested}
+    assert json.loads(rest.tensors_to_json(outputs, "columnar")) == {"outputs": nested}
+    scalars = {"int_tensor": tensor(
+        "dtype: DT_INT32 tensor_shape { dim { size: 5 } } "
+        "int_val: 1 int_val: 2 int_val: 3 int_val: 4 int_val: 5"
+    )}  # fmt: skip
+    assert json.loads(rest.tensors_to_json(scalars, "row")) == {"predictions": [1, 2, 3, 4, 5]}
+    assert json.loads(rest.tensors_to_json(scalars, "columnar")) == {"outputs": [1, 2, 3, 4, 5]}
+
+
+def test_from_json_single_bytes_tensor():
+    outputs = {"str_tensor_bytes": tensor(
+        'dtype: DT_STRING tensor_shape { dim { size: 2 } dim { size: 2 } } '
+        'string_val: "hello" string_val: "world" string_val: "tf" string_val: "serving"'
+    )}  # fmt: skip
+    assert json.loads(rest.tensors_to_json(outputs, "row")) == {"predictions": [
+        [{"b64": "aGVsbG8="}, {"b64": "d29ybGQ="}], [{"b64": "dGY="}, {"b64": "c2VydmluZw=="}]
+    ]}  # fmt: skip
+
+
+def test_from_json_multiple_named_tensors():
+    outputs = {
+        "int_tensor": tensor(INT_2X3X2),
+        "str_tensor": tensor('dtype: DT_STRING tensor_shape { dim { size: 2 } dim { size: 2 } } '
+                             'string_val: "foo" string_val: "bar" string_val: "baz" string_val: "bat"'),
+        "float_tensor": tensor("dtype: DT_FLOAT tensor_shape { dim { size: 2 } dim { size: 1 } } "
+                               "float_val: 1.0 float_val: 2.0"),
+        "double_scalar_tensor": tensor("dtype: DT_DOUBLE tensor_shape { dim { size: 2 } } "
+                                       "double_val: 8.0 double_val: 9.0"),
+        "str_tensor_bytes": tensor('dtype: DT_STRING tensor_shape { dim { size: 2 } dim { size: 2 } } '
+                                   'string_val: "hello" string_val: "world" string_val: "tf" '
+                                   'string_val: "serving"'),
+    }  # fmt: skip
+    assert json.loads(rest.tensors_to_json(outputs, "row")) == {"predictions": [
+        {"int_tensor": [[1, 2], [3, 4], [5, 6]], "str_tensor": ["foo", "bar"],
+         "float_tensor": [1.0], "double_scalar_tensor": 8.0,
+         "str_tensor_bytes": [{"b64": "aGVsbG8="}, {"b64": "d29ybGQ="}]},
+        {"int_tensor": [[7, 8], [9, 0], [1, 2]], "str_tensor": ["baz", "bat"],
+         "float_tensor": [2.0], "double_scalar_tensor": 9.0,
+         "str_tensor_bytes": [{"b64": "dGY="}, {"b64": "c2VydmluZw=="}]},
+    ]}  # fmt: skip
+    assert json.loads(rest.tensors_to_json(outputs, "columnar")) == {"outputs": {
+        "int_tensor": [[[1, 2], [3, 4], [5, 6]], [[7, 8], [9, 0], [1, 2]]],
+        "str_tensor": [["foo", "bar"], ["baz", "bat"]],
+        "float_tensor": [[1.0], [2.0]], "double_scalar_tensor": [8.0, 9.0],
+        "str_tensor_bytes": [[{"b64": "aGVsbG8="}, {"b64": "d29ybGQ="}],
+                             [{"b64": "dGY="}, {"b64": "c2VydmluZw=="}]],
+    }}  # fmt: skip
+
+
+def test_from_json_multiple_named_tensors_of_different_batch_sizes_is_refused():
+    outputs = {
+        "int_tensor": tensor("dtype: DT_INT32 tensor_shape { dim { size: 2 } dim { size: 3 } } "
+                             "int_val: 1 int_val: 2 int_val: 3 int_val: 4 int_val: 5 int_val: 6"),
+        "str_tensor": tensor('dtype: DT_STRING tensor_shape { dim { size: 1 } dim { size: 3 } } '
+                             'string_val: "foo" string_val: "bar" string_val: "baz"'),
+    }  # fmt: skip
+    with pytest.raises(rest.RestError) as raised:
+        rest.tensors_to_json(outputs, "row")
+    assert "inconsistent batch size" in raised.value.message
+
+
+def test_from_json_single_zero_batch_tensor():
+    outputs = {"int_tensor": tensor("dtype: DT_INT32 tensor_shape { dim { size: 0 } dim { size: 2 } }")}  # fmt: skip
+    assert json.loads(rest.tensors_to_json(outputs, "row")) == {"predictions": []}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a": [1, -2.5e-7, 12345678901234567890, true, false, null], "b\\u00e9": {"c": "x\\"y\\n"}}',
+     ' [ {} , [] , [[]], {"k": {"k": [NaN, Infinity, -Infinity]}} ] ', '"s"', "0", "-0.0"],
+)  # fmt: skip
+def test_the_iterative_parser_reads_what_json_loads_reads(text):
+    """The parser for documents deeper than Python's stack (serving/rest.py)."""
+    start = len(text) - len(text.lstrip())
+    assert json.dumps(rest._loads_iteratively(text, start)) == json.dumps(json.loads(text))
+
+
+@pytest.mark.parametrize(
+    "text", ["[1,]", '{"a" 1}', '{"a":1,}', "[1 2]", "{1:2}", "[", '{"a":', "[nul]", '["abc', "[-]"]
+)
+def test_the_iterative_parser_fails_where_json_loads_fails_with_its_message(text):
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError) as got:
+        rest._loads_iteratively(text, 0)
+    assert (got.value.msg, got.value.pos) == (expected.value.msg, expected.value.pos)
