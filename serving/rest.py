@@ -426,19 +426,27 @@ def _signature_name(document: dict) -> str:
     return name
 
 
+def _set_signature_name(document: dict, request) -> None:
+    """model_spec.signature_name from the document; model_spec stays unset without one, as
+    TF Serving leaves it (json_tensor_test.cc RequestNoContext)."""
+    name = _signature_name(document)
+    if name:
+        request.model_spec.signature_name = name
+
+
 def predict_request_from_json(body: bytes, request, input_dtypes) -> str:
     """FillPredictRequestFromJson: ``request``'s signature and inputs from the JSON body;
     ``input_dtypes(signature_name)`` gives the signature's inputs (name -> DataType).
     Returns the format, "row" or "columnar"."""
     document = parse_json(body)
-    request.model_spec.signature_name = _signature_name(document)
+    _set_signature_name(document, request)
     return fill_predict_inputs(document, input_dtypes(request.model_spec.signature_name), request)
 
 
 def examples_request_from_json(body: bytes, request) -> None:
     """FillClassificationRequestFromJson / FillRegressionRequestFromJson."""
     document = parse_json(body)
-    request.model_spec.signature_name = _signature_name(document)
+    _set_signature_name(document, request)
     fill_examples(document, request)
 
 

@@ -895,3 +895,69 @@ def test_the_iterative_parser_fails_where_json_loads_fails_with_its_message(text
     with pytest.raises(json.JSONDecodeError) as got:
         rest._loads_iteratively(text, 0)
     assert (got.value.msg, got.value.pos) == (expected.value.msg, expected.value.pos)
+
+
+def _feature(key: str, kind: str, values: str) -> str:
+    return f'feature {{ key: "{key}" value {{ {kind} {{ {values} }} }} }}'
+
+
+REQUEST_NO_CONTEXT = (
+    "input { example_list { examples { features { "
+    + _feature("names", "bytes_list", 'value: "foo" value: "bar"')
+    + _feature("ratings", "float_list", "value: 8.0 value: 9.0")
+    + _feature("age", "int64_list", "value: 20")
+    + "} } examples { features { "
+    + _feature("names", "bytes_list", 'value: "baz"')
+    + _feature("ratings", "float_list", "value: 6.0")
+    + "} } } }"
+)
+REQUEST_WITH_CONTEXT = (
+    'model_spec { signature_name: "custom_signture" } input { example_list_with_context { '
+    "context { features { "
+    + _feature("query", "bytes_list", 'value: "pizza"')
+    + _feature("location", "bytes_list", 'value: "sfo"')
+    + "} } examples { features { "
+    + _feature("names", "bytes_list", 'value: "foo" value: "bar"')
+    + _feature("ratings", "float_list", "value: 8.0 value: 9.0 value: nan value: inf")
+    + _feature("age", "int64_list", "value: 20")
+    + "} } examples { features { "
+    + _feature("names", "bytes_list", 'value: "baz" value: "hello"')
+    + _feature("ratings", "float_list", "value: 6.0")
+    + _feature("intboolmix", "int64_list", "value: 1 value: 1 value: 0")
+    + "} } examples { features { "
+    + _feature("names", "bytes_list", 'value: "bar"')
+    + _feature("ratings", "float_list", "value: -inf")
+    + "} } } }"
+)
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (b"""{"examples": [{"names": ["foo", "bar"], "ratings": [8.0, 9.0], "age": 20},
+                           {"names": ["baz"], "ratings": 6.0}]}""", REQUEST_NO_CONTEXT),
+        (b"""{"signature_name": "custom_signture",
+              "context": {"query": "pizza", "location": ["sfo"]},
+              "examples": [
+                {"names": ["foo", "bar"], "ratings": [8.0, 9.0, NaN, Infinity], "age": 20},
+                {"names": ["baz", {"b64": "aGVsbG8="}], "ratings": 6.0, "intboolmix": [1, true, false]},
+                {"names": "bar", "ratings": -Infinity}]}""", REQUEST_WITH_CONTEXT),
+    ],
+    ids=["RequestNoContext", "RequestWithContextAndSignature"],
+)  # fmt: skip
+@pytest.mark.parametrize("kind", [classification_pb2.ClassificationRequest, regression_pb2.RegressionRequest])  # fmt: skip
+def test_classify_and_regress_requests_from_json(body, expected, kind):
+    """ClassifyRegressRequestTest (a typed test: both request types); map entries compare
+    in key order, NaN as text."""
+    request = kind()
+    rest.examples_request_from_json(body, request)
+    want = text_format.Parse(expected, kind())
+    assert text_format.MessageToString(request) == text_format.MessageToString(want)
+
+
+def test_an_error_is_written_as_json_with_its_quotes_escaped():
+    """MakeJsonFromTensors.StatusError: {"error": message}, the message's quotes intact."""
+    for path in ('/v1/bad"key', "/v1/bad'key"):
+        code, output, _, _ = rest.RestApi(server=None).handle("GET", path, b"")
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert json.loads(output) == {"error": f"Malformed request: GET {path}"}
