@@ -1,0 +1,68 @@
+"""Tiny SavedModels for rollout tests and benchmarks/rollout.py: one classifier, four ways.
+
+    export_behaving(repo / "fm" / "2", "nan")    # good | nan | errors | slow
+
+Every variant takes encoded PNGs (``images``, as graft's export does) and answers
+``probabilities``, ``classes`` and ``labels``. ``good`` is stable's function; ``nan``
+answers NaN probabilities; ``errors`` fails ``ERROR_SHARE`` of requests at random (an
+assertion inside the graph, so the server answers an RPC error); ``slow`` computes the same
+answer as ``good`` after ``SLOW_FACTOR`` times its work.
+"""
+
+from pathlib import Path
+
+LABELS = ("cat", "dog", "owl")
+SIZE = 8  # tests/serving_models.sample_images makes 8x8 gray PNGs
+WORK = 12  # 128x128 matmuls per request: a few ms, so "2x slower" means the model's time
+SLOW_FACTOR = 3  # times WORK: end to end (gRPC overhead included) about 2x good's latency
+ERROR_SHARE = 0.05
+BEHAVIOURS = ("good", "nan", "errors", "slow")
+
+
+def export_behaving(target: Path, behaviour: str = "good", *, seed: int = 0) -> Path:
+    """Write a SavedModel at ``target`` (a version folder), moved into place whole."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import tensorflow as tf
+
+    if behaviour not in BEHAVIOURS:
+        raise ValueError(f"Received `behaviour={behaviour!r}`: expected one of {BEHAVIOURS}")
+    rng = np.random.default_rng(seed)
+    weights = tf.constant(rng.normal(size=(SIZE * SIZE, len(LABELS))).astype("float32") / 255)
+    square = tf.constant(np.eye(128, dtype="float32"))
+    work = WORK * (SLOW_FACTOR if behaviour == "slow" else 1)
+
+    class Classifier(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def serve(self, images):
+            def decode(png):
+                pixels = tf.io.decode_png(png, channels=1)
+                return tf.reshape(tf.cast(pixels, tf.float32), [SIZE * SIZE])
+
+            x = tf.map_fn(decode, images, fn_output_signature=tf.float32)
+            m = tf.while_loop(lambda i, m: i < work, lambda i, m: (i + 1, tf.matmul(m, square)),
+                              (tf.constant(0), square))[1]  # fmt: skip
+            logits = tf.matmul(x, weights) + 0.0 * tf.reduce_sum(m)
+            probabilities = tf.nn.softmax(logits)
+            if behaviour == "nan":
+                probabilities = probabilities * float("nan")
+            if behaviour == "errors":
+                healthy = tf.random.uniform([]) >= ERROR_SHARE
+                with tf.control_dependencies([tf.debugging.Assert(healthy, ["injected failure"])]):
+                    probabilities = tf.identity(probabilities)
+            top = tf.math.top_k(probabilities, k=2)
+            return {
+                "probabilities": probabilities,
+                "classes": top.indices,
+                "labels": tf.gather(tf.constant(LABELS), top.indices),
+            }
+
+    module = Classifier()
+    staged = Path(tempfile.mkdtemp(prefix="graft-rollout-model-"))
+    tf.saved_model.save(module, str(staged / "model"), signatures={"serving_default": module.serve})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staged / "model"), str(target))  # a polling server sees the version whole
+    shutil.rmtree(staged, ignore_errors=True)
+    return target
