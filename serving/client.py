@@ -292,6 +292,10 @@ class RestClient:
         ]
 
 
+# Codes that say the server process went away (stopping, restarting), not that a version failed.
+_SERVER_GONE = ("UNAVAILABLE", "CANCELLED")
+
+
 class CanaryRouter:
     """graft's client side of a canary rollout (serving/rollout.py): a share ``fraction`` of
     requests goes to the ``canary`` label and, at the same moment, to ``stable`` with the
@@ -330,7 +334,8 @@ class CanaryRouter:
         self.client, self.model_name, self.fraction = client, model_name, fraction
         self.sink, self.flush_every, self.recheck_seconds = sink, flush_every, recheck_seconds
         self.canary_label, self.stable_label = canary_label, stable_label
-        # requests, pairs, stable_failed, canary_failed, fell_back, label_errors, unlabelled
+        # requests, pairs, stable_failed, canary_failed, fell_back, label_errors, disturbed
+        # (pairs dropped: the server went away mid-request), retried
         self.stats: Counter = Counter()
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
@@ -357,7 +362,14 @@ class CanaryRouter:
 
     def _stable_only(self, images: list[bytes]) -> list[Prediction]:
         try:
-            response = self.client.predict_raw(self._stable_request(images))
+            try:
+                response = self.client.predict_raw(self._stable_request(images))
+            except ServingError as err:
+                if "CANCELLED" not in str(err) and "cannot reach" not in str(err):
+                    raise
+                with self._lock:  # a server stopping under the request: once more
+                    self.stats["retried"] += 1
+                response = self.client.predict_raw(self._stable_request(images))
         except ServingError as err:
             if self._label_missing(str(err), self.stable_label):
                 return self._unlabelled(images)
@@ -412,6 +424,12 @@ class CanaryRouter:
                 answers[arm] = response
             except grpc.RpcError as err:
                 errors[arm] = f"{err.code().name}: {err.details()}"
+        if any(e.startswith(_SERVER_GONE) for e in errors.values()):
+            # The server went away mid-request (a restart, a drain): no fault of either
+            # version, so no observation; Predict is idempotent, so stable answers again.
+            with self._lock:
+                self.stats["disturbed"] += 1
+            return self._stable_only(images)
         if CANARY in errors and self._label_missing(errors[CANARY], self.canary_label):
             with self._lock:  # no rollout running: stable alone for a while
                 self._canary_absent_until = time.monotonic() + self.recheck_seconds

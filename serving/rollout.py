@@ -139,11 +139,13 @@ def judge(observations: Iterable[Observation], thresholds: Thresholds) -> Verdic
     stable_errors = sum(not s.ok for _, s in both)
     excess = canary_errors - stable_errors
     figures = {"pairs": count, "canary_errors": canary_errors, "stable_errors": stable_errors}
+    errors = Counter(c.error for c, _ in both if not c.ok)
+    commonest = f" (most often: {errors.most_common(1)[0][0][:200]})" if errors else ""
     if excess > thresholds.max_error_rate * thresholds.min_requests:
         return Verdict(
             "rollback",
             f"the canary failed {canary_errors} of {count} requests (stable {stable_errors}): "
-            f"more than {thresholds.max_error_rate:.1%} of {thresholds.min_requests}",
+            f"more than {thresholds.max_error_rate:.1%} of {thresholds.min_requests}{commonest}",
             figures,
         )
     if count < thresholds.min_requests:
@@ -508,8 +510,11 @@ class RolloutController:
         return enter(self.root, event, state, decision=decision, by=by,
                      reason=reason or f"{decision} by {by}")  # fmt: skip
 
-    def run(self, *, poll_seconds: float = 1.0, timeout: float | None = None) -> dict | None:
-        """Step until the rollout is final (or ``timeout`` seconds pass); the newest event."""
+    def run(
+        self, *, poll_seconds: float = 1.0, timeout: float | None = None, stop=None
+    ) -> dict | None:
+        """Step until the rollout is final, ``timeout`` seconds pass or ``stop`` (an Event)
+        is set; the newest event."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             event = self.step()
@@ -517,7 +522,10 @@ class RolloutController:
                 return event
             if deadline is not None and time.monotonic() >= deadline:
                 return event
-            time.sleep(poll_seconds)
+            if stop is not None and stop.wait(poll_seconds):
+                return event
+            if stop is None:
+                time.sleep(poll_seconds)
 
     def _status(self) -> list[tuple[int, str, str]]:
         from serving.client import ServingError

@@ -66,3 +66,49 @@ def export_behaving(target: Path, behaviour: str = "good", *, seed: int = 0) -> 
     shutil.move(str(staged / "model"), str(target))  # a polling server sees the version whole
     shutil.rmtree(staged, ignore_errors=True)
     return target
+
+
+class Traffic:
+    """``clients`` threads sending one PNG per request through graft's CanaryRouter until
+    stopped; ``failures`` holds what a caller saw fail (the goal: none)."""
+
+    def __init__(self, target, model_name, root, *, clients=4, fraction=0.5, seed=0):
+        from serving.client import CanaryRouter, PredictClient
+        from serving.rollout import RepositoryObservations
+        from tests.serving_models import sample_images
+
+        client = PredictClient(target, timeout=30, wait_for_ready=True)
+        self.router = CanaryRouter(client, model_name, fraction=fraction, seed=seed,
+                                   sink=RepositoryObservations(root).write, flush_every=10,
+                                   recheck_seconds=0.2)  # fmt: skip
+        _, self.images = sample_images(64, seed=seed)
+        self.clients, self.failures, self.answered = clients, [], 0
+        self._threads = []
+
+    def _send(self, number: int, stop) -> None:
+        from serving.client import ServingError
+
+        sent = number
+        while not stop.is_set():
+            try:
+                self.router.predict_images([self.images[sent % len(self.images)]])
+                self.answered += 1
+            except ServingError as err:
+                self.failures.append(str(err))
+            sent += self.clients
+
+    def start(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send, args=(n, self._stop), daemon=True)
+                         for n in range(self.clients)]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        self.router.flush()
