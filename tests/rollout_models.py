@@ -3,7 +3,8 @@
     export_behaving(repo / "fm" / "2", "nan")    # good | nan | errors | slow
 
 Every variant takes encoded PNGs (``images``, as graft's export does) and answers
-``probabilities``, ``classes`` and ``labels``. ``good`` is stable's function; ``nan``
+``probabilities``, ``classes`` and ``labels``, with warmup requests as graft's export
+writes them (the first live requests are not the cold ones). ``good`` is stable's function; ``nan``
 answers NaN probabilities; ``errors`` fails ``ERROR_SHARE`` of requests at random (an
 assertion inside the graph, so the server answers an RPC error); ``slow`` computes the same
 answer as ``good`` after ``SLOW_FACTOR`` times its work.
@@ -62,6 +63,11 @@ def export_behaving(target: Path, behaviour: str = "good", *, seed: int = 0) -> 
     module = Classifier()
     staged = Path(tempfile.mkdtemp(prefix="graft-rollout-model-"))
     tf.saved_model.save(module, str(staged / "model"), signatures={"serving_default": module.serve})
+    if behaviour != "errors":  # its warmup would fail 5% of loads: a load failure, not a live one
+        from serving.export import write_warmup
+        from tests.serving_models import sample_images
+
+        write_warmup(staged / "model", sample_images(4, seed=seed)[1])  # no cold first requests
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(staged / "model"), str(target))  # a polling server sees the version whole
     shutil.rmtree(staged, ignore_errors=True)

@@ -76,7 +76,7 @@ def _states(root: Path) -> list[str]:
 def test_a_bad_canary_is_rolled_back_rejected_and_stable_never_fails(served, behaviour):
     repo, root, server, port = served
     event, traffic = _roll_out(repo, root, port, behaviour)
-    assert event["state"] == "rolled_back", event
+    assert event["state"] == "rolled_back", rollout.describe(rollout.read_history(str(root)))
     assert _states(root)[-4:] == ["loading", "canary", "rolling_back", "rolled_back"]
     decided = rollout.read_history(str(root))[-2]
     assert decided["decision"] == "rollback" and decided["by"] == "controller"
@@ -105,7 +105,7 @@ def test_a_bad_canary_is_rolled_back_rejected_and_stable_never_fails(served, beh
 def test_a_good_canary_is_promoted_and_the_old_version_unloaded(served):
     repo, root, server, port = served
     event, traffic = _roll_out(repo, root, port, "good")
-    assert event["state"] == "promoted", rollout.read_history(str(root))
+    assert event["state"] == "promoted", rollout.describe(rollout.read_history(str(root)))
     assert _states(root)[-4:] == ["loading", "canary", "promoting", "promoted"]
     decided = rollout.read_history(str(root))[-2]
     assert decided["figures"]["pairs"] >= THRESHOLDS.min_requests
