@@ -30,7 +30,7 @@ def test_a_canary_like_stable_is_promoted_at_the_minimum_and_not_before():
     verdict = judge(_pairs(100), T)
     assert verdict.decision == "promote"
     assert verdict.figures == {"pairs": 100, "canary_errors": 0, "stable_errors": 0,
-                               "error_rate_excess": 0.0, "p99_latency_ratio": 1.0,
+                               "error_rate_excess": 0.0, "p99_latency_ratio": 1.0, "median_paired_latency_ratio": 1.0,
                                "agreement": 1.0, "class_shift": 0.0}  # fmt: skip
 
 
@@ -51,6 +51,18 @@ def test_a_canary_twice_as_slow_at_p99_is_rolled_back_and_one_and_a_half_is_not(
     slow = judge(_pairs(100, canary_ms=lambda i: 20.0), T)
     assert slow.decision == "rollback" and "p99 latency 2.00x" in slow.reason
     assert judge(_pairs(100, canary_ms=lambda i: 15.0), T).decision == "promote"
+
+
+def test_a_slower_canary_is_seen_in_each_pair_when_shared_stalls_swamp_the_p99():
+    # every tenth pair stalled together (a busy machine): both p99s are the stall
+    def stalled(i):
+        return 500.0 if i % 10 == 0 else 0.0
+
+    verdict = judge(_pairs(100, canary_ms=lambda i: 20.0 + stalled(i),
+                           stable_ms=lambda i: 10.0 + stalled(i)), T)  # fmt: skip
+    assert verdict.figures["p99_latency_ratio"] < 1.1
+    assert verdict.decision == "rollback"
+    assert "latency 2.00x stable's on the same requests" in verdict.reason
 
 
 def test_the_p99_is_the_tail_not_the_median():
