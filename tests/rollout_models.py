@@ -7,15 +7,17 @@ Every variant takes encoded PNGs (``images``, as graft's export does) and answer
 writes them (the first live requests are not the cold ones). ``good`` is stable's function; ``nan``
 answers NaN probabilities; ``errors`` fails ``ERROR_SHARE`` of requests at random (an
 assertion inside the graph, so the server answers an RPC error); ``slow`` computes the same
-answer as ``good`` after ``SLOW_FACTOR`` times its work.
+answer as ``good`` after waiting ``SLOW_SLEEP_MS`` instead of ``SLEEP_MS``.
 """
 
 from pathlib import Path
 
 LABELS = ("cat", "dog", "owl")
 SIZE = 8  # tests/serving_models.sample_images makes 8x8 gray PNGs
-WORK = 60  # 128x128 matmuls per request: ~5 ms on a quiet core, well above gRPC's ~1 ms
-SLOW_FACTOR = 2  # times WORK: about 1.8x good's latency end to end (gRPC included)
+# Each request waits in the graph (tf.data's SleepDataset): wall time that a busy machine does
+# not stretch as it stretches compute, and that costs the shared cores nothing.
+SLEEP_MS = 10  # good: ~11-20 ms a request end to end, well above gRPC's ~1 ms
+SLOW_SLEEP_MS = 30  # slow: 2x good's end-to-end latency or more (benchmarks/rollout.py)
 ERROR_SHARE = 0.05
 BEHAVIOURS = ("good", "nan", "errors", "slow")
 
@@ -32,8 +34,7 @@ def export_behaving(target: Path, behaviour: str = "good", *, seed: int = 0) -> 
         raise ValueError(f"Received `behaviour={behaviour!r}`: expected one of {BEHAVIOURS}")
     rng = np.random.default_rng(seed)
     weights = tf.constant(rng.normal(size=(SIZE * SIZE, len(LABELS))).astype("float32") / 255)
-    square = tf.constant(np.eye(128, dtype="float32"))
-    work = WORK * (SLOW_FACTOR if behaviour == "slow" else 1)
+    sleep_us = 1000 * (SLOW_SLEEP_MS if behaviour == "slow" else SLEEP_MS)
 
     class Classifier(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
@@ -43,9 +44,13 @@ def export_behaving(target: Path, behaviour: str = "good", *, seed: int = 0) -> 
                 return tf.reshape(tf.cast(pixels, tf.float32), [SIZE * SIZE])
 
             x = tf.map_fn(decode, images, fn_output_signature=tf.float32)
-            m = tf.while_loop(lambda i, m: i < work, lambda i, m: (i + 1, tf.matmul(m, square)),
-                              (tf.constant(0), square))[1]  # fmt: skip
-            logits = tf.matmul(x, weights) + 0.0 * tf.reduce_sum(m)
+            zero = tf.data.Dataset.from_tensors(tf.constant(0.0))
+            waited = tf.raw_ops.SleepDataset(
+                input_dataset=zero._variant_tensor, sleep_microseconds=tf.constant(sleep_us, tf.int64),
+                output_types=[tf.float32], output_shapes=[[]])  # fmt: skip
+            wait = tf.raw_ops.DatasetToSingleElement(
+                dataset=waited, output_types=[tf.float32], output_shapes=[[]])[0]  # fmt: skip
+            logits = tf.matmul(x, weights) + wait
             probabilities = tf.nn.softmax(logits)
             if behaviour == "nan":
                 probabilities = probabilities * float("nan")
