@@ -673,6 +673,34 @@ def rollout_watch(
         _finish(_controller(model_repo, model_name, target), poll_seconds, timeout)
 
 
+@rollout_app.command("init")
+def rollout_init(
+    model_repo: str = typer.Option(..., help=REPO_HELP),
+    model_name: str = typer.Option("graft", help="Model name under the model repository."),
+    serving_base_path: str = typer.Option(
+        "", help="The model's folder as the server sees it (default: where the versions are)."
+    ),
+) -> None:
+    """Write models.config serving the newest complete version (`stable` on it), so servers
+    can start with --model-config-file before the first canary push."""
+    from common.model_repository import served_version
+    from serving.rollout import config_uri, serve_only
+
+    with user_errors():
+        version = served_version(model_repo, model_name)
+        if version is None:
+            raise ValueError(
+                f"No complete version of {model_name} in {model_repo}: push one first "
+                "(a canary-mode push writes models.config itself)"
+            )
+        serve_only(model_repo, model_name, version, reason="graft rollout init",
+                   serving_base_path=serving_base_path)  # fmt: skip
+        from common.model_repository import model_root
+
+        where = config_uri(model_root(model_repo, model_name))
+    typer.echo(f"wrote {where}: version {version}, stable={version}")
+
+
 @rollout_app.command("status")
 def rollout_status(
     model_repo: str = typer.Option(..., help=REPO_HELP),
