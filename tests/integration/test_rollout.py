@@ -172,3 +172,38 @@ def test_push_refuses_a_second_rollout_while_one_is_being_judged(tmp_path):
     rollout.begin(str(repo), NAME, stable=1, canary=2, thresholds=THRESHOLDS)
     with pytest.raises(rollout.RolloutError, match="rollout of version 2 is in progress"):
         rollout.begin(str(repo), NAME, stable=1, canary=3, thresholds=THRESHOLDS)
+
+
+def test_push_with_rollout_canary_loads_first_and_labels_after_then_refuses_a_second(tmp_path):
+    from components.config import GraftConfig, with_overrides
+    from components.push import push_model
+    from serving.client import wait_until_available
+    from tests.serving_models import make_model_dir, write_examples
+    from tests.unit.test_export_push import evaluation_file
+
+    repo, config = str(tmp_path / "repo"), with_overrides(GraftConfig(top_k=2), ["rollout=canary"])
+    examples = write_examples(tmp_path / "examples", 6)
+    first = push_model(make_model_dir(tmp_path / "a", seed=1), evaluation_file(tmp_path),
+                       examples, repo, NAME, config)  # fmt: skip
+    root = tmp_path / "repo" / NAME
+    assert _states(root) == ["promoted"]  # nothing served before: no canary
+    server, port = _server(root)
+    try:
+        target = f"127.0.0.1:{port}"
+        second = push_model(make_model_dir(tmp_path / "b", seed=2), evaluation_file(tmp_path),
+                            examples, repo, NAME, config,
+                            verify=wait_until_available(target, NAME, timeout=60))  # fmt: skip
+        assert _states(root)[-2:] == ["loading", "canary"]
+        text = (root / rollout.CONFIG_FILE).read_text()
+        assert text == rollout.model_config_text(
+            NAME, str(root.resolve()), [first.version, second.version],
+            {"stable": first.version, "canary": second.version})  # fmt: skip
+        client = PredictClient(target)
+        assert _eventually(lambda: client.label_version(NAME, "canary") == second.version)
+        assert client.label_version(NAME, "stable") == first.version
+        with pytest.raises(rollout.RolloutError, match=f"rollout of version {second.version}"):
+            push_model(make_model_dir(tmp_path / "c", seed=3), evaluation_file(tmp_path),
+                       examples, repo, NAME, config)  # fmt: skip
+        assert repository.versions(str(root)) == [first.version, second.version]
+    finally:
+        server.stop(grace=1)
