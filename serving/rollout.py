@@ -1,6 +1,7 @@
 """Canary rollout: a new version is loaded beside the stable one, labelled `canary` once it is
 AVAILABLE, judged on live requests, then promoted or rolled back with no person involved.
 
+    graft rollout init   --model-repo models --model-name fashion   # before the first canary
     graft rollout watch  --model-repo models --model-name fashion --target 127.0.0.1:8500
     graft rollout status --model-repo models --model-name fashion
     graft rollout promote|rollback --model-repo models --model-name fashion --target ...
