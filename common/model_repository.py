@@ -13,6 +13,9 @@ and the dev server (which versions to load). What lives there::
             MODEL_CARD.md
         .claims/<version>.json         a push's claim on a version number (owner, lease)
         .refusals/<key>.json           a candidate evaluate refused: data fingerprint + settings
+        .rejected/<version>.json       a version a canary rollout rolled back: never served again
+        .rollout/history.jsonl         canary rollouts: every step and decision (serving/rollout.py)
+        models.config                  TF Serving's ModelServerConfig while a rollout runs
         .staging-<version>-<owner>/    a local push being copied, renamed into place in one step
 
 What a version is has one definition here (``parse_version``/``version_dirs``), the one TF
@@ -22,7 +25,9 @@ leading zeros are accepted, so ``007/`` is version 7; a value outside int64 is n
 version). The folder keeps its real name: version 123 of ``00000123/`` is read from
 ``00000123/``. When two names parse to one number the one sorting last wins, as in TF
 Serving, with a warning. Claims and staging folders never parse, so they never look like
-versions. The version served is the highest complete one that loads (TF Serving's default
+versions. A version marked rejected (a canary rolled back) is not complete to anyone
+(``complete_version_dirs``): no server with ``latest`` serves it, no evaluate takes it for
+the champion, no push for the served version. The version served is the highest complete one that loads (TF Serving's default
 ``latest:1``; the dev server and evaluate's champion fall back to older ones that load).
 
 Publishing, safe against concurrent pushes (a scheduled run and a watcher's, say):
@@ -64,6 +69,7 @@ MODEL_CARD_FILE = "MODEL_CARD.md"
 DATA_FILES_FILE = "graft_data_files.json"  # relpath -> content id of every file trained on
 CLAIMS_DIR = ".claims"
 REFUSALS_DIR = ".refusals"  # <key>.json per refused candidate (check_data.refusal_key)
+REJECTED_DIR = ".rejected"  # <version>.json per version a canary rollout rolled back
 STAGING_PREFIX = ".staging-"
 # A push copies a SavedModel in seconds to minutes; a claim older than this belongs to a
 # push that died. Long enough that no live push is ever taken for dead.
@@ -183,13 +189,17 @@ def is_complete(root: str, version: int) -> bool:
 
 
 def complete_version_dirs(root: str) -> dict[int, str]:
-    """Versions a server may load ({version: folder name}, ascending).
+    """Versions a server may load ({version: folder name}, ascending): complete and not
+    rejected by a rollout.
 
     A folder that cannot be read (permissions, an I/O error) is skipped with a warning
     naming it, so one bad folder never hides the others from a poll.
     """
     complete = {}
+    rejected = rejected_versions(root)
     for version, name in version_dirs(root).items():
+        if version in rejected:
+            continue
         try:
             if _has_saved_model(root, name):
                 complete[version] = name
@@ -267,6 +277,32 @@ def record_refusal(model_repo: str, model_name: str, key: str, record: dict) -> 
 
 def read_refusal(model_repo: str, model_name: str, key: str) -> dict | None:
     return _read_json(_refusal_uri(model_repo, model_name, key), fix="remove it")
+
+
+def _rejected_uri(root: str, version: int) -> str:
+    return storage.join(root, REJECTED_DIR, f"{version}.json")
+
+
+def reject_version(root: str, version: int, record: dict) -> None:
+    """Mark ``version`` rejected (a canary rolled back), with why: from now on it is not a
+    complete version to any server, evaluate or push (``complete_version_dirs``)."""
+    storage.write_text(_rejected_uri(root, version), json.dumps(record, indent=2, default=str))
+
+
+def rejected_versions(root: str) -> set[int]:
+    """Versions a rollout rejected (an unreadable or missing folder: none)."""
+    try:
+        names = storage.list_files(storage.join(root, REJECTED_DIR), checksums=False)
+    except storage.StorageError:
+        return set()
+    found = {parse_version(f.relpath.removesuffix(".json")) for f in names
+             if f.relpath.endswith(".json")}  # fmt: skip
+    return found - {None}
+
+
+def read_rejection(root: str, version: int) -> dict | None:
+    """Why ``version`` was rejected, or None when it was not."""
+    return _read_json(_rejected_uri(root, version), fix="remove it to serve the version again")
 
 
 def served_metadata(model_repo: str, model_name: str) -> dict | None:

@@ -83,6 +83,28 @@ class GraftConfig:
     bless_tolerance: float = 0.01  # how much worse than the champion overall is still fine
     bless_class_tolerance: float = 0.05  # per-class recall regression allowed vs the champion
 
+    # --- push: how a blessed version reaches traffic (serving/rollout.py, README "Canary") ---
+    rollout: str = "direct"  # "direct": the new version serves all traffic once published
+    # (TF Serving's latest policy); "canary": loaded beside the served one, labelled `canary`
+    # once AVAILABLE, checked on live requests, then promoted or rolled back by `graft rollout`
+    canary_fraction: float = 0.1  # share of client requests sent to the canary (graft's
+    # client routes by label): a bad canary reaches 1 request in 10, and at 10 req/s the
+    # minimum below is met in under a minute
+    canary_min_requests: int = 200  # paired requests (same input to canary and stable) before
+    # promoting: at a true 5% error rate, 200 requests show <= 2 errors with probability 0.2%
+    canary_max_error_rate: float = 0.01  # canary errors (RPC errors, NaN/inf outputs) above
+    # stable's on the same requests; 2 in 200 is noise, a 5% failure is not
+    canary_max_latency_ratio: float = 1.5  # canary p99 / stable p99 on the same requests
+    # (sent together, so both see the same load): 2x slower is caught, load noise is not
+    canary_min_agreement: float = 0.9  # top-1 agreement with stable on the same inputs: the
+    # candidate was blessed on the test set, so live disagreement beyond 10% means broken
+    # preprocessing or inputs unlike the test set
+    canary_max_class_shift: float = 0.1  # total variation distance between the predicted-class
+    # distributions of canary and stable: a canary that piles onto one class
+    rollout_serving_base_path: str = ""  # the model's folder as the server sees it, written
+    # as base_path in models.config; "" = where push writes (right for gs:// and local runs;
+    # kind mounts .graft/kind-models at /models, so there: /models/<model_name>)
+
     def __post_init__(self):
         """Refuse values no step can work with, naming the setting (issues 16, 23: at start,
         not three steps into a run). Every source goes through here (defaults, a base's
@@ -303,6 +325,18 @@ _RULES = (
     ("bless_min_macro_recall", "in [0, 1]", lambda v: 0 <= v <= 1),
     ("bless_tolerance", ">= 0", _at_least(0)),
     ("bless_class_tolerance", ">= 0", _at_least(0)),
+    ("rollout", "direct or canary", lambda v: v in ("direct", "canary")),
+    ("canary_fraction", "in (0, 1]", lambda v: 0 < v <= 1),
+    ("canary_min_requests", ">= 1", _at_least(1)),
+    ("canary_max_error_rate", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("canary_max_latency_ratio", ">= 1", _at_least(1)),
+    ("canary_min_agreement", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("canary_max_class_shift", "in [0, 1]", lambda v: 0 <= v <= 1),
+    (
+        "rollout_serving_base_path",
+        "empty or an absolute path or gs:// URI (TF Serving wants an absolute base_path)",
+        lambda v: v == "" or v.startswith(("/", "gs://")),
+    ),
 )
 
 

@@ -134,6 +134,15 @@ def push_model(
                 f"{_named(served)} is served now (pushed or removed since evaluation). Run "
                 "the pipeline again so evaluate judges the candidate against what is served."
             )
+    from serving import rollout
+
+    running = rollout.in_progress(model_root)
+    if running is not None:  # a second version must not start while one is being judged
+        raise rollout.RolloutError(
+            f"Refusing to push: the rollout of version {running['canary']} is still "
+            f"{running['state']}; wait for `graft rollout watch` to decide (or decide with "
+            "`graft rollout promote|rollback`), then run again"
+        )
     repository.remove_abandoned(model_repo, model_name)
 
     # 32 test images are enough for warmup and infra-validation: never the whole split.
@@ -179,8 +188,12 @@ def push_model(
             raise
         uri = repository.publish(export_dir, claim)
     log.info("push: published version %d to %s", claim.version, uri)
+    started = _start_rollout(model_repo, model_name, config, parent, claim.version)
 
     if verify is not None and not verify(claim.version):
+        if started:  # the servers go back to stable alone before the files disappear
+            rollout.enter(model_root, rollout.current(model_root), "aborted",
+                          reason=f"version {claim.version} did not become AVAILABLE")  # fmt: skip
         try:
             repository.unpublish(model_root, claim.version)
         except repository.ModelRepositoryError as err:
@@ -191,7 +204,29 @@ def push_model(
         raise RuntimeError(
             f"Version {claim.version} did not become AVAILABLE in the server; removed it from {model_root}"
         )
+    if started and verify is not None:  # AVAILABLE, verified: label it (load first, label after)
+        rollout.enter(model_root, rollout.current(model_root), rollout.CANARY,
+                      reason="AVAILABLE (push verified): canary label set")  # fmt: skip
     return PushResult(claim.version, True, "pushed", uri)
+
+
+def _start_rollout(model_repo: str, model_name: str, config, parent: int | None, version: int):
+    """With ``rollout=canary``: load ``version`` beside ``parent`` (True: a rollout started).
+    With nothing served, or ``rollout=direct`` while the servers read models.config, the
+    new version serves alone."""
+    from serving import rollout
+
+    root = repository.model_root(model_repo, model_name)
+    where = config.rollout_serving_base_path
+    if config.rollout == "canary" and parent is not None:
+        rollout.begin(model_repo, model_name, stable=parent, canary=version,
+                      thresholds=rollout.Thresholds.from_config(config), serving_base_path=where)  # fmt: skip
+        return True
+    if config.rollout == "canary" or storage.exists(rollout.config_uri(root)):
+        why = "nothing served to compare with" if parent is None else "rollout=direct"
+        rollout.serve_only(model_repo, model_name, version, reason=f"pushed, {why}",
+                           serving_base_path=where)  # fmt: skip
+    return False
 
 
 @step_component
@@ -204,6 +239,14 @@ def push(
     model_name: str,
     top_k: int = 3,
     max_pixels: int = 40_000_000,
+    rollout: str = "direct",
+    canary_fraction: float = 0.1,
+    canary_min_requests: int = 200,
+    canary_max_error_rate: float = 0.01,
+    canary_max_latency_ratio: float = 1.5,
+    canary_min_agreement: float = 0.9,
+    canary_max_class_shift: float = 0.1,
+    rollout_serving_base_path: str = "",
     verify_target: str = "",
     verify_timeout_seconds: float = 300.0,
 ) -> str:

@@ -40,10 +40,11 @@ def user_errors() -> Iterator[None]:
     from components.datasets import DatasetError
     from pipeline.kfp_api import KfpApiError
     from serving.client import ServingError
+    from serving.rollout import RolloutError
     from serving.server import ServerStartError
 
     fixable = (StorageError, DatasetError, ServingError, ModelRepositoryError, KfpApiError,
-               ServerStartError, FileNotFoundError, ValueError)  # fmt: skip
+               ServerStartError, RolloutError, FileNotFoundError, ValueError)  # fmt: skip
     try:
         yield
     except fixable as err:
@@ -619,6 +620,139 @@ def watch(
             stable_checks=stable_checks,
             max_polls=max_polls,
         )
+
+
+# --- rollout (serving/rollout.py) ----------------------------------------------------------
+
+rollout_app = typer.Typer(
+    help="Canary rollouts: judge a pushed version on live requests, promote or roll back.",
+    no_args_is_help=True,
+)
+app.add_typer(rollout_app, name="rollout")
+REPO_HELP = "Model repository (local dir or gs://) holding the versions and models.config."
+TARGET_HELP = "host:port of the server(s) reading models.config (TF Serving or graft serve)."
+
+
+def _controller(model_repo: str, model_name: str, target: str, timeout: float = 10.0):
+    from serving.client import PredictClient
+    from serving.rollout import RolloutController
+
+    _check_target(target)
+    return RolloutController(model_repo, model_name, PredictClient(target, timeout=timeout))
+
+
+def _finish(controller, poll_seconds: float, timeout: float | None) -> None:
+    from serving.rollout import FINAL_STATES, describe
+
+    if poll_seconds <= 0:
+        raise ValueError(f"Received `--poll-seconds {poll_seconds}`: expected seconds > 0")
+    event = controller.run(poll_seconds=poll_seconds, timeout=timeout)
+    if event is None:
+        raise ValueError(f"No rollout was ever started in {controller.root}: nothing to watch")
+    typer.echo(describe([event])[0])
+    if event["state"] not in FINAL_STATES:
+        console.print(f"still {event['state']} after {timeout}s: run `graft rollout watch` again")
+        raise typer.Exit(1)
+
+
+@rollout_app.command("watch")
+def rollout_watch(
+    model_repo: str = typer.Option(..., help=REPO_HELP),
+    model_name: str = typer.Option("graft", help="Model name under the model repository."),
+    target: str = typer.Option("127.0.0.1:8500", help=TARGET_HELP),
+    poll_seconds: float = typer.Option(2.0, help="How often to read the observations."),
+    timeout: float = typer.Option(None, help="Give up after this many seconds (default: never)."),
+) -> None:
+    """Drive the current rollout to its decision: label the canary once it is AVAILABLE,
+    judge it on the routed requests, promote or roll back, record every step. Resumes from
+    the recorded state after a restart."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    with user_errors():
+        _finish(_controller(model_repo, model_name, target), poll_seconds, timeout)
+
+
+@rollout_app.command("init")
+def rollout_init(
+    model_repo: str = typer.Option(..., help=REPO_HELP),
+    model_name: str = typer.Option("graft", help="Model name under the model repository."),
+    serving_base_path: str = typer.Option(
+        "", help="The model's folder as the server sees it (default: where the versions are)."
+    ),
+) -> None:
+    """Write models.config serving the newest complete version (`stable` on it), so servers
+    can start with --model-config-file before the first canary push."""
+    from common.model_repository import served_version
+    from serving.rollout import config_uri, serve_only
+
+    with user_errors():
+        version = served_version(model_repo, model_name)
+        if version is None:
+            raise ValueError(
+                f"No complete version of {model_name} in {model_repo}: push one first "
+                "(a canary-mode push writes models.config itself)"
+            )
+        serve_only(model_repo, model_name, version, reason="graft rollout init",
+                   serving_base_path=serving_base_path)  # fmt: skip
+        from common.model_repository import model_root
+
+        where = config_uri(model_root(model_repo, model_name))
+    typer.echo(f"wrote {where}: version {version}, stable={version}")
+
+
+@rollout_app.command("status")
+def rollout_status(
+    model_repo: str = typer.Option(..., help=REPO_HELP),
+    model_name: str = typer.Option("graft", help="Model name under the model repository."),
+    json_out: bool = typer.Option(False, "--json", help="Print the history as JSON lines."),
+) -> None:
+    """Show the rollout history (every state, decision and its figures), oldest first."""
+    import json
+
+    from common.model_repository import model_root
+    from serving.rollout import describe, read_history
+
+    with user_errors():
+        events = read_history(model_root(model_repo, model_name))
+    if not events:
+        typer.echo(f"no rollout recorded for {model_name} in {model_repo}")
+        return
+    for line in (json.dumps(e, default=str) for e in events) if json_out else describe(events):
+        typer.echo(line)
+
+
+def _decide(decision: str, model_repo, model_name, target, reason, poll_seconds, timeout):
+    with user_errors():
+        controller = _controller(model_repo, model_name, target)
+        controller.decide(decision, by="user", reason=reason)
+        _finish(controller, poll_seconds, timeout)
+
+
+@rollout_app.command("promote")
+def rollout_promote(
+    model_repo: str = typer.Option(..., help=REPO_HELP),
+    model_name: str = typer.Option("graft", help="Model name under the model repository."),
+    target: str = typer.Option("127.0.0.1:8500", help=TARGET_HELP),
+    reason: str = typer.Option("", help="Recorded with the decision."),
+    poll_seconds: float = typer.Option(1.0, help="How often to check the server."),
+    timeout: float = typer.Option(300.0, help="Give up after this many seconds."),
+) -> None:
+    """Promote the canary now: `stable` moves to it, then the old version is unloaded."""
+    _decide("promote", model_repo, model_name, target, reason, poll_seconds, timeout)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(
+    model_repo: str = typer.Option(..., help=REPO_HELP),
+    model_name: str = typer.Option("graft", help="Model name under the model repository."),
+    target: str = typer.Option("127.0.0.1:8500", help=TARGET_HELP),
+    reason: str = typer.Option("", help="Recorded with the decision."),
+    poll_seconds: float = typer.Option(1.0, help="How often to check the server."),
+    timeout: float = typer.Option(300.0, help="Give up after this many seconds."),
+) -> None:
+    """Roll the canary back now: its label is removed and the version marked rejected."""
+    _decide("rollback", model_repo, model_name, target, reason, poll_seconds, timeout)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class PredictClient:
         timeout: float = 10.0,
         max_receive_mb: int = 64,
         tls_ca: str | None = None,
+        wait_for_ready: bool = False,
     ):
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -49,12 +50,15 @@ class PredictClient:
         else:
             channel = grpc.insecure_channel(target, options=options)
         self.target, self.timeout, self.channel = target, timeout, channel
+        # gRPC's wait_for_ready: a call made while the server restarts waits (up to the
+        # timeout) for it to come back instead of failing at once.
+        self.wait_for_ready = wait_for_ready
         self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(channel)
 
     def _call(self, method, request, what: str):
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, wait_for_ready=self.wait_for_ready)
         except grpc.RpcError as err:
             code = err.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -69,28 +73,40 @@ class PredictClient:
         images: list[bytes],
         *,
         version: int | None = None,
+        label: str | None = None,
         signature: str = "serving_default",
     ) -> list[Prediction]:
-        """Send encoded JPEG/PNG bytes; get top-k labels with probabilities per image."""
-        import tensorflow as tf
-        from tensorflow_serving.apis import predict_pb2
-
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = model_name
-        request.model_spec.signature_name = signature
-        if version is not None:
-            request.model_spec.version.value = version
-        request.inputs[IMAGES_INPUT].CopyFrom(tf.make_tensor_proto(list(images), dtype=tf.string))
+        """Send encoded JPEG/PNG bytes; get top-k labels with probabilities per image (from
+        ``version``, or the version ``label`` points at, or the latest)."""
+        request = images_request(model_name, images, version=version, label=label,
+                                 signature=signature)  # fmt: skip
         response = self._call(self.predictions.Predict, request, f"predict on model {model_name!r}")
-        probabilities = tf.make_ndarray(response.outputs["probabilities"])
-        classes = tf.make_ndarray(response.outputs["classes"])
-        labels = tf.make_ndarray(response.outputs["labels"])
-        served = response.model_spec.version.value
-        return [
-            Prediction([label.decode() for label in labels[i]], [int(c) for c in classes[i]],
-                       [float(probabilities[i, c]) for c in classes[i]], served)
-            for i in range(len(images))
-        ]  # fmt: skip
+        return predictions(response, len(images))
+
+    def predict_future(self, request):
+        """Start a Predict; the gRPC future's ``result()`` is the PredictResponse."""
+        return self.predictions.Predict.future(
+            request, timeout=self.timeout, wait_for_ready=self.wait_for_ready
+        )
+
+    def label_version(self, model_name: str, label: str) -> int | None:
+        """The version the server answers ``label`` with; None when it knows no such label."""
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = model_name
+        request.model_spec.version_label = label
+        try:
+            response = self.predictions.GetModelMetadata(
+                request, timeout=self.timeout, wait_for_ready=self.wait_for_ready
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT and "label" in (err.details() or ""):
+                return None
+            raise ServingError(
+                f"label {label!r} of model {model_name!r}: {err.code().name}: {err.details()}"
+            ) from None
+        return response.model_spec.version.value
 
     def predict_raw(self, request):
         """Send a prepared PredictRequest; return the raw PredictResponse."""
@@ -137,6 +153,46 @@ class PredictClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def images_request(
+    model_name: str,
+    images: list[bytes],
+    *,
+    version: int | None = None,
+    label: str | None = None,
+    signature: str = "serving_default",
+):
+    """A PredictRequest for encoded images, by version number, label, or the latest."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = signature
+    if version is not None and label is not None:
+        raise ValueError("Give a version or a label, not both (TF Serving's ModelSpec has one)")
+    if version is not None:
+        request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
+    request.inputs[IMAGES_INPUT].CopyFrom(tf.make_tensor_proto(list(images), dtype=tf.string))
+    return request
+
+
+def predictions(response, rows: int) -> list[Prediction]:
+    """The top-k labels, classes and probabilities of a PredictResponse, per image."""
+    import tensorflow as tf
+
+    probabilities = tf.make_ndarray(response.outputs["probabilities"])
+    classes = tf.make_ndarray(response.outputs["classes"])
+    labels = tf.make_ndarray(response.outputs["labels"])
+    served = response.model_spec.version.value
+    return [
+        Prediction([label.decode() for label in labels[i]], [int(c) for c in classes[i]],
+                   [float(probabilities[i, c]) for c in classes[i]], served)
+        for i in range(rows)
+    ]  # fmt: skip
 
 
 def wait_until_available(
@@ -234,3 +290,209 @@ class RestClient:
             (int(row["version"]), row["state"], row.get("status", {}).get("error_message", ""))
             for row in answer["model_version_status"]
         ]
+
+
+# Codes that say the server process went away (stopping, restarting), not that a version failed.
+_SERVER_GONE = ("UNAVAILABLE", "CANCELLED")
+
+
+class CanaryRouter:
+    """graft's client side of a canary rollout (serving/rollout.py): a share ``fraction`` of
+    requests goes to the ``canary`` label and, at the same moment, to ``stable`` with the
+    same input; every other request goes to ``stable`` alone.
+
+        router = CanaryRouter(PredictClient(target, wait_for_ready=True), "fashion",
+                              fraction=0.1, sink=RepositoryObservations(model_root).write)
+        router.predict_images([png])      # what the caller gets: never a canary failure
+
+    The caller gets the canary's answer when it is a good one, else stable's: a canary that
+    errors or answers NaN never fails a request. Each pair becomes two Observations handed
+    to ``sink`` every ``flush_every`` pairs (and on ``flush``/``close``). While the server
+    knows no canary label (no rollout running) the router asks again every
+    ``recheck_seconds`` and meanwhile sends everything to stable.
+    """
+
+    def __init__(
+        self,
+        client: PredictClient,
+        model_name: str,
+        *,
+        fraction: float = 0.1,
+        sink=None,
+        flush_every: int = 50,
+        seed: int | None = None,
+        recheck_seconds: float = 2.0,
+        canary_label: str = "canary",
+        stable_label: str = "stable",
+    ):
+        import random
+        import threading
+        from collections import Counter
+
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"Received `fraction={fraction}`: expected a share in [0, 1]")
+        self.client, self.model_name, self.fraction = client, model_name, fraction
+        self.sink, self.flush_every, self.recheck_seconds = sink, flush_every, recheck_seconds
+        self.canary_label, self.stable_label = canary_label, stable_label
+        # requests, pairs, stable_failed, canary_failed, fell_back, label_errors, disturbed
+        # (pairs dropped: the server went away mid-request), retried
+        self.stats: Counter = Counter()
+        self._lock = threading.Lock()
+        self._rng = random.Random(seed)
+        self._pending: list = []
+        self._canary_absent_until = 0.0
+        self._canary_version: int | None = None  # the last version that answered `canary`
+        self._stable_unlabelled = False  # the server knows no `stable` label: a direct server
+
+    def predict_images(self, images: list[bytes]) -> list[Prediction]:
+        import time
+
+        with self._lock:
+            self.stats["requests"] += 1
+            paired = (
+                self._rng.random() < self.fraction and time.monotonic() >= self._canary_absent_until
+            )
+        if not paired:
+            return self._stable_only(images)
+        return self._paired(images)
+
+    def _stable_request(self, images):
+        label = None if self._stable_unlabelled else self.stable_label
+        return images_request(self.model_name, images, label=label)
+
+    def _stable_only(self, images: list[bytes]) -> list[Prediction]:
+        try:
+            try:
+                response = self.client.predict_raw(self._stable_request(images))
+            except ServingError as err:
+                if "CANCELLED" not in str(err) and "cannot reach" not in str(err):
+                    raise
+                with self._lock:  # a server stopping under the request: once more
+                    self.stats["retried"] += 1
+                response = self.client.predict_raw(self._stable_request(images))
+        except ServingError as err:
+            if self._label_missing(str(err), self.stable_label):
+                return self._unlabelled(images)
+            with self._lock:
+                self.stats["stable_failed"] += 1
+            raise
+        return predictions(response, len(images))
+
+    def _unlabelled(self, images: list[bytes]) -> list[Prediction]:
+        """The server knows no `stable` label: counted, then served by the latest version."""
+        with self._lock:
+            self.stats["label_errors"] += 1
+            self._stable_unlabelled = True
+        try:
+            return self.client.predict_images(self.model_name, images)
+        except ServingError:
+            with self._lock:
+                self.stats["stable_failed"] += 1
+            raise
+
+    @staticmethod
+    def _label_missing(message: str, label: str) -> bool:
+        return f"version label: {label}" in message or "not currently available" in message
+
+    def _paired(self, images: list[bytes]) -> list[Prediction]:
+        import time
+        import uuid
+
+        import numpy as np
+        import tensorflow as tf
+
+        from serving.rollout import CANARY, STABLE, Observation
+
+        done: dict[str, float] = {}
+        started = time.perf_counter()
+        futures = {}
+        for arm, request in (
+            (CANARY, images_request(self.model_name, images, label=self.canary_label)),
+            (STABLE, self._stable_request(images)),
+        ):
+            futures[arm] = self.client.predict_future(request)
+            futures[arm].add_done_callback(
+                lambda _, arm=arm: done.setdefault(arm, time.perf_counter())
+            )
+        answers, errors = {}, {}
+        for arm, future in futures.items():
+            try:
+                response = future.result()
+                probabilities = tf.make_ndarray(response.outputs["probabilities"])
+                if not np.isfinite(probabilities).all():
+                    errors[arm] = "non-finite probabilities"
+                answers[arm] = response
+            except grpc.RpcError as err:
+                errors[arm] = f"{err.code().name}: {err.details()}"
+        if any(e.startswith(_SERVER_GONE) for e in errors.values()):
+            # The server went away mid-request (a restart, a drain): no fault of either
+            # version, so no observation; Predict is idempotent, so stable answers again.
+            with self._lock:
+                self.stats["disturbed"] += 1
+            return self._stable_only(images)
+        if CANARY in errors and self._label_missing(errors[CANARY], self.canary_label):
+            with self._lock:  # no rollout running: stable alone for a while
+                self._canary_absent_until = time.monotonic() + self.recheck_seconds
+            return self._stable_answer(images, answers, errors)
+        pair = uuid.uuid4().hex
+        observed = []
+        for arm in (CANARY, STABLE):
+            response = answers.get(arm)
+            version = response.model_spec.version.value if response is not None else None
+            if arm == CANARY:
+                version = self._canary_version if version is None else version
+            ok = arm not in errors
+            top1 = (
+                int(np.argmax(tf.make_ndarray(response.outputs["probabilities"])[0]))
+                if ok
+                else None
+            )
+            latency = (done.get(arm, time.perf_counter()) - started) * 1000
+            observed.append(
+                Observation(arm, pair, ok, round(latency, 3), top1, version, errors.get(arm, ""))
+            )
+        with self._lock:
+            if CANARY in answers:
+                self._canary_version = answers[CANARY].model_spec.version.value
+            self.stats["pairs"] += 1
+            self.stats["canary_failed"] += CANARY in errors
+            stable_label_missing = STABLE in errors and self._label_missing(
+                errors[STABLE], self.stable_label
+            )
+            self.stats["stable_failed"] += STABLE in errors and not stable_label_missing
+            self._pending += observed
+            batch = self._pending if len(self._pending) >= 2 * self.flush_every else None
+            if batch is not None:
+                self._pending = []
+        if batch is not None and self.sink is not None:
+            self.sink(batch)
+        if CANARY not in errors:
+            return predictions(answers[CANARY], len(images))
+        with self._lock:
+            self.stats["fell_back"] += 1
+        return self._stable_answer(images, answers, errors, counted=True)
+
+    def _stable_answer(
+        self, images, answers: dict, errors: dict, *, counted: bool = False
+    ) -> list[Prediction]:
+        from serving.rollout import STABLE
+
+        if STABLE not in errors:
+            return predictions(answers[STABLE], len(images))
+        if self._label_missing(errors[STABLE], self.stable_label):
+            return self._unlabelled(images)
+        if not counted:
+            with self._lock:
+                self.stats["stable_failed"] += 1
+        raise ServingError(f"predict on model {self.model_name!r}: {errors[STABLE]}")
+
+    def flush(self) -> None:
+        """Hand every observation not yet handed to the sink."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if batch and self.sink is not None:
+            self.sink(batch)
+
+    def close(self) -> None:
+        self.flush()
+        self.client.close()

@@ -284,3 +284,41 @@ def test_missing_kubectl_fails_with_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(pytest.fail.Exception, match="apt-get install kubectl"):
         kubectl_path()
+
+
+def test_the_canary_component_points_tf_serving_at_the_repositorys_models_config(tmp_path):
+    overlay = tmp_path / "canary"
+    overlay.mkdir()
+    rel = Path(os.path.relpath(K8S, overlay))
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(rel / "base")],
+                "components": [
+                    str(rel / "components" / "model"),
+                    str(rel / "components" / "canary"),
+                ],  # fmt: skip
+                "configMapGenerator": [
+                    {
+                        "name": "graft-model",
+                        "behavior": "merge",
+                        "literals": [
+                            "base_path=gs://b/m/graft",
+                            "model_config_file=gs://b/m/graft/models.config",
+                        ],  # fmt: skip
+                    }
+                ],
+            }
+        )
+    )
+    ((_, spec),) = pod_specs(render_dir(overlay))
+    args = spec["containers"][0]["args"]
+    assert "--model_config_file=gs://b/m/graft/models.config" in args
+    assert "--model_config_file_poll_wait_seconds=10" in args
+    assert "--allow_version_labels_for_unavailable_models=true" in args
+    assert not any(a.startswith("--model_config_file=/config") for a in args)
+    # without the component, the ConfigMap's latest-policy config as before
+    ((_, plain),) = pod_specs(render("base"))
+    assert "--model_config_file=/config/models.config" in plain["containers"][0]["args"]
