@@ -388,6 +388,21 @@ def serve(
         SERVER["allow_version_labels_for_unavailable_models"],
         help="Let a config label a version that is not loaded yet (TF Serving's flag).",
     ),
+    request_log: str = typer.Option(
+        None,
+        help="Folder (local or gs://) for a log of answered requests: TF Serving PredictionLog "
+        "records in rotated TFRecord files (a model config's logging_config overrides it).",
+        show_default=False,
+    ),
+    log_sample_rate: float = typer.Option(
+        SERVER["log_sample_rate"], help="With --request-log: share of requests logged (0..1)."
+    ),
+    log_max_file_mb: int = typer.Option(
+        SERVER["log_max_file_mb"], help="With --request-log: a log file is closed at this size."
+    ),
+    log_max_file_seconds: float = typer.Option(
+        SERVER["log_max_file_seconds"], help="With --request-log: ...or this old."
+    ),
 ) -> None:
     """Serve a model repository (or a model config file's models) over TF Serving's gRPC and
     REST APIs until SIGTERM/Ctrl-C."""
@@ -406,7 +421,9 @@ def serve(
                               tls_key=tls_key, model_config_file=model_config_file,
                               model_config_file_poll_wait_seconds=model_config_file_poll_wait_seconds,
                               allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
-                              enable_serialization_as_tensor_content=enable_serialization_as_tensor_content)  # fmt: skip
+                              enable_serialization_as_tensor_content=enable_serialization_as_tensor_content,
+                              request_log=request_log, log_sample_rate=log_sample_rate,
+                              log_max_file_mb=log_max_file_mb, log_max_file_seconds=log_max_file_seconds)  # fmt: skip
         ModelServer(model_repo, model_name, config).serve_forever()
 
 
