@@ -165,10 +165,10 @@ class DriftDetector:
             self._times.extend(times[chunk])
             self._since_test += len(embeddings[chunk])
             alarm = alarm or self._maybe_test()
-        keep = max(0, min(self._usable_from, len(self._embeddings) - self.config.window))
-        if keep:  # bounded memory: older requests are never tested again
-            del self._embeddings[:keep], self._times[:keep]
-            self._usable_from -= keep
+        drop = len(self._embeddings) - self.config.window
+        if drop > 0:  # bounded memory: only the newest window is ever tested again
+            del self._embeddings[:drop], self._times[:drop]
+            self._usable_from = max(0, self._usable_from - drop)
         return alarm
 
     def _maybe_test(self) -> DriftAlarm | None:

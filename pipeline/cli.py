@@ -598,8 +598,15 @@ def watch(
     ),
     stable_checks: int = typer.Option(2, help="Identical listings needed before a change counts."),
     max_polls: int = typer.Option(None, help="Stop after this many polls (default: run forever)."),
+    on_drift: bool = typer.Option(
+        False, help="Also start a run when logged requests drift from the training images."
+    ),
+    request_log: str = typer.Option(
+        None, help="With --on-drift: the folder `graft serve --request-log` writes (or gs://)."
+    ),
 ) -> None:
-    """Poll the data; when its fingerprint changes and settles, start a run."""
+    """Poll the data; when its fingerprint changes and settles (or, with --on-drift, the
+    served version's requests drift from its training images), start a run."""
     import logging
 
     from common.model_repository import check_model_name
@@ -613,6 +620,13 @@ def watch(
         _check_count("--stable-checks", stable_checks)
         if max_polls is not None:
             _check_count("--max-polls", max_polls)
+        if on_drift and not (request_log and model_repo):
+            raise ValueError(
+                "--on-drift needs --request-log (where graft serve logs requests) and "
+                "--model-repo (where the versions' reference embeddings are)"
+            )
+        if request_log and not on_drift:
+            raise ValueError("--request-log is read only with --on-drift: add --on-drift")
         if host:
             settings = [*(set_ or []), *([f"base={base}"] if base else [])]
             params = _cluster_params(None, settings, label="--set")
@@ -621,6 +635,8 @@ def watch(
             trigger = submit_trigger(
                 host, _package(package, None), data, model_name, model_repo, params
             )
+            retrain = submit_trigger(host, _package(package, None), data, model_name,
+                                     model_repo, params, force=True)  # fmt: skip
         else:
             if not model_repo:
                 raise ValueError(
@@ -629,12 +645,20 @@ def watch(
             config = _run_settings(base, set_)
             preflight_local(data, model_repo, model_name, config)
             trigger = local_trigger(data, model_repo, model_name, config)
+            retrain = local_trigger(data, model_repo, model_name, config, force=True)
+        drift = None
+        if on_drift:
+            from components.drift import DriftMonitor
+
+            drift = DriftMonitor(model_repo, model_name, request_log).check
         watch_loop(
             data,
             every_seconds=seconds,
             trigger=trigger,
             stable_checks=stable_checks,
             max_polls=max_polls,
+            drift=drift,
+            on_drift=retrain,
         )
 
 
