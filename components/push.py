@@ -163,6 +163,7 @@ def push_model(
                            max_pixels=config.max_pixels)  # fmt: skip
         check = infra_validate(export_dir, model_dir, test_images[:32].astype("float32"))
         log.info("push: infra-validation passed: %s", check)
+        reference = _drift_reference(export_dir, examples_dir)
         parent = served
         claim = repository.claim_version(model_repo, model_name)
         try:
@@ -176,6 +177,7 @@ def push_model(
                 "blessing_reason": evaluation["reason"], "champion": evaluation.get("champion"),
                 "base": training.get("base"), "chosen": training.get("chosen"), "params": {**training.get("params", {}), **config.settings()},
                 "labels": examples.read_labels(examples_dir), "infra_validation": check,
+                "drift_reference": reference,
             }  # fmt: skip
             (export_dir / repository.METADATA_FILE).write_text(
                 json.dumps(metadata, indent=2, default=str)
@@ -227,6 +229,18 @@ def _start_rollout(model_repo: str, model_name: str, config, parent: int | None,
         rollout.serve_only(model_repo, model_name, version, reason=f"pushed, {why}",
                            serving_base_path=where)  # fmt: skip
     return False
+
+
+def _drift_reference(export_dir: Path, examples_dir) -> dict | None:
+    """The base's embeddings of a sample of the training images, stored beside the version
+    for `graft watch --on-drift` (components/drift.py)."""
+    from components import drift
+
+    settings = drift.DriftConfig()
+    images, per_label = drift.reference_images(examples_dir, settings.reference_size, settings.seed)
+    info = {"source": "train split originals (no augmented views), seeded shuffle",
+            "seed": settings.seed, "per_label": per_label}  # fmt: skip
+    return drift.write_reference(export_dir, images, info) if images else None
 
 
 @step_component

@@ -389,6 +389,21 @@ def serve(
         SERVER["allow_version_labels_for_unavailable_models"],
         help="Let a config label a version that is not loaded yet (TF Serving's flag).",
     ),
+    request_log: str = typer.Option(
+        None,
+        help="Folder (local or gs://) for a log of answered requests: TF Serving PredictionLog "
+        "records in rotated TFRecord files (a model config's logging_config overrides it).",
+        show_default=False,
+    ),
+    log_sample_rate: float = typer.Option(
+        SERVER["log_sample_rate"], help="With --request-log: share of requests logged (0..1)."
+    ),
+    log_max_file_mb: int = typer.Option(
+        SERVER["log_max_file_mb"], help="With --request-log: a log file is closed at this size."
+    ),
+    log_max_file_seconds: float = typer.Option(
+        SERVER["log_max_file_seconds"], help="With --request-log: ...or this old."
+    ),
 ) -> None:
     """Serve a model repository (or a model config file's models) over TF Serving's gRPC and
     REST APIs until SIGTERM/Ctrl-C."""
@@ -407,7 +422,9 @@ def serve(
                               tls_key=tls_key, model_config_file=model_config_file,
                               model_config_file_poll_wait_seconds=model_config_file_poll_wait_seconds,
                               allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
-                              enable_serialization_as_tensor_content=enable_serialization_as_tensor_content)  # fmt: skip
+                              enable_serialization_as_tensor_content=enable_serialization_as_tensor_content,
+                              request_log=request_log, log_sample_rate=log_sample_rate,
+                              log_max_file_mb=log_max_file_mb, log_max_file_seconds=log_max_file_seconds)  # fmt: skip
         ModelServer(model_repo, model_name, config).serve_forever()
 
 
@@ -582,8 +599,15 @@ def watch(
     ),
     stable_checks: int = typer.Option(2, help="Identical listings needed before a change counts."),
     max_polls: int = typer.Option(None, help="Stop after this many polls (default: run forever)."),
+    on_drift: bool = typer.Option(
+        False, help="Also start a run when logged requests drift from the training images."
+    ),
+    request_log: str = typer.Option(
+        None, help="With --on-drift: the folder `graft serve --request-log` writes (or gs://)."
+    ),
 ) -> None:
-    """Poll the data; when its fingerprint changes and settles, start a run."""
+    """Poll the data; when its fingerprint changes and settles (or, with --on-drift, the
+    served version's requests drift from its training images), start a run."""
     import logging
 
     from common.model_repository import check_model_name
@@ -597,6 +621,13 @@ def watch(
         _check_count("--stable-checks", stable_checks)
         if max_polls is not None:
             _check_count("--max-polls", max_polls)
+        if on_drift and not (request_log and model_repo):
+            raise ValueError(
+                "--on-drift needs --request-log (where graft serve logs requests) and "
+                "--model-repo (where the versions' reference embeddings are)"
+            )
+        if request_log and not on_drift:
+            raise ValueError("--request-log is read only with --on-drift: add --on-drift")
         if host:
             settings = [*(set_ or []), *([f"base={base}"] if base else [])]
             params = _cluster_params(None, settings, label="--set")
@@ -605,6 +636,8 @@ def watch(
             trigger = submit_trigger(
                 host, _package(package, None), data, model_name, model_repo, params
             )
+            retrain = submit_trigger(host, _package(package, None), data, model_name,
+                                     model_repo, params, force=True)  # fmt: skip
         else:
             if not model_repo:
                 raise ValueError(
@@ -613,12 +646,20 @@ def watch(
             config = _run_settings(base, set_)
             preflight_local(data, model_repo, model_name, config)
             trigger = local_trigger(data, model_repo, model_name, config)
+            retrain = local_trigger(data, model_repo, model_name, config, force=True)
+        drift = None
+        if on_drift:
+            from components.drift import DriftMonitor
+
+            drift = DriftMonitor(model_repo, model_name, request_log).check
         watch_loop(
             data,
             every_seconds=seconds,
             trigger=trigger,
             stable_checks=stable_checks,
             max_polls=max_polls,
+            drift=drift,
+            on_drift=retrain,
         )
 
 

@@ -3,8 +3,13 @@
     graft watch --data gs://bucket/flowers --every 10m --model-repo gs://bucket/models
     graft watch --data gs://bucket/flowers --every 10m --host https://kfp.example.com --package pipeline.yaml
 
+    graft watch --data D --model-repo R --on-drift --request-log gs://bucket/logs
+
 A change triggers only after ``stable_checks`` identical listings in a row, so an upload
-in progress does not start a run per file. A storage error is logged and the next poll
+in progress does not start a run per file. With ``--on-drift`` every poll also asks
+components/drift.py's DriftMonitor whether the logged requests drifted from the served
+version's training images; a drift alarm (recorded in ``<repo>/<model>/.drift/``) starts
+a forced run (unchanged data would otherwise skip training). A storage error is logged and the next poll
 tries again: the watcher is meant to run for weeks.
 """
 
@@ -44,11 +49,14 @@ def watch(
     sleep: Callable[[float], None] = time.sleep,
     last_triggered: str | None = None,
     fingerprint: Callable[[str], Fingerprint] = fingerprint_uri,
+    drift: Callable[[], object] | None = None,
+    on_drift: Callable[[Fingerprint], None] | None = None,
 ) -> str | None:
     """Poll until ``max_polls`` (forever if None); return the last triggered digest.
 
     ``last_triggered`` is the fingerprint the current model was trained on (None: the
-    first settled listing triggers a run).
+    first settled listing triggers a run). ``drift`` (a DriftMonitor's check) is asked
+    every poll that started no run for new data; an alarm calls ``on_drift``.
     """
     candidate, seen_times, polls = None, 0, 0
     while max_polls is None or polls < max_polls:
@@ -82,19 +90,43 @@ def watch(
             except Exception as err:  # a failed run is logged; the watcher keeps watching
                 log.error("watch: the run failed: %s", err)
             candidate, seen_times = None, 0
+        elif drift is not None and candidate is None:  # new data settling: its run is due
+            _check_drift(polls, current, drift, on_drift or trigger)
         if max_polls is None or polls < max_polls:
             sleep(every_seconds)
     return last_triggered
 
 
+def _check_drift(polls: int, current: Fingerprint, drift, on_drift) -> None:
+    try:
+        alarm = drift()
+    except _transient_errors() as err:
+        log.warning(
+            "watch: poll %d: drift check: storage error, retrying next poll: %s", polls, err
+        )
+        return
+    if alarm is None:
+        return
+    log.info("watch: poll %d: drift on version %d (%s); starting a run", polls, alarm.version,
+             alarm.reason)  # fmt: skip
+    try:
+        on_drift(current)
+    except Exception as err:  # a failed run is logged; the watcher keeps watching
+        log.error("watch: the run started for drift failed: %s", err)
+
+
 def local_trigger(
-    data_uri: str, model_repo: str, model_name: str, config
+    data_uri: str, model_repo: str, model_name: str, config, *, force: bool = False
 ) -> Callable[[Fingerprint], None]:
+    """A local run per trigger; ``force`` trains even on unchanged data (drift)."""
+
     def run(_: Fingerprint) -> None:
         from pipeline.run import print_summary, run_local
 
         print_summary(
-            run_local(data_uri, model_repo, model_name, config, pipeline_root=".graft/runs")
+            run_local(
+                data_uri, model_repo, model_name, config, pipeline_root=".graft/runs", force=force
+            )  # fmt: skip
         )
 
     return run
@@ -107,9 +139,12 @@ def submit_trigger(
     model_name: str,
     model_repo: str | None,
     settings: dict | None = None,
+    *,
+    force: bool = False,
 ):
     """Submit a run per settled change; ``settings`` are pipeline parameters by setting name
-    (pipeline/settings.py: the ones that are not GraftConfig defaults)."""
+    (pipeline/settings.py: the ones that are not GraftConfig defaults); ``force`` trains
+    even on unchanged data (drift)."""
 
     def run(fp: Fingerprint) -> None:
         from pipeline.kfp_api import submit
@@ -119,8 +154,10 @@ def submit_trigger(
             "data_uri": data_uri,
             "model_name": model_name,
             **({"model_repo": model_repo} if model_repo else {}),
+            **({"force": True} if force else {}),
         }
-        run_id = submit(host, package, params=params, run_name=f"graft-data-{fp.digest[:8]}")
+        kind = "drift" if force else "data"
+        run_id = submit(host, package, params=params, run_name=f"graft-{kind}-{fp.digest[:8]}")
         log.info("watch: submitted run %s", run_id)
 
     return run

@@ -59,6 +59,17 @@ class ServerConfig:
     # TF Serving's flag: numeric outputs in tensor_content instead of typed fields
     # (float_val, ...); off, as in TF Serving 2.x, whose clients read either.
     enable_serialization_as_tensor_content: bool = False
+    # Request log (serving/request_log.py): a folder, local or gs://, for TF Serving
+    # PredictionLog records of answered requests; None logs nothing (as TF Serving without
+    # a logging_config). A model config file's per-model logging_config overrides it.
+    request_log: str | None = None
+    # Share of requests logged: 1.0 keeps every one (it cost <= 10% of throughput at 16
+    # clients, benchmarks/RESULTS.md); lower it to bound storage on a busy server.
+    log_sample_rate: float = 1.0
+    # A log file is closed and published at this size (TFRecord files, then a new one)...
+    log_max_file_mb: int = 64
+    # ...or this old, so a quiet server's log reaches `graft watch --on-drift` within a minute.
+    log_max_file_seconds: float = 60.0
 
     def __post_init__(self):
         problems = []
@@ -107,6 +118,14 @@ class ServerConfig:
             problems.append(
                 "Received `--model-config-file-poll-wait-seconds "
                 f"{self.model_config_file_poll_wait_seconds}`: expected >= 0 (0: read it once)"
+            )
+        if not 0.0 <= self.log_sample_rate <= 1.0:
+            problems.append(f"Received `--log-sample-rate {self.log_sample_rate}`: expected 0..1")
+        if self.log_max_file_mb < 1:
+            problems.append(f"Received `--log-max-file-mb {self.log_max_file_mb}`: expected >= 1")
+        if not self.log_max_file_seconds > 0:
+            problems.append(
+                f"Received `--log-max-file-seconds {self.log_max_file_seconds}`: expected > 0"
             )
         if self.batch_timeout_ms < 0:
             problems.append(f"Received `--batch-timeout-ms {self.batch_timeout_ms}`: expected >= 0")

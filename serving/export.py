@@ -16,7 +16,9 @@ declaring 20000x20000 pixels is refused without allocating its 1.2 GB. The expor
 the limit in the refusal's message (and push in the version's metadata).
 
 Both return ``probabilities`` float32 [N, classes], ``classes`` int32 [N, k] (top-k ids)
-and ``labels`` string [N, k]. Warmup requests go to
+and ``labels`` string [N, k]. A model with a nested base (every graft model) also gets
+``embeddings``: ``images`` as serving_default -> ``embeddings`` float32 [N, D], the base's
+pooled features, which drift (components/drift.py) compares with the training images'. Warmup requests go to
 ``assets.extra/tf_serving_warmup_requests`` so the first real request is not slow.
 """
 
@@ -30,6 +32,7 @@ WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 IMAGES_INPUT, PIXELS_INPUT = "images", "pixels"
 PIXELS_SIGNATURE = "predict_pixels"
 OUTPUTS = ("probabilities", "classes", "labels")
+EMBEDDINGS_SIGNATURE = EMBEDDINGS_OUTPUT = "embeddings"
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -117,16 +120,26 @@ def _export_archive(
             # The very function augment decoded the training images with.
             return tf.cast(decode_square(encoded, image_size, channels), tf.float32)
 
-    def serve_images(images):
-        pixels = tf.map_fn(
+    def images_to_pixels(images):
+        return tf.map_fn(
             decode,
             images,
             fn_output_signature=tf.TensorSpec((image_size, image_size, channels), tf.float32),
         )
-        return answer(pixels)
+
+    def serve_images(images):
+        return answer(images_to_pixels(images))
 
     def serve_pixels(pixels):
         return answer(pixels)
+
+    base = nested_base(model)
+
+    def serve_embeddings(images):
+        features = tf.cast(base(images_to_pixels(images), training=False), tf.float32)
+        if len(features.shape) == 4:  # as assemble pools a feature map for the head
+            features = tf.reduce_mean(features, axis=[1, 2])
+        return {EMBEDDINGS_OUTPUT: features}
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -138,7 +151,20 @@ def _export_archive(
         serve_pixels,
         [tf.TensorSpec([None, image_size, image_size, channels], tf.float32, name=PIXELS_INPUT)],
     )
+    if base is not None:  # drift compares requests with the training images in this space
+        archive.add_endpoint(
+            EMBEDDINGS_SIGNATURE,
+            serve_embeddings,
+            [tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)],
+        )
     return archive
+
+
+def nested_base(model):
+    """The base inside a graft model (its first nested model), or None (a flat model)."""
+    import keras
+
+    return next((layer for layer in model.layers if isinstance(layer, keras.Model)), None)
 
 
 def write_warmup(export_dir: str | Path, images: list[bytes], model_name: str = "graft") -> Path:

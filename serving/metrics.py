@@ -161,6 +161,11 @@ class Metrics:
             "/tensorflow/cc/saved_model/load_attempt_count", ("model_path", "status")
         )
         self.load_latency = Counter("/tensorflow/cc/saved_model/load_latency", ("model_path",))
+        # TF Serving's request_logger.cc counter; graft's drop count (a full writer queue).
+        self.request_log_count = Counter(
+            "/tensorflow/serving/request_log_count", ("model_name", "status_code")
+        )
+        self.request_log_dropped = Counter("/graft/serving/request_log_dropped", ("model_name",))
         self.versioned_requests = Counter(
             "/graft/serving/request_count",
             ("model_name", "version", "signature_name", "API", "entrypoint", "status"),

@@ -145,6 +145,7 @@ class ModelEntry:
     loaded: dict[int, LoadedVersion] = field(default_factory=dict)
     failed: dict[int, FailedLoad] = field(default_factory=dict)
     unloaded: set[int] = field(default_factory=set)
+    logging_config: object = None  # its LoggingConfig proto, or None: --request-log applies
 
 
 def read_model_config(path: str):
@@ -196,9 +197,12 @@ def entries_from_config(config) -> list[ModelEntry]:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"Model {model.name}: {err}"
             ) from None
-        entries.append(
-            ModelEntry(model.name, model.base_path.rstrip("/"), policy, dict(model.version_labels))
+        entry = ModelEntry(
+            model.name, model.base_path.rstrip("/"), policy, dict(model.version_labels)
         )
+        if model.HasField("logging_config"):
+            entry.logging_config = model.logging_config
+        entries.append(entry)
     return entries
 
 
@@ -267,6 +271,11 @@ class ModelServer:
         self.metrics = Metrics()
         self.prometheus_path = config.prometheus_path
         self._cache = Path(tempfile.mkdtemp(prefix="graft-serve-"))
+        self.request_log = _request_logger(config, self.metrics)
+        try:
+            self.request_log.update({e.name: e.logging_config for e in entries})
+        except ValueError as err:
+            raise ValueError(f"--model-config-file {config.model_config_file}: {err}") from None
         self.batcher = None
         if config.batching:
             from serving.batching import DynamicBatcher
@@ -471,6 +480,10 @@ class ModelServer:
                         entry.unloaded = kept.unloaded
             for entry in entries:  # loaded before they are visible: a moved model never gaps
                 self._poll_model(entry)
+            try:
+                self.request_log.update({e.name: e.logging_config for e in entries})
+            except ValueError as err:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
             with self._lock:
                 removed = set(self.models) - {e.name for e in entries}
                 self.models = {e.name: e for e in entries}
@@ -616,6 +629,7 @@ class ModelServer:
             self._poller.join()
         if self.batcher is not None:
             self.batcher.close()
+        self.request_log.close()  # after in-flight requests: every answered one is written
 
     def serve_forever(self) -> None:
         """Serve on the configured ports until SIGTERM/SIGINT, then drain gracefully."""
@@ -680,6 +694,20 @@ class ModelServer:
                 if v not in entry.loaded and v not in entry.failed
             ]
         return sorted(rows, reverse=True)
+
+
+def _request_logger(config: ServerConfig, metrics: Metrics):
+    """The server's request logger: --request-log as every model's default LoggingConfig."""
+    from serving.request_log import LogSettings, ServerRequestLogger, logging_config
+
+    default = (
+        logging_config(config.request_log, config.log_sample_rate) if config.request_log else None
+    )
+    settings = LogSettings(
+        max_file_bytes=config.log_max_file_mb * 1024 * 1024,
+        max_file_seconds=config.log_max_file_seconds,
+    )
+    return ServerRequestLogger(default, settings, metrics)
 
 
 def _load_error(err: Exception) -> str:

@@ -452,26 +452,36 @@ def run_multi_inference(server, loaded, request):
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """gRPC's and REST's one way in: every answered request is offered to the request log
+    (serving/request_log.py) here, with the answer's model_spec (version included)."""
+
     def __init__(self, server):
         self.server = server
 
+    def _logged(self, api: str, request, response, model_spec):
+        self.server.request_log.log(api, request, response, model_spec)
+        return response
+
     def Predict(self, request, context):
         try:
-            return run_predict(self.server, resolve(self.server, request), request)
+            response = run_predict(self.server, resolve(self.server, request), request)
         except RequestError as err:
             context.abort(err.code, str(err))
+        return self._logged("Predict", request, response, response.model_spec)
 
     def Classify(self, request, context):
         try:
-            return run_classify(self.server, resolve(self.server, request), request)
+            response = run_classify(self.server, resolve(self.server, request), request)
         except RequestError as err:
             context.abort(err.code, str(err))
+        return self._logged("Classify", request, response, response.model_spec)
 
     def Regress(self, request, context):
         try:
-            return run_regress(self.server, resolve(self.server, request), request)
+            response = run_regress(self.server, resolve(self.server, request), request)
         except RequestError as err:
             context.abort(err.code, str(err))
+        return self._logged("Regress", request, response, response.model_spec)
 
     def MultiInference(self, request, context):
         try:
@@ -480,9 +490,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, "MultiInferenceRequest has no tasks."
                 )
             loaded = resolve(self.server, request, request.tasks[0].model_spec)
-            return run_multi_inference(self.server, loaded, request)
+            response = run_multi_inference(self.server, loaded, request)
         except RequestError as err:
             context.abort(err.code, str(err))
+        spec = response.results[0].model_spec
+        return self._logged("MultiInference", request, response, spec)
 
     def GetModelMetadata(self, request, context):
         try:

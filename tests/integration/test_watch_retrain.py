@@ -98,3 +98,14 @@ def test_new_images_in_the_bucket_lead_to_a_blessed_second_version(gcs, tmp_path
         first.pushed_version,
         second.pushed_version,
     ]
+    # Each version carries its base's embeddings of its training originals (drift's reference).
+    import numpy as np
+
+    from components.drift import REFERENCE_FILE
+
+    version_dir = Path(repo, "tiny", second.pushed_version)
+    reference = np.load(version_dir / REFERENCE_FILE)
+    metadata = json.loads((version_dir / "graft_metadata.json").read_text())
+    assert reference.shape[0] == metadata["drift_reference"]["count"] > 0
+    assert reference.shape[1] == metadata["drift_reference"]["dimensions"]
+    assert np.isfinite(reference).all()

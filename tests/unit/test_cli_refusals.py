@@ -112,3 +112,16 @@ def test_run_with_a_read_only_model_repository_stops_before_training(tmp_path):
 def test_flags_that_cannot_work_are_refused_at_start(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert message in refused(*args)
+
+
+def test_watch_on_drift_without_a_request_log_says_what_it_needs(tmp_path):
+    assert "--on-drift needs --request-log" in refused(
+        "watch", "--data", tmp_path, "--model-repo", tmp_path / "repo", "--on-drift"
+    )
+
+
+def test_serve_with_a_sample_rate_above_one_names_the_flag(tmp_path):
+    assert "Received `--log-sample-rate 1.5`: expected 0..1" in refused(
+        "serve", "--model-repo", tmp_path, "--model-name", "m", "--request-log", tmp_path,
+        "--log-sample-rate", "1.5",
+    )  # fmt: skip

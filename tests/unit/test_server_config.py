@@ -47,7 +47,8 @@ def test_every_server_setting_has_a_graft_serve_flag(started, tmp_path):
         batching=True, max_batch_size=24, batch_timeout_ms=5.0, batch_threads=3,
         monitoring_config_file=str(monitoring), model_config_file=str(models),
         model_config_file_poll_wait_seconds=30.0, allow_version_labels_for_unavailable_models=True,
-        enable_serialization_as_tensor_content=True,
+        enable_serialization_as_tensor_content=True, request_log=str(tmp_path / "logs"),
+        log_sample_rate=0.5, log_max_file_mb=8, log_max_file_seconds=30.0,
     )  # fmt: skip
     flags = []
     for field in dataclasses.fields(ServerConfig):
