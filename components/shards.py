@@ -344,10 +344,17 @@ def gather_feature_shards(part_dirs: list, out_dir) -> dict:
     return info
 
 
-def read_gathered_features(features_dir) -> dict:
-    """gather_features' output as train_head's feature cache: features, labels, train_rows."""
+def read_gathered_features(features_dir, config) -> dict:
+    """gather_features' output as train_head's feature cache: features, labels, train_rows;
+    refused when another base made them."""
     features_dir = Path(features_dir)
     info = json.loads((features_dir / "features.json").read_text())
+    made_by = (info["base"], info["weights"])
+    if made_by != (config.base, config.weights):
+        raise ShardsError(
+            f"The gathered features were made by base={made_by[0]} weights={made_by[1]}, "
+            f"this step trains on base={config.base} weights={config.weights}"
+        )
     return {"features": np.load(features_dir / FEATURES_FILE),
             "labels": np.load(features_dir / LABELS_FILE),
             "train_rows": np.asarray(info["train_rows"])}  # fmt: skip
