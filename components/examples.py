@@ -38,7 +38,10 @@ def _example(image: np.ndarray, label: int, view: int, sha256: str) -> bytes:
         "view": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(view)])),
         "sha256": tf.train.Feature(bytes_list=tf.train.BytesList(value=[sha256.encode()])),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    # deterministic: the feature map's order otherwise follows the process's string hash
+    # seed, so the same record had other bytes in every process (a fan-out's shards, reruns)
+    return example.SerializeToString(deterministic=True)
 
 
 def write_split(
