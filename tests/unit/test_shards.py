@@ -180,3 +180,22 @@ def test_a_file_added_while_shards_validated_is_refused_by_the_gather(tmp_path):
     (data / "class_0" / "late.png").write_bytes(b"x")
     with pytest.raises(shards.ShardsError, match=r"1 file\(s\) new, e.g. \['class_0/late.png'\]"):
         shards.gather_manifest(str(data), [part], config)
+
+
+def test_a_record_has_the_same_bytes_in_every_process():
+    """Shards are other processes: a record must not depend on the string hash seed."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, numpy as np; from components.examples import _example; "
+        "print(hashlib.sha256(_example(np.arange(12, dtype=np.uint8).reshape(2, 2, 3), 1, 2, 'ab')).hexdigest())"
+    )
+    root = Path(__file__).resolve().parents[2]
+    digests_ = {
+        subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout.strip()
+        for seed in ("1", "2", "3")
+    }  # fmt: skip
+    assert len(digests_) == 1 and len(next(iter(digests_))) == 64
