@@ -200,6 +200,55 @@ def _split_records(rows, label_ids, config: GraftConfig, progress: Progress, ori
     made.done()
 
 
+def plan_splits(
+    manifest_rows: list[dict], config: GraftConfig, data_uri: str = ""
+) -> tuple[list[str], dict[str, list[dict]]]:
+    """(the label list, each split's rows in record order): what augment writes, decided
+    from the manifest alone (no file is read), so each shard of a fan-out sees the whole
+    dataset's plan (components/shards.py). Refuses what augment cannot train on."""
+    rows = [r for r in manifest_rows if r.get("decodable") and r.get("label")]
+    skipped = len(manifest_rows) - len(rows)
+    if skipped:
+        log.warning("augment: %d undecodable or unlabelled files left out", skipped)
+    if not rows:
+        raise ValueError(f"No usable images in {data_uri}")
+    labels = sorted({r["label"] for r in rows})
+
+    by_split: dict[str, list] = {split: [] for split in examples.SPLITS}
+    # Records go out in content-hash order, not class-folder order: a shuffle buffer smaller
+    # than the split then still sees every class in proportion (path order made batches of
+    # a few classes past ~800 images). The hash orders every split, whatever its folders.
+    for row in sorted(rows, key=lambda r: (r["sha256"], r["relpath"])):
+        split = row.get("split") or assign_split(
+            row["sha256"], config.val_fraction, config.test_fraction
+        )
+        by_split[split].append(row)
+    short = classes_short_of_a_split(rows, config.val_fraction, config.test_fraction)
+    if short:  # validate refuses these too; a direct call must not train on them either
+        raise ValueError("Every class needs a val and a test image: " + "; ".join(short))
+    missing = [s for s in ("train", "val") if not by_split[s]]
+    if missing:
+        raise ValueError(
+            f"The {'/'.join(missing)} split is empty ({len(rows)} images): add images, "
+            "or raise val_fraction/test_fraction"
+        )
+    return labels, by_split
+
+
+def write_examples_metadata(
+    examples_dir: str | Path, config: GraftConfig, labels: list[str], by_split: dict, counts: dict
+) -> dict:
+    """spec.json, labels.txt and the test images' sources beside the shards; returns the spec."""
+    counts = {split: counts[split] for split in examples.SPLITS}
+    spec = {"image_size": config.image_size, "channels": config.channels, "views": config.views,
+            "counts": counts, "images": {s: len(v) for s, v in by_split.items()},
+            "labels": labels, "seed": config.seed}  # fmt: skip
+    examples.write_metadata(examples_dir, labels, spec)
+    # the champion is evaluated on these files (evaluate.py)
+    examples.write_sources(examples_dir, "test", by_split["test"])
+    return spec
+
+
 def augment_dataset(
     data_uri: str,
     examples_dir: str | Path,
@@ -215,38 +264,12 @@ def augment_dataset(
         from components.validate import build_manifest
 
         manifest_rows = build_manifest(data_uri, config)
-    rows = [r for r in manifest_rows if r.get("decodable") and r.get("label")]
-    skipped = len(manifest_rows) - len(rows)
-    if skipped:
-        log.warning("augment: %d undecodable or unlabelled files left out", skipped)
-    if not rows:
-        raise ValueError(f"No usable images in {data_uri}")
-    labels = sorted({r["label"] for r in rows})
+    labels, by_split = plan_splits(manifest_rows, config, data_uri)
     label_ids = {name: i for i, name in enumerate(labels)}
-
-    by_split: dict[str, list] = {split: [] for split in examples.SPLITS}
-    # Records go out in content-hash order, not class-folder order: a shuffle buffer smaller
-    # than the split then still sees every class in proportion (path order made batches of
-    # a few classes past ~800 images). The hash orders every split, whatever its folders.
-    for row in sorted(rows, key=lambda r: (r["sha256"], r["relpath"])):
-        split = row.get("split") or assign_split(
-            row["sha256"], config.val_fraction, config.test_fraction
-        )
-        by_split[split].append(row)
-    short = classes_short_of_a_split(rows, config.val_fraction, config.test_fraction)
-    if short:  # validate refuses these too; a direct call must not train on them either
-        raise ValueError("Every class needs a val and a test image: " + "; ".join(short))
-    test_sources = by_split["test"]  # the champion is evaluated on these files (evaluate.py)
-    missing = [s for s in ("train", "val") if not by_split[s]]
-    if missing:
-        raise ValueError(
-            f"The {'/'.join(missing)} split is empty ({len(rows)} images): add images, "
-            "or raise val_fraction/test_fraction"
-        )
 
     import tensorflow  # noqa: F401  (the writer's; loaded before the progress clock starts)
 
-    progress = Progress(log, "augment: read and decoded", len(rows))
+    progress = Progress(log, "augment: read and decoded", sum(map(len, by_split.values())))
     counts = {}
     for split in ("val", "test", "train"):  # train last: its views come after every decode
         split_rows = by_split[split]
@@ -255,13 +278,7 @@ def augment_dataset(
             records = _split_records(split_rows, label_ids, config, progress, keep)
             counts[split] = examples.write_split(examples_dir, split, records)
         log.info("augment: %s: %d images -> %d records", split, len(split_rows), counts[split])
-    counts = {split: counts[split] for split in examples.SPLITS}
-    spec = {"image_size": config.image_size, "channels": config.channels, "views": config.views,
-            "counts": counts, "images": {s: len(v) for s, v in by_split.items()},
-            "labels": labels, "seed": config.seed}  # fmt: skip
-    examples.write_metadata(examples_dir, labels, spec)
-    examples.write_sources(examples_dir, "test", test_sources)
-    return spec
+    return write_examples_metadata(examples_dir, config, labels, by_split, counts)
 
 
 @step_component

@@ -39,6 +39,12 @@ class GraftConfig:
     io_concurrency: int = 16  # storage reads/writes in flight at once: a GCS read waits tens of
     # ms; 16 in flight read 10x faster than one at a time at 20 ms/request (RESULTS.md "Scale")
 
+    # --- fan-out: the DAG's shape, fixed when the pipeline is built (not a run parameter) ---
+    shards: int = 1  # validate, augment and the feature pass run as this many parallel tasks
+    # (dsl.ParallelFor, all at once) over shards of the data by hash, gathered (dsl.Collected)
+    # into examples and features equal byte for byte to shards=1; 1 keeps the one-task DAG.
+    # KFP/Argo schedules the pods; on one machine it only adds overhead (RESULTS.md "Fan-out")
+
     # --- augment: examples the training steps read ---
     image_size: int = 96  # square side the base model sees; MobileNetV2 accepts 96..224
     channels: int = 3  # imagenet bases want RGB; grayscale sources are expanded
@@ -144,6 +150,9 @@ class GraftConfig:
 
 
 SETTINGS = tuple(f.name for f in fields(GraftConfig))
+# Settings that shape the DAG itself: the pipeline is built (compiled) with them, so they are
+# not pipeline parameters (a run cannot change how many tasks a compiled package declares).
+DAG_SETTINGS = ("shards",)
 
 
 class StepConfig(GraftConfig):
@@ -293,6 +302,7 @@ _RULES = (
     ("test_fraction", "in (0, 1): evaluate and the champion comparison need test images", _share),
     ("seed", f"0..{SEED_MAX}", lambda v: 0 <= v <= SEED_MAX),
     ("io_concurrency", ">= 1", _at_least(1)),
+    ("shards", ">= 1 (1: no fan-out)", _at_least(1)),
     (
         "base",
         "a keras.applications name (mobilenet_v2, resnet50, vgg16, efficientnet_b0) "

@@ -38,7 +38,10 @@ def _example(image: np.ndarray, label: int, view: int, sha256: str) -> bytes:
         "view": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(view)])),
         "sha256": tf.train.Feature(bytes_list=tf.train.BytesList(value=[sha256.encode()])),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    # deterministic: the feature map's order otherwise follows the process's string hash
+    # seed, so the same record had other bytes in every process (a fan-out's shards, reruns)
+    return example.SerializeToString(deterministic=True)
 
 
 def write_split(
@@ -53,6 +56,15 @@ def write_split(
     ``records`` is consumed one at a time and each record is written as it arrives, so
     any iterator works and memory does not grow with the split. Shards are named
     ``-of-NNNNN`` once the count is known (a rename at the end)."""
+    serialized = (_example(*record) for record in records)
+    return write_serialized(examples_dir, split, serialized, per_shard=per_shard)
+
+
+def write_serialized(
+    examples_dir: str | Path, split: str, serialized: Iterable[bytes], *, per_shard: int = 2000
+) -> int:
+    """``write_split`` for records already serialized (tf.train.Example bytes): how the
+    fan-out gathers its shards' records unchanged (components/shards.py)."""
     import tensorflow as tf
 
     if split not in SPLITS:
@@ -63,13 +75,13 @@ def write_split(
         stale.unlink()  # left by an interrupted run
     partial, writer, count = [], None, 0
     try:
-        for record in records:
+        for record in serialized:
             if count % per_shard == 0:
                 if writer is not None:
                     writer.close()
                 partial.append(examples_dir / f".{split}-{len(partial):05d}.tfrecord.partial")
                 writer = tf.io.TFRecordWriter(str(partial[-1]))
-            writer.write(_example(*record))
+            writer.write(record)
             count += 1
         if writer is None:  # an empty split still gets its one (empty) shard
             partial.append(examples_dir / f".{split}-00000.tfrecord.partial")

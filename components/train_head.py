@@ -139,11 +139,15 @@ def scratch_baseline(
 
 
 def train_head_model(
-    examples_dir: str | Path, out_dir: str | Path, config: GraftConfig
+    examples_dir: str | Path,
+    out_dir: str | Path,
+    config: GraftConfig,
+    features_dir: str | Path | None = None,
 ) -> HeadResult:
     """Train the head on cached base features; write model.keras, labels.txt, training.json.
     Run again after a kill with the same ``out_dir``, it reuses a complete feature cache and
-    resumes the head's training from its last completed epoch."""
+    resumes the head's training from its last completed epoch. ``features_dir``: the feature
+    pass already made by the fan-out's shards (components/shards.py), used as the cache."""
     import keras
 
     from components.backbones import build_base
@@ -163,6 +167,10 @@ def train_head_model(
         key = training.cache_key(settings=config.settings(), spec=spec, step="train_head")
 
         def compute() -> dict:  # one pass, one shape
+            if features_dir is not None:
+                from components.shards import read_gathered_features
+
+                return read_gathered_features(features_dir, config)
             features, labels_, train_rows = cached_features(base, examples_dir)
             return {"features": features, "labels": labels_, "train_rows": np.asarray(train_rows)}
 
@@ -229,8 +237,10 @@ def train_head(
     scratch_baseline: bool = False,
     precision: str = "auto",
     replicas: int = 0,
+    features: Input[Dataset] = None,
 ) -> bool:
-    """Train the head on a frozen base; return whether it converged (the fine-tune gate)."""
+    """Train the head on a frozen base; return whether it converged (the fine-tune gate).
+    ``features``: the fan-out's gathered feature pass (shards > 1), else computed here."""
     import logging
 
     from components.config import step_config
@@ -238,7 +248,8 @@ def train_head(
 
     config = step_config(locals())
     logging.basicConfig(level=logging.INFO)
-    result = train_head_model(examples.path, head_model.path, config)
+    features_dir = None if features is None else features.path
+    result = train_head_model(examples.path, head_model.path, config, features_dir)
     head_metrics.log_metric("val_accuracy", result.val_accuracy)
     head_metrics.log_metric("val_loss", result.val_loss)
     head_metrics.log_metric("epochs", result.epochs)

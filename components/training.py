@@ -168,10 +168,11 @@ def pooled_features(base, images: np.ndarray, batch_size: int) -> np.ndarray:
     return stream_features(base, batches, len(images), batch)
 
 
-def labelled_outputs(model, records, total: int, progress, *, pool: bool):
+def labelled_outputs(model, records, total: int, progress, *, pool: bool, batch: int = 0):
     """``stream_outputs`` over a dataset of ``total`` (image, label) records, in one batch
-    shape; returns (outputs, labels int64 [total])."""
-    batch = feature_batch_size(total)
+    shape (``batch``, else ``feature_batch_size(total)``: a shard of a fan-out passes the
+    whole pass's, so its rows meet the same kernels); returns (outputs, labels int64 [total])."""
+    batch = batch or feature_batch_size(total)
     labels, filled = np.empty(total, np.int64), 0
 
     def images():

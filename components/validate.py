@@ -133,13 +133,16 @@ def inspect_image(data: bytes, config: GraftConfig) -> dict:
     return facts
 
 
-def build_manifest(data_uri: str, config: GraftConfig) -> list[dict]:
-    """One row per file under ``data_uri``; raises StorageError/ValueError when there is none.
+def build_manifest(data_uri: str, config: GraftConfig, select=None) -> list[dict]:
+    """One row per file under ``data_uri`` (or per file ``select(relpath)`` is true for: one
+    shard's, components/shards.py); raises StorageError/ValueError when there is no file.
 
     Files are read and inspected ``config.io_concurrency`` at a time; only the rows stay."""
     files = storage.list_files(data_uri, checksums=False, concurrency=config.io_concurrency)
     if not files:
         raise storage.StorageError(f"{data_uri} holds no files: expected <label>/<image> folders")
+    if select is not None:
+        files = [info for info in files if select(info.relpath)]
 
     def inspect(info: storage.FileInfo) -> dict:
         split, label = _place(info.relpath)
@@ -382,14 +385,23 @@ def run_suite(rows: list[dict], config: GraftConfig) -> tuple[list[dict], list[F
 
 
 def validate_dataset(
-    data_uri: str, report_dir: str | Path | None, config: GraftConfig, *, raise_on_failure=True
+    data_uri: str,
+    report_dir: str | Path | None,
+    config: GraftConfig,
+    *,
+    raise_on_failure=True,
+    rows: list[dict] | None = None,
 ) -> ValidationResult:
-    """Build the manifest, run the suite, write the report; raise DataValidationError on failure."""
+    """Build the manifest (or take ``rows``, the gathered shards' manifest), run the suite,
+    write the report; raise DataValidationError on failure. Every rule runs here, over the
+    whole manifest: the set-level ones (class counts, duplicates, every class in val and
+    test, the layout) are only true or false of all the rows together."""
     if not storage.is_gcs(data_uri) and Path(data_uri).is_file():
         raise ValueError(
             f"Received `--data {data_uri}`: a file; expected a directory of <label>/ class folders"
         )
-    rows = build_manifest(data_uri, config)
+    if rows is None:
+        rows = build_manifest(data_uri, config)
     outcomes, failures = run_suite(rows, config)
     empty = empty_class_folders(data_uri, rows)
     extra = layout_failures(rows, data_uri)
@@ -467,19 +479,24 @@ def validate_data(
     test_fraction: float = 0.15,
 ):
     """Fail the run, with a report naming the files, unless the dataset is trainable."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     from components.config import step_config
-    from components.validate import REPORT_HTML, validate_dataset, write_manifest
+    from components.validate import publish_validation
 
     config = step_config(locals())
+    publish_validation(data_uri, config, manifest, validation_report)
+
+
+def publish_validation(data_uri: str, config, manifest, validation_report, rows=None) -> None:
+    """What validate_data (and, for the gathered shards, validate_gathered) does with its
+    artifacts: the HTML report, the JSON report in the log, the manifest, or a failed run."""
+    import shutil
+    import tempfile
+
     report_dir = Path(tempfile.mkdtemp(prefix="graft-validate-"))
     try:
-        result = validate_dataset(data_uri, report_dir, config, raise_on_failure=False)
+        result = validate_dataset(data_uri, report_dir, config, raise_on_failure=False, rows=rows)
         shutil.copyfile(report_dir / REPORT_HTML, validation_report.path)
-        print((report_dir / "validation_report.json").read_text())
+        print((report_dir / REPORT_JSON).read_text())
         if not result.ok:
             raise RuntimeError(result.summary())
         write_manifest(manifest.path, result.rows)

@@ -210,6 +210,9 @@ def compile_(
     accelerator_type: str = typer.Option("nvidia.com/gpu", help="Accelerator resource name."),
     gpus: int = typer.Option(1, help="GPUs per training step."),
     no_gpu: bool = typer.Option(False, "--no-gpu", help="Drop all GPU settings."),
+    shards: int = typer.Option(
+        1, min=1, help="Fan validate, augment and the feature pass out over N parallel tasks."
+    ),
 ) -> None:
     """Compile the pipeline to a KFP v2 spec with one image and the GPU node pool."""
     from pipeline.kfp_api import compile_pipeline
@@ -229,9 +232,10 @@ def compile_(
                     f"Received `--gpu-node-selector {gpu_node_selector}`: expected key=value"
                 )
             gpu = GpuPool(accelerator_type, gpus, (key, value), gpu_toleration)
-        compile_pipeline(build_pipeline(gpu), output, image=image)
+        compile_pipeline(build_pipeline(gpu, shards=shards), output, image=image)
     where = "no GPUs" if gpu is None else f"training on {gpu_node_selector} x{gpus}"
-    typer.echo(f"wrote {output} (image {image}, {where})")
+    fan_out = f", {shards} shards" if shards > 1 else ""
+    typer.echo(f"wrote {output} (image {image}, {where}{fan_out})")
 
 
 # --- validate / pretrain --------------------------------------------------------------------

@@ -124,6 +124,6 @@ def run_in_image(image: str, arguments: dict, config, pipeline_root: Path, envir
         repo.mkdir(parents=True, exist_ok=True)
         repo.chmod(0o1777)
     with tempfile.TemporaryDirectory(prefix="graft-package-") as work:
-        package = compile_pipeline(build_pipeline(gpu=None, retries=False),
+        package = compile_pipeline(build_pipeline(gpu=None, retries=False, shards=config.shards),
                                    Path(work, "pipeline.yaml"), image=image)  # fmt: skip
         run_package(package, arguments, pipeline_root, environment)

@@ -14,11 +14,18 @@ Its parameters are the run's own (``RUN_PARAMETERS``) and one per GraftConfig fi
 the field's name and default (``PIPELINE_SIGNATURE``); each step gets the settings its
 component's signature names (``settings_for``), so a new field needs only its dataclass line
 and the signature of the step that uses it. ``step_order()`` reads the task order off the DAG.
+
+``build_pipeline(shards=N)`` with N > 1 fans validate, augment and the feature pass out over
+N shards (components/shards.py): ``dsl.ParallelFor`` loops with parallelism N, each gathered
+by a task taking ``dsl.Collected`` of the shards' artifacts; the gathered examples and
+features are those of ``shards=1``, whose DAG is the one above. The shard count is part of
+the DAG, so it is fixed when the pipeline is built (``DAG_SETTINGS``), not a run parameter.
 """
 
 import dataclasses
 import functools
 import inspect
+import json
 import sys
 from dataclasses import dataclass
 
@@ -26,10 +33,18 @@ from kfp import dsl
 
 from components.augment import augment
 from components.check_data import check_data
-from components.config import SETTINGS, GraftConfig, kfp_value
+from components.config import DAG_SETTINGS, SETTINGS, GraftConfig, kfp_value
 from components.evaluate import evaluate
 from components.fine_tune import fine_tune
 from components.push import push
+from components.shards import (
+    augment_shard,
+    features_shard,
+    gather_examples,
+    gather_features,
+    validate_gathered,
+    validate_shard,
+)
 from components.train_head import train_head
 from components.validate import validate_data
 
@@ -66,15 +81,15 @@ def _setting_parameter(setting: dataclasses.Field) -> inspect.Parameter:
     return inspect.Parameter(setting.name, _KEYWORD, annotation=kfp_type, default=default)
 
 
-PIPELINE_SIGNATURE = inspect.Signature(
-    [*RUN_PARAMETERS, *map(_setting_parameter, dataclasses.fields(GraftConfig))]
-)
+RUN_SETTINGS = tuple(f for f in dataclasses.fields(GraftConfig) if f.name not in DAG_SETTINGS)
+PIPELINE_SIGNATURE = inspect.Signature([*RUN_PARAMETERS, *map(_setting_parameter, RUN_SETTINGS)])
 
 
 def settings_for(component, parameters: dict) -> dict:
     """The pipeline parameters that are settings ``component`` takes (its signature says
-    which settings a step uses)."""
-    return {name: parameters[name] for name in component.component_spec.inputs if name in SETTINGS}
+    which settings a step uses); the DAG's own (``shards``) are passed as constants."""
+    return {name: parameters[name] for name in component.component_spec.inputs
+            if name in SETTINGS and name not in DAG_SETTINGS}  # fmt: skip
 
 
 def _training_step(task: dsl.PipelineTask, gpu: GpuPool | None) -> dsl.PipelineTask:
@@ -92,13 +107,15 @@ def _training_step(task: dsl.PipelineTask, gpu: GpuPool | None) -> dsl.PipelineT
     return task
 
 
-def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
+def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True, shards: int = 1):
     """The pipeline function, with training steps on ``gpu`` (None: no GPU settings).
 
     ``retries`` re-runs I/O-heavy steps with backoff on a cluster (a node or the bucket
     hiccups); local runs turn it off, since storage calls already retry transient errors
-    and a deterministic failure should be reported at once.
+    and a deterministic failure should be reported at once. ``shards`` > 1 fans the data
+    steps out (the module docstring).
     """
+    GraftConfig(shards=shards)  # refuses a count no DAG can have, naming the setting
 
     def _io_heavy(task: dsl.PipelineTask) -> dsl.PipelineTask:
         if retries:
@@ -121,25 +138,29 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
         ).set_caching_options(False)  # it exists to look at the bucket afresh
 
         with dsl.If(checked.outputs["Output"] == True, name="data-changed"):  # noqa: E712
-            validated = _io_heavy(
-                validate_data(data_uri=data_uri, **settings_for(validate_data, p))
-            ).set_caching_options(False)  # reads the bucket, whose URI does not change
-            augmented = _io_heavy(
-                augment(
-                    data_uri=data_uri,
-                    manifest=validated.outputs["manifest"],
-                    **settings_for(augment, p),
-                )
-            ).set_caching_options(False)
+            if shards == 1:
+                validated = _io_heavy(
+                    validate_data(data_uri=data_uri, **settings_for(validate_data, p))
+                ).set_caching_options(False)  # reads the bucket, whose URI does not change
+                augmented = _io_heavy(
+                    augment(
+                        data_uri=data_uri,
+                        manifest=validated.outputs["manifest"],
+                        **settings_for(augment, p),
+                    )
+                ).set_caching_options(False)
+                examples, features = augmented.outputs["examples"], {}
+            else:
+                examples, features = _fan_out(p, shards, gpu, _io_heavy)
             head = _training_step(
-                train_head(examples=augmented.outputs["examples"], **settings_for(train_head, p)),
+                train_head(examples=examples, **features, **settings_for(train_head, p)),
                 gpu,
             )
 
             def evaluate_and_push(model):
                 """evaluate ``model``, then push it if blessed: the end of both branches."""
                 evaluated = evaluate(
-                    examples=augmented.outputs["examples"],
+                    examples=examples,
                     model=model,
                     data_state=checked.outputs["data_state"],
                     model_repo=model_repo,
@@ -150,7 +171,7 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
                     _io_heavy(
                         push(
                             model=model,
-                            examples=augmented.outputs["examples"],
+                            examples=examples,
                             evaluation=evaluated.outputs["evaluation"],
                             data_state=checked.outputs["data_state"],
                             model_repo=model_repo,
@@ -167,7 +188,7 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
             with dsl.If(head.outputs["Output"] == True, name="head-converged"):  # noqa: E712
                 chosen = _training_step(
                     fine_tune(
-                        examples=augmented.outputs["examples"],
+                        examples=examples,
                         head_model=head.outputs["head_model"],
                         **settings_for(fine_tune, p),
                     ),
@@ -185,11 +206,58 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
     return graft_pipeline
 
 
+def _fan_out(p: dict, shards: int, gpu: GpuPool | None, io_heavy) -> tuple:
+    """validate, augment and the feature pass over ``shards`` shards, each loop gathered;
+    returns (the examples, train_head's features argument)."""
+    data_uri = p["data_uri"]
+    with dsl.ParallelFor(list(range(shards)), name="validate-shards", parallelism=shards) as k:
+        inspected = io_heavy(
+            validate_shard(
+                data_uri=data_uri, shard=k, shards=shards, **settings_for(validate_shard, p)
+            )  # fmt: skip
+        ).set_caching_options(False)  # reads the bucket
+    validated = io_heavy(
+        validate_gathered(
+            data_uri=data_uri,
+            manifest_shards=dsl.Collected(inspected.outputs["manifest_shard"]),
+            **settings_for(validate_gathered, p),
+        )
+    ).set_caching_options(False)  # lists the bucket again, to refuse a change mid-run
+    manifest = validated.outputs["manifest"]
+    with dsl.ParallelFor(list(range(shards)), name="augment-shards", parallelism=shards) as k:
+        part = io_heavy(
+            augment_shard(
+                data_uri=data_uri,
+                manifest=manifest,
+                shard=k,
+                shards=shards,
+                **settings_for(augment_shard, p),
+            )  # fmt: skip
+        ).set_caching_options(False)
+        part_features = _training_step(
+            features_shard(
+                examples_shard=part.outputs["examples_shard"], **settings_for(features_shard, p)
+            ),  # fmt: skip
+            gpu,
+        )
+    gathered = gather_examples(
+        manifest=manifest,
+        examples_shards=dsl.Collected(part.outputs["examples_shard"]),
+        **settings_for(gather_examples, p),
+    )
+    features = gather_features(
+        features_shards=dsl.Collected(part_features.outputs["shard_features"])
+    )
+    return gathered.outputs["examples"], {"features": features.outputs["features"]}
+
+
 @functools.cache
-def step_order() -> tuple[str, ...]:
+def step_order(shards: int = 1) -> tuple[str, ...]:
     """Task names in the order the DAG runs them (kfp.local names each task's directory so),
-    read from the pipeline itself rather than kept as a second list."""
-    spec = build_pipeline(gpu=None, retries=False).pipeline_spec
+    read from the pipeline itself rather than kept as a second list. A task of a fan-out
+    loop is named once per shard, ``augment-shard[k]`` (kfp.local runs it in the folder
+    ``for-loop-*-iteration-k/augment-shard``)."""
+    spec = build_pipeline(gpu=None, retries=False, shards=shards).pipeline_spec
 
     def ordered(dag) -> list[str]:
         names, done = [], set()
@@ -202,7 +270,13 @@ def step_order() -> tuple[str, ...]:
                 task = pending.pop(name)
                 done.add(name)
                 inner = spec.components[task.component_ref.name]
-                names += ordered(inner.dag) if inner.HasField("dag") else [name]
+                if not inner.HasField("dag"):
+                    names.append(name)
+                elif task.HasField("parameter_iterator"):
+                    items = json.loads(task.parameter_iterator.items.raw)
+                    names += [f"{n}[{k}]" for k in range(len(items)) for n in ordered(inner.dag)]
+                else:
+                    names += ordered(inner.dag)
         return names
 
     return tuple(ordered(spec.root.dag))

@@ -21,10 +21,10 @@ from common.artifacts import EVALUATION_FILE
 from components.config import GraftConfig, kfp_value
 
 
-def _step_order() -> tuple[str, ...]:
+def _step_order(shards: int = 1) -> tuple[str, ...]:
     from pipeline.pipeline import step_order
 
-    return step_order()
+    return step_order(shards)
 
 
 @dataclass
@@ -42,9 +42,10 @@ class RunSummary:
     tasks: dict[str, TaskResult]
     pushed_version: str | None  # the version push returned (new, or the existing identical one)
     outcome: str  # one sentence: what the run decided and why
+    shards: int = 1  # the fan-out's width (components/shards.py); 1: no fan-out loops
 
     def ran(self) -> list[str]:
-        return [name for name in _step_order() if name in self.tasks]
+        return [name for name in _step_order(self.shards) if name in self.tasks]
 
     def to_json(self) -> dict:
         return {
@@ -59,10 +60,12 @@ class RunSummary:
 def pipeline_arguments(
     config: GraftConfig, *, data_uri: str, model_repo: str, model_name: str, **extra
 ) -> dict:
-    """Every setting of ``config`` (each is a pipeline parameter), plus the run's own arguments."""
+    """Every setting of ``config`` that is a pipeline parameter (all but the DAG's shape,
+    ``shards``, which the pipeline is built with), plus the run's own arguments."""
+    from components.config import DAG_SETTINGS
     from pipeline.pipeline import PIPELINE_SIGNATURE
 
-    arguments = {k: kfp_value(v) for k, v in config.settings().items()}
+    arguments = {k: kfp_value(v) for k, v in config.settings().items() if k not in DAG_SETTINGS}
     arguments.update(data_uri=data_uri, model_repo=model_repo, model_name=model_name, **extra)
     unknown = set(arguments) - set(PIPELINE_SIGNATURE.parameters)
     if unknown:
@@ -140,7 +143,7 @@ def run_local(
 
                 run_in_image(image, arguments, config, pipeline_root, container_env or {})
             else:
-                build_pipeline(gpu=None, retries=False)(**arguments)
+                build_pipeline(gpu=None, retries=False, shards=config.shards)(**arguments)
     finally:
         logging.getLogger().removeFilter(clock)
     # Only run directories: with --image the data and model repository live here too.
@@ -182,17 +185,33 @@ def _json_in(path: str | None, name: str) -> dict:
         return {}
 
 
+LOOP_ITERATION = re.compile(r"for-loop-\d+-iteration-(\d+)")  # kfp.local's folder of one
+
+
 def summarize(run_dir: str | Path) -> RunSummary:
-    """Rebuild a RunSummary from a kfp.local run directory."""
+    """Rebuild a RunSummary from a kfp.local run directory. The tasks of a fan-out loop's
+    iteration k (in ``for-loop-*-iteration-k/``) are named ``<task>[k]``."""
     run_dir = Path(run_dir)
-    tasks = {d.name: _read_task(d) for d in sorted(run_dir.iterdir()) if d.is_dir()}
+    tasks, shards = {}, 1
+    for folder in sorted(d for d in run_dir.iterdir() if d.is_dir()):
+        if iteration := LOOP_ITERATION.fullmatch(folder.name):
+            k = int(iteration[1])
+            shards = max(shards, k + 1)
+            for task_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+                task = _read_task(task_dir)
+                task.name = f"{task_dir.name}[{k}]"
+                tasks[task.name] = task
+        else:
+            tasks[folder.name] = _read_task(folder)
     pushed = _branch_task(tasks, "push")
     pushed_version = str(pushed.outputs.get("Output")) if pushed and pushed.succeeded else None
-    return RunSummary(str(run_dir), tasks, pushed_version, _outcome(tasks, pushed_version))
+    outcome = _outcome(tasks, pushed_version, shards)
+    return RunSummary(str(run_dir), tasks, pushed_version, outcome, shards)
 
 
-def _outcome(tasks: dict[str, TaskResult], pushed_version: str | None) -> str:
-    failed = [name for name in _step_order() if name in tasks and not tasks[name].succeeded]
+def _outcome(tasks: dict[str, TaskResult], pushed_version: str | None, shards: int = 1) -> str:
+    order = _step_order(shards)
+    failed = [name for name in order if name in tasks and not tasks[name].succeeded]
     if failed:
         return f"step {failed[0]} FAILED (see its log above)"
     check = tasks.get("check-data")
@@ -235,7 +254,7 @@ def print_summary(summary: RunSummary) -> None:
     table.add_column("status")
     table.add_column("returned")
     table.add_column("seconds", justify="right")
-    for name in _step_order():
+    for name in _step_order(summary.shards):
         task = summary.tasks.get(name)
         if task is None:
             table.add_row(name, "[dim]skipped by a gate[/]", "", "")

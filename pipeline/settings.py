@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import (
+    DAG_SETTINGS,
     SETTINGS,
     GraftConfig,
     kfp_value,
@@ -37,7 +38,7 @@ class RunSettings:
         return {
             name: kfp_value(getattr(self.config, name))
             for name in SETTINGS
-            if self.sources[name] != "default"
+            if self.sources[name] != "default" and name not in DAG_SETTINGS
         }
 
 
@@ -130,6 +131,11 @@ def cluster_parameters(
         key, value = split_assignment(text, label=label)
         if key in run_types:
             run_params[key] = _typed_run_parameter(key, value, run_types[key])
+        elif key in DAG_SETTINGS:
+            raise ValueError(
+                f"Received `{label} {text}`: `{key}` is the pipeline's shape, fixed when it is "
+                f"compiled, not a run parameter: `graft compile --{key} {value}`"
+            )
         elif key in SETTINGS:
             settings[key] = value
         else:

@@ -1,5 +1,7 @@
 """The compiled KFP spec: tasks, gates, GPUs only on training, one image, retries, caching."""
 
+import json
+
 import yaml
 from typer.testing import CliRunner
 
@@ -102,3 +104,53 @@ def test_bad_node_selector_is_one_clear_error(tmp_path):
     )
     assert result.exit_code == 2
     assert "expected key=value" in result.output
+
+
+def _loops(spec: dict) -> dict:
+    """ParallelFor tasks (name -> task) anywhere in the spec."""
+    return {name: task for name, task in all_tasks(spec).items() if "parameterIterator" in task}
+
+
+def test_shards_compile_to_two_parallel_for_loops_with_that_parallelism_gathered_by_collected(
+    tmp_path,
+):
+    spec, platform = compile_spec(tmp_path, "--shards", "4")
+    loops = _loops(spec)
+    assert len(loops) == 2
+    inside = {}
+    for name, loop in loops.items():
+        assert loop["iteratorPolicy"] == {"parallelismLimit": 4}
+        assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [0, 1, 2, 3]
+        inside[name] = set(spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"])
+    assert sorted(map(sorted, inside.values())) == [["augment-shard", "features-shard"], ["validate-shard"]]  # fmt: skip
+    tasks = all_tasks(spec)
+    assert "validate-data" not in tasks and "augment" not in tasks
+    loop_of = {task: loop for loop, names in inside.items() for task in names}
+    # each gather takes the loop's collected outputs (dsl.Collected) as one list input
+    for gather, key, producer, output in (
+        ("validate-gathered", "manifest_shards", "validate-shard", "manifest_shard"),
+        ("gather-examples", "examples_shards", "augment-shard", "examples_shard"),
+        ("gather-features", "features_shards", "features-shard", "shard_features"),
+    ):
+        assert tasks[gather]["inputs"]["artifacts"][key]["taskOutputArtifact"] == {
+            "outputArtifactKey": f"pipelinechannel--{producer}-{output}",
+            "producerTask": loop_of[producer],
+        }
+    for shard_task in ("validate-shard", "augment-shard"):
+        parameters = tasks[shard_task]["inputs"]["parameters"]
+        assert parameters["shards"] == {"runtimeValue": {"constant": 4}}
+        assert parameters["shard"]["componentInputParameter"].startswith(
+            "pipelinechannel--loop-item"
+        )
+    head_inputs = tasks["train-head"]["inputs"]["artifacts"]
+    assert head_inputs["features"]["taskOutputArtifact"]["producerTask"] == "gather-features"
+    assert head_inputs["examples"]["taskOutputArtifact"]["producerTask"] == "gather-examples"
+    gpu_executors = set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"])
+    assert gpu_executors == {"exec-features-shard", "exec-train-head", "exec-fine-tune"}
+    assert "shards" not in spec["root"]["inputDefinitions"]["parameters"]
+
+
+def test_one_shard_compiles_without_a_loop_and_a_count_below_one_is_refused(tmp_path):
+    assert _loops(compile_spec(tmp_path)[0]) == {}
+    result = CliRunner().invoke(app, ["compile", "--image", "r/g:1", "--shards", "0"])
+    assert result.exit_code == 2 and "--shards" in result.output

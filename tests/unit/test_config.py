@@ -13,6 +13,7 @@ from components.augment import augment
 from components.backbones import base_facts, check_base_settings, record_settings
 from components.check_data import check_data
 from components.config import (
+    DAG_SETTINGS,
     SETTINGS,
     GraftConfig,
     kfp_value,
@@ -23,6 +24,13 @@ from components.config import (
 from components.evaluate import evaluate
 from components.fine_tune import fine_tune
 from components.push import push
+from components.shards import (
+    augment_shard,
+    features_shard,
+    gather_examples,
+    validate_gathered,
+    validate_shard,
+)
 from components.train_head import train_head
 from components.validate import validate_data
 from pipeline.cli import app
@@ -32,11 +40,14 @@ from pipeline.watch import submit_trigger
 from tests.kfp_recorder import KfpRecorder
 
 COMPONENTS = (check_data, validate_data, augment, train_head, fine_tune, evaluate, push)
+# the steps of the fan-out (shards > 1): they take `shards` as a constant of the DAG
+FAN_OUT = (validate_shard, validate_gathered, augment_shard, gather_examples, features_shard)
+RUN_SETTINGS = set(SETTINGS) - set(DAG_SETTINGS)
 DEFAULTS = GraftConfig()
 
 
 def settings_taken(component) -> dict:
-    return {n: s for n, s in component.component_spec.inputs.items() if n in SETTINGS}
+    return {n: s for n, s in component.component_spec.inputs.items() if n in RUN_SETTINGS}
 
 
 def gray_base(path, *, size=None) -> str:
@@ -52,7 +63,7 @@ def gray_base(path, *, size=None) -> str:
 # --- one default per setting ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("component", COMPONENTS, ids=lambda c: c.name)
+@pytest.mark.parametrize("component", COMPONENTS + FAN_OUT, ids=lambda c: c.name)
 def test_component_defaults_are_the_graftconfig_defaults(component):
     taken = settings_taken(component)
     assert taken, f"{component.name} takes no setting"
@@ -62,13 +73,16 @@ def test_component_defaults_are_the_graftconfig_defaults(component):
 
 def test_every_setting_is_taken_by_at_least_one_step():
     taken = set().union(*(settings_taken(c) for c in COMPONENTS))
-    assert taken == set(SETTINGS)
+    assert taken == RUN_SETTINGS
+    assert DAG_SETTINGS == ("shards",)  # the pipeline is built with it (test_compile.py)
 
 
-def test_pipeline_parameters_are_the_run_parameters_and_every_setting_with_its_default():
+def test_pipeline_parameters_are_the_run_parameters_and_every_setting_but_the_dags_shape():
     parameters = PIPELINE_SIGNATURE.parameters
-    assert list(parameters) == [p.name for p in RUN_PARAMETERS] + list(SETTINGS)
-    for name in SETTINGS:
+    run_settings_ = [name for name in SETTINGS if name not in DAG_SETTINGS]
+    assert list(parameters) == [p.name for p in RUN_PARAMETERS] + run_settings_
+    assert "shards" not in parameters
+    for name in run_settings_:
         assert parameters[name].default == kfp_value(getattr(DEFAULTS, name)), name
 
 
@@ -84,7 +98,8 @@ def compiled(tmp_path) -> dict:
 
 def test_compiled_spec_declares_every_setting_with_the_graftconfig_default(tmp_path):
     declared = compiled(tmp_path)["root"]["inputDefinitions"]["parameters"]
-    for name in SETTINGS:
+    assert set(declared) & set(SETTINGS) == RUN_SETTINGS
+    for name in RUN_SETTINGS:
         assert declared[name]["defaultValue"] == kfp_value(getattr(DEFAULTS, name)), name
     assert declared["allowed_formats"]["parameterType"] == "LIST"
 
@@ -104,7 +119,7 @@ def test_compiled_spec_wires_each_setting_from_its_pipeline_parameter_into_every
             # Inside a gate's sub-DAG a pipeline parameter arrives as pipelinechannel--<name>.
             assert wired[name]["componentInputParameter"] in {name, f"pipelinechannel--{name}"}
             reached.add(name)
-    assert reached == set(SETTINGS)
+    assert reached == RUN_SETTINGS
 
 
 def test_step_order_is_read_off_the_dag():
@@ -248,6 +263,13 @@ def test_cluster_parameters_take_settings_by_their_names_typed_and_refuse_unknow
         cluster_parameters(["min_sides=32"])
     with pytest.raises(ValueError, match="expected an int"):
         cluster_parameters(["min_side=big"])
+
+
+def test_shards_is_refused_as_a_run_parameter_and_named_as_a_compile_option():
+    with pytest.raises(
+        ValueError, match=r"`shards` is the pipeline's shape.*graft compile --shards 4"
+    ):
+        cluster_parameters(["shards=4"])
 
 
 def test_submit_sends_the_bases_settings_under_the_users(tmp_path):

@@ -1,0 +1,69 @@
+"""The fan-out under kfp.local: shards=4 runs ParallelFor loops gathered with Collected, and
+its manifest, examples and features are shards=1's, byte for byte."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components import datasets
+from pipeline.run import run_local
+from tests.integration.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _digests(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}  # fmt: skip
+
+
+def test_four_shards_under_kfp_local_give_one_shards_manifest_examples_and_features(
+    tmp_path, tiny_base
+):
+    from components import training
+    from components.backbones import build_base
+    from components.train_head import cached_features
+
+    bucket = str(tmp_path / "bucket")
+    # a seed whose content-hash split gives every class val and test images
+    datasets.write_synthetic_dataset(bucket, num_classes=3, per_class=20, size=32, seed=1)
+    one = run_local(bucket, str(tmp_path / "m1"), "tiny", tiny_config(tiny_base),
+                    pipeline_root=tmp_path / "runs1")  # fmt: skip
+    four = run_local(bucket, str(tmp_path / "m4"), "tiny", tiny_config(tiny_base, "shards=4"),
+                     pipeline_root=tmp_path / "runs4")  # fmt: skip
+
+    assert one.ran()[:4] == ["check-data", "validate-data", "augment", "train-head"]
+    assert four.shards == 4
+    assert four.ran()[:6] == ["check-data", "validate-shard[0]", "validate-shard[1]",
+                              "validate-shard[2]", "validate-shard[3]", "validate-gathered"]  # fmt: skip
+    assert {f"{t}[{k}]" for t in ("augment-shard", "features-shard") for k in range(4)} <= set(four.ran())  # fmt: skip
+    assert four.pushed_version is not None, four.outcome
+
+    def artifact(summary, task, name):
+        return summary.tasks[task].artifacts[name]
+
+    manifest_one = Path(artifact(one, "validate-data", "manifest")).read_bytes()
+    manifest_four = Path(artifact(four, "validate-gathered", "manifest")).read_bytes()
+    assert manifest_four == manifest_one and len(manifest_one.splitlines()) == 60
+    examples_one = artifact(one, "augment", "examples")
+    examples_four = artifact(four, "gather-examples", "examples")
+    assert _digests(examples_four) == _digests(examples_one)
+    assert len(_digests(examples_one)) == 6  # 3 splits, labels, spec, test sources
+
+    # the gathered feature pass is the one train_head makes over shards=1's examples
+    gathered = np.load(Path(artifact(four, "gather-features", "features"), "features.npy"))
+    config = tiny_config(tiny_base)
+    with training.training_setup(config.precision, config.replicas):
+        base = build_base(config.base, image_size=32, channels=3, weights=config.weights)
+        base.trainable = False
+        expected, _, _ = cached_features(base, examples_one)
+    assert gathered.shape == expected.shape and len(expected) > 0
+    assert hashlib.sha256(gathered.tobytes()).digest() == hashlib.sha256(expected.tobytes()).digest()  # fmt: skip
+
+    # train_head trained on the gathered features: the same head, epoch for epoch
+    def head_record(summary):
+        return json.loads(Path(artifact(summary, "train-head", "head_model"), "training.json").read_text())  # fmt: skip
+
+    assert head_record(four)["history"] == head_record(one)["history"]
