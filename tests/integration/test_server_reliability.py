@@ -166,9 +166,14 @@ def test_rollback_by_removing_the_newest_version_serves_the_older_one(repo, tmp_
 # --- 4. request fields: honoured, or refused as TF Serving refuses them ---------------------
 
 
-@pytest.fixture
-def two_versions(repo, tmp_path):
-    export_version(repo, NAME, 2, seed=2, work=tmp_path)
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory):
+    """One server for the module's request-field tests: they only send requests, so loading
+    two SavedModels once instead of 16 times changes nothing they assert."""
+    work = tmp_path_factory.mktemp("two-versions")
+    repo = work / "repo"
+    export_version(repo, NAME, 1, seed=1, work=work)
+    export_version(repo, NAME, 2, seed=2, work=work)
     server = ModelServer(str(repo), NAME, versions="latest:2")
     port = server.start(port=0)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

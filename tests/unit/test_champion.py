@@ -129,6 +129,7 @@ def test_newest_version_without_variables_is_passed_over_as_the_server_does(tmp_
     assert fixed.pushed and repository.served_version(pushed.repo, "m") == fixed.version
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_data_reverted_to_an_earlier_model_is_pushed_again_as_the_newest(pushed):
     first = pushed(1, None)
     second = pushed(2, first.version)
