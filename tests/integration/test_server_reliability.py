@@ -134,8 +134,12 @@ def test_failed_version_is_retried_a_bounded_number_of_times_then_waits_for_a_ch
 
 
 def test_failed_version_waits_longer_after_each_attempt(repo, tmp_path):
-    _broken_version(repo, 2, tmp_path)
     server = ModelServer(str(repo), NAME)
+    # Version 1 loaded first: otherwise the first failed poll goes on to load it as the
+    # fallback, after the wait started, and a busy machine rounds the first wait to 0.
+    server.poll_once()
+    assert sorted(server.loaded) == [1]
+    _broken_version(repo, 2, tmp_path)
     waits = []
     for _ in range(3):
         if 2 in server.failed:
