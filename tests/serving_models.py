@@ -1,6 +1,8 @@
 """Tiny real models for serving tests: a Keras classifier exported by graft's own exporter."""
 
+import atexit
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +47,35 @@ def write_examples(out: Path, count: int, seed: int = 3) -> Path:
     return out
 
 
-def export_version(repo: Path, name: str, version: int, seed: int, work: Path) -> Path:
-    """Export a tiny model as ``<repo>/<name>/<version>`` with warmup requests."""
+_EXPORTS: dict[int, Path] = {}  # seed -> model dir + SavedModel built once per test process
+
+
+def _exported(seed: int) -> Path:
+    """``<cache>/model`` and ``<cache>/export`` for ``seed``, exported by graft's exporter the
+    first time a seed is asked for. The export depends only on the seed (the weights) and the
+    fixed warmup images, so tests get copies of one export instead of ~40 identical ones
+    (each is seconds of Keras + SavedModel tracing; see benchmarks/RESULTS.md, test-fast)."""
     from serving.export import export_saved_model
 
-    model_dir = make_model_dir(work / f"model-{version}-{seed}", seed)
-    _, pngs = sample_images(2)
+    if seed not in _EXPORTS:
+        cache = Path(tempfile.mkdtemp(prefix=f"graft-test-export-{seed}-"))
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        model_dir = make_model_dir(cache / "model", seed)
+        _, pngs = sample_images(2)
+        export_saved_model(model_dir, cache / "export", warmup_images=pngs, top_k=2)
+        _EXPORTS[seed] = cache
+    return _EXPORTS[seed]
+
+
+def export_version(repo: Path, name: str, version: int, seed: int, work: Path) -> Path:
+    """Export a tiny model as ``<repo>/<name>/<version>`` with warmup requests (a fresh copy
+    of the seed's export: tests may break or delete it); its model.keras is left at
+    ``<work>/model-<version>-<seed>`` for keras_probabilities."""
+    cache = _exported(seed)
+    shutil.copytree(cache / "model", work / f"model-{version}-{seed}", dirs_exist_ok=True)
     target = repo / name / str(version)
     staged = work / f"export-{version}-{seed}"
-    export_saved_model(model_dir, staged, warmup_images=pngs, top_k=2)
+    shutil.copytree(cache / "export", staged)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(staged), str(target))  # a polling server sees the version whole, as push does
     return target

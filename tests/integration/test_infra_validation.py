@@ -6,15 +6,14 @@ import pytest
 
 from serving.export import export_saved_model
 from serving.infra_validation import InfraValidationError, infra_validate, serve_candidate
-from tests.serving_models import make_model_dir, sample_images
+from tests.serving_models import export_version, make_model_dir, sample_images
 
 
 @pytest.fixture
 def exported(tmp_path):
-    model_dir = make_model_dir(tmp_path / "model", seed=1)
-    _, pngs = sample_images(2)
-    export_saved_model(model_dir, tmp_path / "export", warmup_images=pngs, top_k=2)
-    return model_dir, tmp_path / "export"
+    """model.keras + its SavedModel with two warmup requests (a copy: tests may break it)."""
+    export_dir = export_version(tmp_path / "exports", "m", 1, seed=1, work=tmp_path)
+    return tmp_path / "model-1-1", export_dir
 
 
 def test_the_candidate_is_served_over_grpc_and_rest_and_its_latencies_recorded(exported):
@@ -37,6 +36,9 @@ def test_the_candidate_is_served_over_grpc_and_rest_and_its_latencies_recorded(e
     assert record["first_request_goal_met"] == (record["first_request_over_p50"] <= 2.0)
 
 
+# slow: the refusal test_export_push.py::
+# test_infra_validation_fails_when_the_export_disagrees checks in test-fast (a child server each)
+@pytest.mark.slow
 def test_a_candidate_whose_top1_differs_from_the_trained_model_is_refused(exported, tmp_path):
     model_dir, _ = exported
     other = make_model_dir(tmp_path / "other", seed=7)

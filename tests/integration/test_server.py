@@ -25,13 +25,26 @@ def repo(tmp_path) -> Path:
     return tmp_path / "repo"
 
 
-@pytest.fixture
-def server(repo):
+def _serving(repo: Path):
     server = ModelServer(str(repo), NAME, poll_seconds=0.2, max_message_mb=1, max_batch=16)
     port = server.start(port=0)
     server.target = f"127.0.0.1:{port}"
     yield server
     server.stop(grace=1)
+
+
+@pytest.fixture
+def server(repo):
+    yield from _serving(repo)
+
+
+@pytest.fixture(scope="module")
+def answering_server(tmp_path_factory):
+    """The same server, started once for the tests that only send requests (no version is
+    added or removed): each still checks it answers version 1 after its own request."""
+    work = tmp_path_factory.mktemp("answering")
+    export_version(work / "repo", NAME, 1, seed=1, work=work)
+    yield from _serving(work / "repo")
 
 
 def _request(**inputs) -> predict_pb2.PredictRequest:
@@ -66,7 +79,8 @@ def _pixels_request(pixels):
     return request
 
 
-def test_metadata_lists_signatures_with_named_inputs_and_dtypes(server):
+def test_metadata_lists_signatures_with_named_inputs_and_dtypes(answering_server):
+    server = answering_server
     metadata = PredictClient(server.target).metadata(NAME)
     assert metadata["serving_default"]["inputs"] == {"images": "string"}
     assert metadata["predict_pixels"]["inputs"] == {"pixels": "float32"}
@@ -131,8 +145,9 @@ def test_version_folder_without_saved_model_pb_is_never_loaded(server, repo, tmp
          "unknown-signature", "non-image-bytes", "huge-batch", "oversize-message"],
 )  # fmt: skip
 def test_malformed_request_gets_its_status_and_server_keeps_answering(
-    server, mutate, code, message
+    answering_server, mutate, code, message
 ):
+    server = answering_server
     _, pngs = sample_images(1)
     request = _request(images=np.array(pngs, dtype=object))
     mutate(request)
@@ -147,7 +162,8 @@ def test_malformed_request_gets_its_status_and_server_keeps_answering(
     assert PredictClient(server.target).predict_images(NAME, pngs)[0].version == 1
 
 
-def test_health_reports_serving(server):
+def test_health_reports_serving(answering_server):
+    server = answering_server
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.target))
     response = stub.Check(
         health_pb2.HealthCheckRequest(service="tensorflow.serving.PredictionService"), timeout=5

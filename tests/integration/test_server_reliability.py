@@ -134,8 +134,12 @@ def test_failed_version_is_retried_a_bounded_number_of_times_then_waits_for_a_ch
 
 
 def test_failed_version_waits_longer_after_each_attempt(repo, tmp_path):
-    _broken_version(repo, 2, tmp_path)
     server = ModelServer(str(repo), NAME)
+    # Version 1 loaded first: otherwise the first failed poll goes on to load it as the
+    # fallback, after the wait started, and a busy machine rounds the first wait to 0.
+    server.poll_once()
+    assert sorted(server.loaded) == [1]
+    _broken_version(repo, 2, tmp_path)
     waits = []
     for _ in range(3):
         if 2 in server.failed:
@@ -166,9 +170,14 @@ def test_rollback_by_removing_the_newest_version_serves_the_older_one(repo, tmp_
 # --- 4. request fields: honoured, or refused as TF Serving refuses them ---------------------
 
 
-@pytest.fixture
-def two_versions(repo, tmp_path):
-    export_version(repo, NAME, 2, seed=2, work=tmp_path)
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory):
+    """One server for the module's request-field tests: they only send requests, so loading
+    two SavedModels once instead of 16 times changes nothing they assert."""
+    work = tmp_path_factory.mktemp("two-versions")
+    repo = work / "repo"
+    export_version(repo, NAME, 1, seed=1, work=work)
+    export_version(repo, NAME, 2, seed=2, work=work)
     server = ModelServer(str(repo), NAME, versions="latest:2")
     port = server.start(port=0)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -129,6 +129,7 @@ def test_newest_version_without_variables_is_passed_over_as_the_server_does(tmp_
     assert fixed.pushed and repository.served_version(pushed.repo, "m") == fixed.version
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_data_reverted_to_an_earlier_model_is_pushed_again_as_the_newest(pushed):
     first = pushed(1, None)
     second = pushed(2, first.version)
@@ -148,7 +149,9 @@ def test_a_model_identical_to_the_served_version_is_not_pushed_twice(pushed):
     assert again.reason == f"identical to the served version {first.version}"
 
 
-@pytest.mark.parametrize("judged_against", ["none", "older"])
+# "older" pushes twice before the refused push (a child server each, ~40 s under load 10):
+# make test runs it; "none" keeps the refusal in make test-fast
+@pytest.mark.parametrize("judged_against", ["none", pytest.param("older", marks=pytest.mark.slow)])
 def test_push_refuses_a_candidate_judged_against_another_champion(pushed, judged_against):
     first = pushed(1, None)
     against = None if judged_against == "none" else first.version

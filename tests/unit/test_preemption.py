@@ -63,6 +63,7 @@ def run_and_kill_after(epochs: int, root: Path, out_dir: Path, config) -> list[s
     return seen
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_fine_tune_killed_after_two_epochs_resumes_at_two_and_ends_like_an_uninterrupted_run(
     trained_head, tmp_path
 ):

@@ -46,6 +46,7 @@ print(json.dumps({"replicas": replicas, "head": head.replicas, "tuned": tuned.re
 """
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_two_replicas_train_the_head_as_one_does_on_the_same_global_batch(tmp_path):
     datasets.write_synthetic_dataset(str(tmp_path / "data"), num_classes=3, per_class=20, size=16, seed=1)  # fmt: skip
     augment_dataset(str(tmp_path / "data"), tmp_path / "examples", CONFIG)

@@ -85,6 +85,7 @@ def test_scratch_keeps_graft_preprocessing_fixed_and_frozen():
     assert len(trainable) == len(net.weights) - 2  # all but the preprocessing kernel and bias
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_scratch_is_reported_at_its_lowest_val_loss_epoch_like_the_head(examples_dir, tmp_path):
     base = save_base(tmp_path / "b.keras", branch)
     config = replace(CONFIG, base=base, scratch_baseline=True, patience=3, head_max_epochs=8)
@@ -193,6 +194,7 @@ def test_fine_tune_layers_counts_the_top_weighted_layers_batchnorm_counted_but_f
 # --- one precision policy in every training step -------------------------------------------
 
 
+@pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
 def test_mixed_precision_applies_to_both_steps_scales_the_loss_and_does_not_leak(tmp_path):
     from components.backbones import leaf_layers
     from serving.export import PIXELS_SIGNATURE, export_saved_model
