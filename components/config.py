@@ -79,7 +79,7 @@ class GraftConfig:
     # 0 = every visible GPU. batch_size stays the GLOBAL batch (each replica gets
     # batch_size/replicas) and learning rates are unchanged, so 1 and N replicas train the
     # same model; raise batch_size (and the LR with it) yourself to use more GPUs' memory.
-    # train_head only for now: fine_tune trains on one device and says so (RELIABILITY.md)
+    # Both training steps (tests/unit/test_replicas.py; limits in docs/RELIABILITY.md)
 
     # --- evaluate: when a candidate may replace the served model ---
     top_k: int = 3  # top-k accuracy reported and top-k labels returned by serving

@@ -152,13 +152,7 @@ def fine_tune_model(
     keras.utils.set_random_seed(config.seed)
     spec = examples.read_spec(examples_dir)
     counts = spec["counts"]
-    # One replica: fine-tuning a head model trained under MirroredStrategy, mirrored again,
-    # failed on 2 logical CPUs (replicas all-reducing different gradient sets: Keras 3.15,
-    # TF 2.20); until that is understood, fine_tune says so and trains on one device.
-    if config.replicas != 1 and training.distribution(config.replicas).num_replicas_in_sync > 1:
-        log.warning("fine_tune: replicas=%d asked for, training on ONE device (mirrored "
-                    "fine-tuning is not supported yet)", config.replicas)  # fmt: skip
-    with training.training_setup(config.precision, replicas=1) as setup:
+    with training.training_setup(config.precision, config.replicas) as setup:
         with setup.strategy.scope():
             model = keras.models.load_model(head_model_dir / MODEL_FILE)
             unfrozen = unfreeze_top(

@@ -19,6 +19,7 @@
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -76,7 +77,19 @@ def distribution(replicas: int):
         )
     if count <= 1:
         return tf.distribute.get_strategy()
-    return tf.distribute.MirroredStrategy([device.name for device in devices[:count]])
+    return _mirrored(tuple(device.name for device in devices[:count]))
+
+
+@functools.cache
+def _mirrored(devices: tuple[str, ...]):
+    """One MirroredStrategy per device set per process. A second one over the same devices
+    numbers its collective all-reduces from the same instance keys as the first, so fine_tune
+    after train_head in one process (the tests, the benchmarks) failed: "Shape mismatch in the
+    collective instance 100 ... expected shape [611] but another member in the group expected
+    shape [27]" (the tuned layers' gradients against the head's; Keras 3.15, TF 2.20)."""
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(list(devices))
 
 
 @dataclass(frozen=True)
