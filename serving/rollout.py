@@ -260,7 +260,15 @@ class MirroredTraffic:
     Observations as routed traffic); the rest are skipped, so the extra load on the
     servers is bounded whatever the clients send. Clients' answers are untouched."""
 
-    def __init__(self, requests: MirroredRequests, router, *, rate: float = 20.0, seed=None):
+    def __init__(
+        self,
+        requests: MirroredRequests,
+        router,
+        *,
+        rate: float = 20.0,
+        seed=None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         import random
 
         if rate <= 0:
@@ -269,12 +277,14 @@ class MirroredTraffic:
         self.cursor: str | None = None
         self.replayed = self.skipped = 0
         self._random = random.Random(seed)
-        self._last = time.monotonic()
+        self.clock = clock
+        self._last = clock()
 
     def step(self) -> int:
         """Replay this step's share; the number of pairs observed."""
         logged, self.cursor = self.requests.requests_since(self.cursor)
-        now = time.monotonic()
+        now = self.clock()
+        # at most ``rate`` a second since the last step (10 s at most after a long pause)
         budget = max(1, int(self.rate * min(now - self._last, 10.0)))
         self._last = now
         chosen = self._random.sample(logged, min(budget, len(logged)))

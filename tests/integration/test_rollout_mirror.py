@@ -163,3 +163,30 @@ def test_mirror_rate_must_be_positive_one_error_line(tmp_path):
                                     "--mirror-from", str(tmp_path), "--mirror-rate", "0"])  # fmt: skip
     assert done.exit_code == 2 and done.output.count("error:") == 1
     assert "--mirror-rate 0" in done.output and "Traceback" not in done.output
+
+
+class Listed:
+    """A MirroredRequests over a list (the log reader is tested above)."""
+
+    def __init__(self, requests):
+        self.requests = requests
+
+    def requests_since(self, cursor):
+        start = int(cursor or 0)
+        return self.requests[start:], str(len(self.requests))
+
+
+def test_the_replay_is_bounded_by_the_rate_whatever_was_logged(served):
+    _, _, _, port = served
+    _, pngs = sample_images(40, seed=4)
+    logged = [images_request(NAME, [png]) for png in pngs]
+    now = [100.0]
+    router = CanaryRouter(PredictClient(f"127.0.0.1:{port}", timeout=30), NAME)
+    mirror = rollout.MirroredTraffic(Listed(logged), router, rate=10, seed=0,
+                                     clock=lambda: now[0])  # fmt: skip
+    now[0] += 0.5
+    assert mirror.step() == 0  # no canary label served: nothing observed, stable answered
+    assert (mirror.replayed, mirror.skipped) == (5, 35)  # 10/s over 0.5 s of 40 logged
+    now[0] += 60
+    assert mirror.step() == 0 and (mirror.replayed, mirror.skipped) == (5, 35)  # nothing new
+    assert router.stats["pairs"] == 0
