@@ -11,6 +11,12 @@ Cases: a good canary, one answering NaN, one failing 5% of requests, one 2x slow
 (tests/rollout_models.py), and a good one whose server and controller are restarted
 mid-canary. The goal: every bad canary rolled back within 120 s of traffic, the good ones
 promoted, 0 failed requests, 0 "label not available" errors. The last line is one JSON object.
+
+``--mirror``: the clients cannot route (they ask `stable` only: ``Traffic`` with fraction
+0); the server logs them (``--request-log``, files closed every second) and the controller
+replays at most ``--mirror-rate`` of them a second to both labels (``MirroredTraffic``).
+
+    TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python -m benchmarks.rollout --clients 4 --mirror
 """
 
 import argparse
@@ -26,14 +32,15 @@ NAME = "fm"
 CASES = ("good", "nan", "errors", "slow", "restart")
 
 
-def _server(root: Path, port: int = 0):
+def _server(root: Path, port: int = 0, logs: str | None = None):
     from serving import rollout
     from serving.config import ServerConfig
     from serving.server import ModelServer
 
     config = ServerConfig(model_config_file=str(root / rollout.CONFIG_FILE),
                           model_config_file_poll_wait_seconds=0.5, poll_seconds=0.5,
-                          allow_version_labels_for_unavailable_models=True)  # fmt: skip
+                          allow_version_labels_for_unavailable_models=True,
+                          request_log=logs, log_max_file_seconds=1.0)  # fmt: skip
     server = ModelServer(config=config)
     return server, server.start(port)
 
@@ -61,27 +68,44 @@ def _latency_ratio(work: Path, requests: int) -> float:
     return spent[2] / spent[1]
 
 
-def run_case(case: str, work: Path, clients: int, timeout: float) -> dict:
+def _controller(repo: Path, target: str, logs: str | None, mirror_rate: float | None):
+    from serving import rollout
+    from serving.client import CanaryRouter, PredictClient
+
+    controller = rollout.RolloutController(str(repo), NAME, PredictClient(target))
+    if logs is not None:
+        router = CanaryRouter(PredictClient(target, timeout=30), NAME,
+                              sink=rollout.RepositoryObservations(controller.root).write)  # fmt: skip
+        controller.mirror = rollout.MirroredTraffic(
+            rollout.LoggedRequests(logs, NAME), router, rate=mirror_rate
+        )
+    return controller
+
+
+def run_case(
+    case: str, work: Path, clients: int, timeout: float, mirror_rate: float | None = None
+) -> dict:
     from components.config import GraftConfig
     from serving import rollout
-    from serving.client import PredictClient
     from tests.rollout_models import Traffic, export_behaving
 
     repo = work / case
     root = repo / NAME
     export_behaving(root / "1", "good")
     rollout.serve_only(str(repo), NAME, 1, reason="first push")
-    server, port = _server(root)
+    logs = None if mirror_rate is None else str(work / f"{case}-logs")
+    server, port = _server(root, logs=logs)
     target = f"127.0.0.1:{port}"
     thresholds = rollout.Thresholds.from_config(GraftConfig())
     export_behaving(root / "2", "good" if case == "restart" else case)
     started = time.monotonic()
     rollout.begin(str(repo), NAME, stable=1, canary=2, thresholds=thresholds)
-    traffic = Traffic(target, NAME, str(root), clients=clients, fraction=thresholds.fraction)
+    fraction = thresholds.fraction if logs is None else 0.0  # mirrored: clients ask stable
+    traffic = Traffic(target, NAME, str(root), clients=clients, fraction=fraction)
     traffic.start()
     restarted_after = None
     try:
-        controller = rollout.RolloutController(str(repo), NAME, PredictClient(target))
+        controller = _controller(repo, target, logs, mirror_rate)
         if case == "restart":
             stop = threading.Event()
             worker = threading.Thread(target=controller.run,
@@ -97,8 +121,8 @@ def run_case(case: str, work: Path, clients: int, timeout: float) -> dict:
             worker.join()
             server.stop(grace=1)
             restarted_after = round(time.monotonic() - started, 2)
-            server, _ = _server(root, port)
-            controller = rollout.RolloutController(str(repo), NAME, PredictClient(target))
+            server, _ = _server(root, port, logs=logs)
+            controller = _controller(repo, target, logs, mirror_rate)
         event = controller.run(poll_seconds=0.5, timeout=timeout)
     finally:
         traffic.stop()
@@ -116,7 +140,8 @@ def run_case(case: str, work: Path, clients: int, timeout: float) -> dict:
         "reason": decided.get("reason", ""),
         "figures": decided.get("figures", {}),
         "requests": stats["requests"],
-        "pairs": stats["pairs"],
+        "pairs": stats["pairs"] if logs is None else controller.mirror.router.stats["pairs"],
+        "mirrored_replayed": None if logs is None else controller.mirror.replayed,
         "failed_requests": len(traffic.failures),
         "stable_failed": stats["stable_failed"],
         "label_errors": stats["label_errors"],
@@ -131,6 +156,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="per case, seconds")
     parser.add_argument("--ratio-requests", type=int, default=50)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--mirror", action="store_true", help="clients ask stable only; "
+                        "the controller replays the request log")  # fmt: skip
+    parser.add_argument("--mirror-rate", type=float, default=20.0)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="graft-bench-rollout-"))
     try:
@@ -139,7 +167,8 @@ def main() -> None:
         print(f"slow canary / good, end to end, one client: {ratio:.2f}x", flush=True)
         rows = []
         for case in args.cases.split(","):
-            row = run_case(case, work, args.clients, args.timeout)
+            row = run_case(case, work, args.clients, args.timeout,
+                           args.mirror_rate if args.mirror else None)  # fmt: skip
             row["load_average"] = round(os.getloadavg()[0], 2)
             rows.append(row)
             print(f"{case:8} {row['outcome']:12} (expected {row['expected']}) "
@@ -152,6 +181,7 @@ def main() -> None:
     summary = {
         "benchmark": "rollout",
         "clients": args.clients,
+        "mirror_rate": args.mirror_rate if args.mirror else None,
         "slow_over_good_latency": round(ratio, 2),
         "all_as_expected": all(r["outcome"] == r["expected"] for r in rows),
         "max_seconds_in_canary": max((r["seconds_in_canary"] or 0) for r in rows),

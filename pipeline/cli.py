@@ -678,12 +678,30 @@ REPO_HELP = "Model repository (local dir or gs://) holding the versions and mode
 TARGET_HELP = "host:port of the server(s) reading models.config (TF Serving or graft serve)."
 
 
-def _controller(model_repo: str, model_name: str, target: str, timeout: float = 10.0):
-    from serving.client import PredictClient
-    from serving.rollout import RolloutController
+def _controller(
+    model_repo: str,
+    model_name: str,
+    target: str,
+    timeout: float = 10.0,
+    mirror_from: str = "",
+    mirror_rate: float = 20.0,
+):
+    from serving.client import CanaryRouter, PredictClient
+    from serving.rollout import (
+        LoggedRequests,
+        MirroredTraffic,
+        RepositoryObservations,
+        RolloutController,
+    )
 
     _check_target(target)
-    return RolloutController(model_repo, model_name, PredictClient(target, timeout=timeout))
+    controller = RolloutController(model_repo, model_name, PredictClient(target, timeout=timeout))
+    if mirror_from:
+        router = CanaryRouter(PredictClient(target, timeout=timeout), model_name,
+                              sink=RepositoryObservations(controller.root).write)  # fmt: skip
+        controller.mirror = MirroredTraffic(LoggedRequests(mirror_from, model_name), router,
+                                            rate=mirror_rate)  # fmt: skip
+    return controller
 
 
 def _finish(controller, poll_seconds: float, timeout: float | None) -> None:
@@ -707,15 +725,29 @@ def rollout_watch(
     target: str = typer.Option("127.0.0.1:8500", help=TARGET_HELP),
     poll_seconds: float = typer.Option(2.0, help="How often to read the observations."),
     timeout: float = typer.Option(None, help="Give up after this many seconds (default: never)."),
+    mirror_from: str = typer.Option(
+        "",
+        help="A `graft serve --request-log` URI (local or gs://): replay logged requests "
+        "to canary and stable, for clients that cannot route (default: routed requests only).",
+    ),
+    mirror_rate: float = typer.Option(
+        20.0,
+        help="At most this many logged requests replayed a second (each to both labels): "
+        "the default reaches canary_min_requests=200 in 10 s at 40 extra predicts/s.",
+    ),
 ) -> None:
     """Drive the current rollout to its decision: label the canary once it is AVAILABLE,
-    judge it on the routed requests, promote or roll back, record every step. Resumes from
-    the recorded state after a restart."""
+    judge it on the routed (or mirrored) requests, promote or roll back, record every step.
+    Resumes from the recorded state after a restart."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with user_errors():
-        _finish(_controller(model_repo, model_name, target), poll_seconds, timeout)
+        if mirror_rate <= 0:
+            raise ValueError(f"Received `--mirror-rate {mirror_rate}`: expected replays/s > 0")
+        controller = _controller(model_repo, model_name, target, mirror_from=mirror_from,
+                                 mirror_rate=mirror_rate)  # fmt: skip
+        _finish(controller, poll_seconds, timeout)
 
 
 @rollout_app.command("init")

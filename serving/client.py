@@ -83,10 +83,10 @@ class PredictClient:
         response = self._call(self.predictions.Predict, request, f"predict on model {model_name!r}")
         return predictions(response, len(images))
 
-    def predict_future(self, request):
+    def predict_future(self, request, metadata=None):
         """Start a Predict; the gRPC future's ``result()`` is the PredictResponse."""
         return self.predictions.Predict.future(
-            request, timeout=self.timeout, wait_for_ready=self.wait_for_ready
+            request, timeout=self.timeout, wait_for_ready=self.wait_for_ready, metadata=metadata
         )
 
     def label_version(self, model_name: str, label: str) -> int | None:
@@ -294,6 +294,11 @@ class RestClient:
 
 # Codes that say the server process went away (stopping, restarting), not that a version failed.
 _SERVER_GONE = ("UNAVAILABLE", "CANCELLED")
+CANARY_ARM = "canary"  # serving/rollout.py's CANARY (imported there lazily: no cycle)
+_NO_CANARY = "no canary label"
+# gRPC metadata on the controller's replays of logged requests: `graft serve` does not log
+# them again (a replay logged would be replayed again, and so on).
+MIRROR_METADATA = (("graft-mirror", "1"),)
 
 
 class CanaryRouter:
@@ -395,6 +400,42 @@ class CanaryRouter:
         return f"version label: {label}" in message or "not currently available" in message
 
     def _paired(self, images: list[bytes]) -> list[Prediction]:
+        compared = self._compare(
+            images_request(self.model_name, images, label=self.canary_label),
+            self._stable_request(images),
+        )
+        if compared is None:  # the server went away mid-request: stable answers again
+            return self._stable_only(images)
+        answers, errors = compared
+        if errors.get(CANARY_ARM, "") == _NO_CANARY:
+            return self._stable_answer(images, answers, errors)
+        if CANARY_ARM not in errors:
+            return predictions(answers[CANARY_ARM], len(images))
+        with self._lock:
+            self.stats["fell_back"] += 1
+        return self._stable_answer(images, answers, errors, counted=True)
+
+    def mirror(self, request) -> bool:
+        """Replay one logged PredictRequest to both labels (serving/rollout.py
+        ``MirroredTraffic``) and observe the pair as for a routed request; the answers go
+        nowhere. The calls carry ``MIRROR_METADATA`` so the server does not log them again.
+        True when a pair was observed."""
+        arms = []
+        for label in (self.canary_label, self.stable_label):
+            copy = type(request)()
+            copy.CopyFrom(request)
+            copy.model_spec.name = self.model_name
+            copy.model_spec.ClearField("version")
+            copy.model_spec.version_label = label
+            arms.append(copy)
+        compared = self._compare(*arms, metadata=MIRROR_METADATA)
+        return compared is not None and compared[1].get(CANARY_ARM) != _NO_CANARY
+
+    def _compare(self, canary_request, stable_request, metadata=None):
+        """Send the same input to both labels at once; record the pair's two Observations.
+        (answers, errors) by arm; None when the server went away mid-request (no fault of
+        either version: nothing observed); errors[canary] is ``_NO_CANARY`` when the server
+        knows no canary label (nothing observed, stable alone for ``recheck_seconds``)."""
         import time
         import uuid
 
@@ -406,11 +447,8 @@ class CanaryRouter:
         done: dict[str, float] = {}
         started = time.perf_counter()
         futures = {}
-        for arm, request in (
-            (CANARY, images_request(self.model_name, images, label=self.canary_label)),
-            (STABLE, self._stable_request(images)),
-        ):
-            futures[arm] = self.client.predict_future(request)
+        for arm, request in ((CANARY, canary_request), (STABLE, stable_request)):
+            futures[arm] = self.client.predict_future(request, metadata=metadata)
             futures[arm].add_done_callback(
                 lambda _, arm=arm: done.setdefault(arm, time.perf_counter())
             )
@@ -429,11 +467,11 @@ class CanaryRouter:
             # version, so no observation; Predict is idempotent, so stable answers again.
             with self._lock:
                 self.stats["disturbed"] += 1
-            return self._stable_only(images)
+            return None
         if CANARY in errors and self._label_missing(errors[CANARY], self.canary_label):
             with self._lock:  # no rollout running: stable alone for a while
                 self._canary_absent_until = time.monotonic() + self.recheck_seconds
-            return self._stable_answer(images, answers, errors)
+            return answers, {**errors, CANARY: _NO_CANARY}
         pair = uuid.uuid4().hex
         observed = []
         for arm in (CANARY, STABLE):
@@ -466,11 +504,7 @@ class CanaryRouter:
                 self._pending = []
         if batch is not None and self.sink is not None:
             self.sink(batch)
-        if CANARY not in errors:
-            return predictions(answers[CANARY], len(images))
-        with self._lock:
-            self.stats["fell_back"] += 1
-        return self._stable_answer(images, answers, errors, counted=True)
+        return answers, errors
 
     def _stable_answer(
         self, images, answers: dict, errors: dict, *, counted: bool = False

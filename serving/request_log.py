@@ -274,18 +274,23 @@ class RequestLogger:
 def read_prediction_logs(uri: str, *, model_name: str | None = None):
     """Every PredictionLog in the published ``*.tfrecord`` files below ``uri`` (a folder or a
     file prefix), oldest file first; ``model_name`` keeps that model's records only."""
+    for path in log_files(uri):
+        for record in records_in(path):
+            if model_name is None or record.log_metadata.model_spec.name == model_name:
+                yield path, record
+
+
+def records_in(path: str):
+    """The PredictionLogs of one published log file (local or gs://), in written order."""
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
 
-    for path in log_files(uri):
-        local = path
-        with tempfile.TemporaryDirectory(prefix="graft-log-read-") as work:
-            if storage.is_gcs(path):
-                local = str(storage.download_file(path, Path(work) / "log.tfrecord"))
-            for raw in tf.data.TFRecordDataset(local):
-                record = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
-                if model_name is None or record.log_metadata.model_spec.name == model_name:
-                    yield path, record
+    local = path
+    with tempfile.TemporaryDirectory(prefix="graft-log-read-") as work:
+        if storage.is_gcs(path):
+            local = str(storage.download_file(path, Path(work) / "log.tfrecord"))
+        for raw in tf.data.TFRecordDataset(local):
+            yield prediction_log_pb2.PredictionLog.FromString(raw.numpy())
 
 
 def log_files(uri: str) -> list[str]:

@@ -27,9 +27,11 @@ share ``canary_fraction`` of requests goes to label `canary` and, at the same mo
 `stable` with the same input, so the two are compared on the same inputs under the same
 load; the caller gets stable's answer whenever the canary's is an error or not finite.
 The router writes those pairs under ``.rollout/observations/<canary version>/``, where the
-controller reads them. Clients that cannot be changed: mirrored requests from a request
-log are the fallback; ``MirroredRequests`` is the reader interface that needs (the request
-log itself is serving's, issue 24 item 3), not implemented here.
+controller reads them. Clients that cannot be changed: mirrored requests are the fallback
+(``graft rollout watch --mirror-from URI``): the controller reads `graft serve
+--request-log URI`'s closed files (``LoggedRequests``) and replays a rate-bounded sample
+to both labels (``MirroredTraffic``, through ``CanaryRouter.mirror``), so the same
+Observations reach ``judge``; the replays are extra load, never a client's answer.
 
 One controller per model at a time: the history is rewritten whole (atomic on local disk
 and GCS), not appended by several writers.
@@ -210,12 +212,87 @@ class ObservationSource(Protocol):
 
 class MirroredRequests(Protocol):
     """Fallback for clients graft cannot change: logged requests (TF Serving PredictionLog
-    records from a request log) replayed to both labels by the controller. Only the
-    interface is defined here; the request log is issue 24 item 3."""
+    records from a request log) replayed to both labels by the controller."""
 
-    def requests_since(self, cursor: str | None) -> tuple[list, str]:
+    def requests_since(self, cursor: str | None) -> tuple[list, str | None]:
         """(PredictRequest protos logged after ``cursor``, the new cursor)."""
         ...
+
+
+class LoggedRequests:
+    """``MirroredRequests`` over `graft serve --request-log URI` (local or gs://): the
+    PredictRequests to ``model_name`` in the published (closed) files, oldest file first.
+    The cursor is ``<file name>#<records read>``; files named before it are done. Names
+    start with the UTC time a file was opened, so with several servers a file published
+    late under an earlier name than the cursor's is missed (a sample: nothing depends on
+    every request)."""
+
+    def __init__(self, uri: str, model_name: str, *, limit: int = 1000):
+        self.uri, self.model_name, self.limit = uri, model_name, limit
+
+    def requests_since(self, cursor: str | None) -> tuple[list, str | None]:
+        from serving.request_log import log_files, records_in
+
+        done_name, _, done_count = (cursor or "").rpartition("#")
+        found: list = []
+        for path in log_files(self.uri):
+            name = path.rsplit("/", 1)[-1]
+            if done_name and name < done_name:
+                continue
+            read = int(done_count) if name == done_name else 0
+            for index, record in enumerate(records_in(path)):
+                if index < read:
+                    continue
+                if len(found) >= self.limit:
+                    return found, f"{name}#{index}"
+                read = index + 1
+                if (record.WhichOneof("log_type") == "predict_log"
+                        and record.log_metadata.model_spec.name == self.model_name):  # fmt: skip
+                    found.append(record.predict_log.request)
+            cursor = f"{name}#{read}"
+        return found, cursor
+
+
+class MirroredTraffic:
+    """The controller's replay of logged requests: each step sends a random sample of the
+    requests logged since the last step, at most ``rate`` a second of controller time, to
+    `canary` and `stable` through ``CanaryRouter.mirror`` (the same pairing and
+    Observations as routed traffic); the rest are skipped, so the extra load on the
+    servers is bounded whatever the clients send. Clients' answers are untouched."""
+
+    def __init__(
+        self,
+        requests: MirroredRequests,
+        router,
+        *,
+        rate: float = 20.0,
+        seed=None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        import random
+
+        if rate <= 0:
+            raise ValueError(f"Received `rate={rate}`: expected replays a second > 0")
+        self.requests, self.router, self.rate = requests, router, rate
+        self.cursor: str | None = None
+        self.replayed = self.skipped = 0
+        self._random = random.Random(seed)
+        self.clock = clock
+        self._last = clock()
+
+    def step(self) -> int:
+        """Replay this step's share; the number of pairs observed."""
+        logged, self.cursor = self.requests.requests_since(self.cursor)
+        now = self.clock()
+        # at most ``rate`` a second since the last step (10 s at most after a long pause)
+        budget = max(1, int(self.rate * min(now - self._last, 10.0)))
+        self._last = now
+        chosen = self._random.sample(logged, min(budget, len(logged)))
+        self.skipped += len(logged) - len(chosen)
+        observed = sum(self.router.mirror(request) for request in chosen)
+        self.router.flush()
+        self.replayed += len(chosen)
+        return observed
 
 
 def observations_uri(root: str, canary_version: int | None = None) -> str:
@@ -450,11 +527,13 @@ class RolloutController:
         source: ObservationSource | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        mirror: MirroredTraffic | None = None,
     ):
         self.root = repository.model_root(model_repo, model_name)
         self.model_name, self.server = model_name, server
         self.source = source if source is not None else RepositoryObservations(self.root)
         self.clock = clock
+        self.mirror = mirror  # logged requests replayed while in `canary` (None: routed only)
 
     def state(self) -> dict | None:
         return current(self.root)
@@ -484,6 +563,8 @@ class RolloutController:
 
     def _from_canary(self, event: dict) -> dict:
         thresholds = Thresholds(**event["thresholds"])
+        if self.mirror is not None:
+            self.mirror.step()
         observations = self.source.read(event["canary"], since=event["unix"])
         verdict = judge(observations, thresholds)
         if verdict.decision == "wait":

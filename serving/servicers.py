@@ -451,6 +451,14 @@ def run_multi_inference(server, loaded, request):
     return response
 
 
+def _mirrored(context) -> bool:
+    """Whether a call carries serving/client.py's MIRROR_METADATA (``graft-mirror: 1``)."""
+    metadata = getattr(context, "invocation_metadata", None)
+    return metadata is not None and any(
+        key == "graft-mirror" and value == "1" for key, value in (metadata() or ())
+    )
+
+
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """gRPC's and REST's one way in: every answered request is offered to the request log
     (serving/request_log.py) here, with the answer's model_spec (version included)."""
@@ -458,8 +466,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, server):
         self.server = server
 
-    def _logged(self, api: str, request, response, model_spec):
-        self.server.request_log.log(api, request, response, model_spec)
+    def _logged(self, api: str, request, response, model_spec, context=None):
+        if not _mirrored(context):  # a rollout controller's replay of a logged request
+            self.server.request_log.log(api, request, response, model_spec)
         return response
 
     def Predict(self, request, context):
@@ -467,7 +476,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             response = run_predict(self.server, resolve(self.server, request), request)
         except RequestError as err:
             context.abort(err.code, str(err))
-        return self._logged("Predict", request, response, response.model_spec)
+        return self._logged("Predict", request, response, response.model_spec, context)
 
     def Classify(self, request, context):
         try:
