@@ -58,6 +58,14 @@ EVERY_SETTING_CHANGED = {
     "precision": "float32",
     "replicas": 1,
     "bless_min_macro_recall": 0.2,
+    "rollout": "canary",  # the first version: nothing served to compare with, it serves alone
+    "canary_fraction": 0.2,
+    "canary_min_requests": 50,
+    "canary_max_error_rate": 0.02,
+    "canary_max_latency_ratio": 2.0,
+    "canary_min_agreement": 0.8,
+    "canary_max_class_shift": 0.2,
+    "rollout_serving_base_path": "/models/every",
 }
 
 
