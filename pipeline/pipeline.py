@@ -128,11 +128,16 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True):
                 augment(
                     data_uri=data_uri,
                     manifest=validated.outputs["manifest"],
+                    model_repo=model_repo,  # the reuse store lives beside the versions
                     **settings_for(augment, p),
                 )
             ).set_caching_options(False)
             head = _training_step(
-                train_head(examples=augmented.outputs["examples"], **settings_for(train_head, p)),
+                train_head(
+                    examples=augmented.outputs["examples"],
+                    model_repo=model_repo,  # the reuse store lives beside the versions
+                    **settings_for(train_head, p),
+                ),
                 gpu,
             )
 
