@@ -22,7 +22,8 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from common.artifacts import LABELS_FILE, MODEL_FILE, TRAINING_FILE
 from common.progress import Progress
-from components import examples, training
+from common.reuse_store import Reuse
+from components import examples, features, training
 from components.component import step_component
 from components.config import GraftConfig
 
@@ -42,23 +43,79 @@ class HeadResult:
     resumed_from_epoch: int = 0  # epochs a killed earlier run of this step had completed
     precision: str = "float32"  # the dtype policy the step trained with
     replicas: int = 1
-    features_reused: bool = False  # the feature cache of a killed earlier run was complete
+    features_reused: bool = False  # the feature shards of a killed earlier run were complete
+    reuse: dict = field(default_factory=dict)  # images whose features the reuse store held
     scratch: dict = field(default_factory=dict)  # the from-random-init baseline, if asked for
 
 
-def cached_features(base, examples_dir: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """Features and labels of every train record then every val record, read from the shards
-    batch by batch in one pass of the base; returns (features, labels, number of train rows)."""
-    counts = examples.read_spec(examples_dir)["counts"]
-    total = counts["train"] + counts["val"]
-    records = examples.dataset(examples_dir, "train").concatenate(
-        examples.dataset(examples_dir, "val")
-    )
-    progress = Progress(log, "train_head: base features", total, unit="records")
-    outputs, labels = training.labelled_outputs(base, records, total, progress, pool=True)
+IMAGES_PER_CHUNK = 256  # images looked up in the store and passed through the base at a time
+
+
+def cached_features(
+    base, examples_dir: str | Path, folder: str | Path, *, store=None, policy: str = "float32"
+) -> dict:
+    """Write the base's features of every train then every val record, in stored order, as
+    shards in ``folder`` (components/features.py); return {"dim", "counts", "reuse"}.
+
+    Streams: IMAGES_PER_CHUNK images at a time, whole images (an image's records are
+    adjacent). An image whose features the reuse ``store`` holds for this base and precision
+    is not passed through the base; the rest are, in one padded batch shape, and stored."""
+    from components.augment import record_key
+
+    spec = examples.read_spec(examples_dir)
+    counts = {split: spec["counts"][split] for split in ("train", "val")}
+    facts = spec.get("record_facts") if store is not None else None  # older examples: no keys
+    fingerprint = features.base_fingerprint(base)
+    batch = training.feature_batch_size(sum(counts.values()))
+    progress = Progress(log, "train_head: base features", sum(counts.values()), unit="records")
+    reuse, used, dim = Reuse(store=store.uri if store is not None else ""), [], []
+
+    def split_records(split: str):
+        per = 1 + (spec["views"] if split == "train" else 0)
+        for images, labels, _, shas in (
+            examples.keyed_dataset(examples_dir, split).batch(per * IMAGES_PER_CHUNK).as_numpy_iterator()
+        ):  # fmt: skip
+            image_shas = [sha.decode() for sha in shas[::per]]
+            if len(labels) % per or any(len(set(shas[i : i + per])) > 1 for i in range(0, len(shas), per)):  # fmt: skip
+                raise ValueError(
+                    f"{examples_dir}: an image's {per} records are not adjacent (examples "
+                    "written by an older augment): rerun augment"
+                )
+            keys = ([features.feature_key(record_key(sha, split, facts), fingerprint, policy)
+                     for sha in image_shas] if facts else [])  # fmt: skip
+            found = list(store.get_many("features", keys)) if keys else [None] * len(image_shas)
+            found = [data if data is not None and len(data) % (4 * per) == 0
+                     and (not dim or len(data) == 4 * per * dim[0]) else None for data in found]  # fmt: skip
+            missing = [i for i, data in enumerate(found) if data is None]
+            if missing:
+                rows = np.concatenate([np.arange(i * per, (i + 1) * per) for i in missing])
+                pixels = images[rows]
+                batches = (pixels[j : j + batch] for j in range(0, len(pixels), batch))
+                computed = training.stream_outputs(base, batches, len(pixels), batch, pool=True)[0]
+                for k, i in enumerate(missing):
+                    found[i] = computed[k * per : (k + 1) * per].tobytes()
+                if keys:
+                    store.put_many("features", ((keys[i], found[i]) for i in missing))
+            reuse.computed += len(missing)
+            reuse.reused += len(found) - len(missing)
+            used.extend(keys)
+            for i, data in enumerate(found):
+                rows = np.frombuffer(data, np.float32).reshape(per, -1)
+                dim[:] = [rows.shape[1]]
+                for view in range(per):
+                    yield [rows[view]], labels[i * per + view]
+            progress.advance(len(labels))
+
+    written = {
+        split: features.write_shards(folder, split, split_records(split)) for split in counts
+    }
     progress.done()
-    features = outputs[0] if outputs else np.zeros((0, 0), "float32")
-    return features, labels, counts["train"]
+    if written != counts:
+        raise ValueError(f"{examples_dir}: spec.json counts {counts} but the shards hold {written}")
+    if used:
+        reuse.evicted = store.finish("features", used)
+    log.info("train_head: %d images' features reused, %d computed", reuse.reused, reuse.computed)
+    return {"dim": dim[0] if dim else 0, "counts": counts, "reuse": reuse.as_dict()}
 
 
 def build_head(feature_dim: int, num_classes: int, config: GraftConfig, adapt_to=None):
@@ -139,10 +196,11 @@ def scratch_baseline(
 
 
 def train_head_model(
-    examples_dir: str | Path, out_dir: str | Path, config: GraftConfig
+    examples_dir: str | Path, out_dir: str | Path, config: GraftConfig, store=None
 ) -> HeadResult:
-    """Train the head on cached base features; write model.keras, labels.txt, training.json.
-    Run again after a kill with the same ``out_dir``, it reuses a complete feature cache and
+    """Train the head on base features streamed from shards on disk; write model.keras,
+    labels.txt, training.json. Features the reuse ``store`` holds are read, not computed.
+    Run again after a kill with the same ``out_dir``, it reuses complete feature shards and
     resumes the head's training from its last completed epoch."""
     import keras
 
@@ -161,35 +219,37 @@ def train_head_model(
             base.trainable = False
         started = time.perf_counter()
         key = training.cache_key(settings=config.settings(), spec=spec, step="train_head")
-
-        def compute() -> dict:  # one pass, one shape
-            features, labels_, train_rows = cached_features(base, examples_dir)
-            return {"features": features, "labels": labels_, "train_rows": np.asarray(train_rows)}
-
-        cache, reused = training.reuse_or_compute(
-            training.resume_dir(out_dir) / "features.npz", key, compute
-        )
-        both, both_labels, train_rows = cache["features"], cache["labels"], int(cache["train_rows"])
-        features, val_features = both[:train_rows], both[train_rows:]
-        y, y_val = both_labels[:train_rows], both_labels[train_rows:]
+        folder = training.resume_dir(out_dir) / "features"
+        made = features.is_complete(folder, key)
+        reused = made is not None
+        if made is None:  # a killed earlier run's complete shards are reused, else made
+            features.clear(folder)
+            made = cached_features(base, examples_dir, folder, store=store, policy=setup.policy)
+            features.mark_complete(folder, key, **made)
+        dim, counts = made["dim"], made["counts"]
         feature_seconds = time.perf_counter() - started
-        log.info("feature cache: %d train + %d val examples through the base once in %.1fs",
-                 len(y), len(y_val), feature_seconds)  # fmt: skip
+        log.info("feature cache: %d train + %d val examples on disk in %.1fs (%s)",
+                 counts["train"], counts["val"], feature_seconds, made["reuse"])  # fmt: skip
+        shapes = [(dim,)]
+        train = features.batches(folder, "train", shapes, counts["train"], config.batch_size,
+                                 shuffle_seed=config.seed)  # fmt: skip
+        val = features.batches(folder, "val", shapes, counts["val"], config.batch_size)
         with setup.strategy.scope():
-            head = build_head(features.shape[-1], len(labels), config, adapt_to=features)
+            adapt_to = features.dataset(folder, "train", shapes).map(lambda x, y: x).batch(4096)
+            head = build_head(dim, len(labels), config, adapt_to=adapt_to)
             head.compile(optimizer=setup.optimizer(config.head_learning_rate),
                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
         started = time.perf_counter()
         run = training.fit(
-            head, {"x": features, "y": y, "batch_size": config.batch_size, "shuffle": True},
-            (val_features, y_val), config=config, epochs=config.head_max_epochs, out_dir=out_dir,
-            what="train_head", records=len(y), name="head",
+            head, {"x": train, "shuffle": False}, val, config=config,
+            epochs=config.head_max_epochs, out_dir=out_dir, what="train_head",
+            records=counts["train"], name="head",
         )  # fmt: skip
         head_seconds = time.perf_counter() - started
         result = HeadResult(
             run.converged, run.epochs, run.at_best("val_loss"), run.at_best("val_accuracy"),
             run.history, feature_seconds, head_seconds, run.best_epoch, run.resumed_from_epoch,
-            setup.policy, setup.replicas, reused,
+            setup.policy, setup.replicas, reused, reuse=made["reuse"],
         )  # fmt: skip
         log.info("head %s after %d epochs: val_loss %.4f, val_accuracy %.4f",
                  "converged" if result.converged else "DID NOT converge", result.epochs, result.val_loss, result.val_accuracy)  # fmt: skip
@@ -229,22 +289,26 @@ def train_head(
     scratch_baseline: bool = False,
     precision: str = "auto",
     replicas: int = 0,
+    io_concurrency: int = 16,
+    model_repo: str = "",
+    reuse_budget_gb: float = 50.0,
 ) -> bool:
-    """Train the head on a frozen base; return whether it converged (the fine-tune gate)."""
+    """Train the head on a frozen base, reusing the base features the reuse store beside
+    ``model_repo`` holds; return whether it converged (the fine-tune gate)."""
     import logging
 
+    from components.augment import store_for
     from components.config import step_config
     from components.train_head import train_head_model
 
     config = step_config(locals())
     logging.basicConfig(level=logging.INFO)
-    result = train_head_model(examples.path, head_model.path, config)
+    result = train_head_model(examples.path, head_model.path, config, store_for(model_repo, config))
     head_metrics.log_metric("val_accuracy", result.val_accuracy)
     head_metrics.log_metric("val_loss", result.val_loss)
     head_metrics.log_metric("epochs", result.epochs)
     if result.scratch:
         head_metrics.log_metric("scratch_val_accuracy", result.scratch["val_accuracy"])
-    head_model.metadata.update(
-        {"converged": result.converged, "base": base, "settings": config.used()}
-    )
+    head_model.metadata.update({"converged": result.converged, "base": base,
+                                "reuse": result.reuse, "settings": config.used()})  # fmt: skip
     return result.converged
