@@ -127,7 +127,7 @@ def dataset(
         return tf.data.TFRecordDataset(paths).map(parse)
     files = tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=shuffle_seed)
     records = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(paths), MAX_OPEN_SHARDS),
-                               block_length=1, deterministic=True)  # fmt: skip
+                               block_length=1)  # fmt: skip
     record_bytes = 4 * sum(int(np.prod(shape)) for shape in shapes)
     buffer = max(1, SHUFFLE_BUFFER_BYTES // record_bytes)
     return records.map(parse).shuffle(buffer, seed=shuffle_seed)

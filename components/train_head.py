@@ -54,57 +54,74 @@ IMAGES_PER_CHUNK = 256  # images looked up in the store and passed through the b
 def cached_features(
     base, examples_dir: str | Path, folder: str | Path, *, store=None, policy: str = "float32"
 ) -> dict:
-    """Write the base's features of every train then every val record, in stored order, as
-    shards in ``folder`` (components/features.py); return {"dim", "counts", "reuse"}.
+    """Write the base's features of every train and every val record as shards in ``folder``
+    (components/features.py); return {"dim", "counts", "reuse"}.
 
     Streams: IMAGES_PER_CHUNK images at a time, whole images (an image's records are
     adjacent). An image whose features the reuse ``store`` holds for this base and precision
-    is not passed through the base; the rest are, in one padded batch shape, and stored."""
+    is not passed through the base: its features go to the shards as they are read. The
+    others wait until they fill a batch of whole images, one batch shape per split (a
+    second shape makes Keras retrace), are passed through the base, written and stored. So
+    a split's shards hold the reused images first, in stored order, then the computed ones:
+    training shuffles them, and validation's metrics do not depend on order."""
     from components.augment import record_key
 
     spec = examples.read_spec(examples_dir)
     counts = {split: spec["counts"][split] for split in ("train", "val")}
     facts = spec.get("record_facts") if store is not None else None  # older examples: no keys
     fingerprint = features.base_fingerprint(base)
-    batch = training.feature_batch_size(sum(counts.values()))
     progress = Progress(log, "train_head: base features", sum(counts.values()), unit="records")
     reuse, used, dim = Reuse(store=store.uri if store is not None else ""), [], []
 
     def split_records(split: str):
         per = 1 + (spec["views"] if split == "train" else 0)
+        batch = per * max(1, min(training.FEATURE_BATCH, counts[split]) // per)
+        pending: list[tuple] = []  # (key, labels, pixels) of images waiting for the base
+
+        def compute(images: list[tuple]):
+            pixels = np.concatenate([p for _, _, p in images])
+            batches = (pixels[j : j + batch] for j in range(0, len(pixels), batch))
+            values = training.stream_outputs(base, batches, len(pixels), batch, pool=True)[0]
+            rows = [values[k * per : (k + 1) * per] for k in range(len(images))]
+            if store is not None and facts:
+                store.put_many("features", ((key, r.tobytes()) for (key, _, _), r in zip(images, rows, strict=True)))  # fmt: skip
+            for (_, labels, _), r in zip(images, rows, strict=True):
+                yield r, labels
+
+        def records_of(rows: np.ndarray, labels):
+            dim[:] = [rows.shape[1]]
+            for view in range(per):
+                yield [rows[view]], labels[view]
+            progress.advance(per)
+
         for images, labels, _, shas in (
             examples.keyed_dataset(examples_dir, split).batch(per * IMAGES_PER_CHUNK).as_numpy_iterator()
         ):  # fmt: skip
-            image_shas = [sha.decode() for sha in shas[::per]]
             if len(labels) % per or any(len(set(shas[i : i + per])) > 1 for i in range(0, len(shas), per)):  # fmt: skip
                 raise ValueError(
                     f"{examples_dir}: an image's {per} records are not adjacent (examples "
                     "written by an older augment): rerun augment"
                 )
+            image_shas = [sha.decode() for sha in shas[::per]]
             keys = ([features.feature_key(record_key(sha, split, facts), fingerprint, policy)
-                     for sha in image_shas] if facts else [])  # fmt: skip
-            found = list(store.get_many("features", keys)) if keys else [None] * len(image_shas)
-            found = [data if data is not None and len(data) % (4 * per) == 0
-                     and (not dim or len(data) == 4 * per * dim[0]) else None for data in found]  # fmt: skip
-            missing = [i for i, data in enumerate(found) if data is None]
-            if missing:
-                rows = np.concatenate([np.arange(i * per, (i + 1) * per) for i in missing])
-                pixels = images[rows]
-                batches = (pixels[j : j + batch] for j in range(0, len(pixels), batch))
-                computed = training.stream_outputs(base, batches, len(pixels), batch, pool=True)[0]
-                for k, i in enumerate(missing):
-                    found[i] = computed[k * per : (k + 1) * per].tobytes()
-                if keys:
-                    store.put_many("features", ((keys[i], found[i]) for i in missing))
-            reuse.computed += len(missing)
-            reuse.reused += len(found) - len(missing)
-            used.extend(keys)
-            for i, data in enumerate(found):
-                rows = np.frombuffer(data, np.float32).reshape(per, -1)
-                dim[:] = [rows.shape[1]]
-                for view in range(per):
-                    yield [rows[view]], labels[i * per + view]
-            progress.advance(len(labels))
+                     for sha in image_shas] if facts else [""] * len(image_shas))  # fmt: skip
+            found = list(store.get_many("features", keys)) if facts else [None] * len(keys)
+            used.extend(key for key in keys if key)
+            for i, (key, data) in enumerate(zip(keys, found, strict=True)):
+                span = slice(i * per, (i + 1) * per)
+                if data is not None and len(data) % (4 * per) == 0 and (not dim or len(data) == 4 * per * dim[0]):  # fmt: skip
+                    reuse.reused += 1
+                    yield from records_of(np.frombuffer(data, np.float32).reshape(per, -1), labels[span])  # fmt: skip
+                    continue
+                reuse.computed += 1
+                pending.append((key, labels[span], images[span]))
+                if len(pending) * per >= batch:
+                    for rows, image_labels in compute(pending):
+                        yield from records_of(rows, image_labels)
+                    pending = []
+        if pending:
+            for rows, image_labels in compute(pending):
+                yield from records_of(rows, image_labels)
 
     written = {
         split: features.write_shards(folder, split, split_records(split)) for split in counts

@@ -72,7 +72,7 @@ def test_fine_tune_killed_after_two_epochs_resumes_at_two_and_ends_like_an_unint
 
     run_and_kill_after(2, root, tmp_path / "tuned", config)
     left = training.resume_dir(tmp_path / "tuned")
-    assert (left / "frozen_part.npz").exists() and not (
+    assert (left / "frozen_part" / "complete.json").exists() and not (
         tmp_path / "tuned" / "training.json"
     ).exists()
 
