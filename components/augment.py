@@ -128,8 +128,9 @@ class Views:
         self.layers = augmenter(seed)
         generators = [layer.generator for layer in self.layers.layers]
 
-        @tf.function(reduce_retracing=True)
-        def augment(images, states):
+        @tf.function(input_signature=[tf.TensorSpec((None, None, None, None), tf.uint8),
+                                      tf.TensorSpec((None, len(generators), 2), tf.int64)])  # fmt: skip
+        def augment(images, states):  # traced once: tracing the layers costs seconds
             out = tf.TensorArray(tf.uint8, size=tf.shape(images)[0])
             for i in tf.range(tf.shape(images)[0]):
                 for j, generator in enumerate(generators):
