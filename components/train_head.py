@@ -137,7 +137,7 @@ def cached_features(
 
 def build_head(feature_dim: int, num_classes: int, config: GraftConfig, adapt_to=None):
     """standardise -> dropout -> [dense] -> softmax. ``adapt_to``: the cached features the
-    standardisation is fitted to, so one learning rate suits every base whatever the scale
+    standardisation is fitted to (an array, or a dataset of batches), so one learning rate suits every base whatever the scale
     of its features (+3.0 points at 30 labels/class on the demo base, benchmarks/RESULTS.md).
     None leaves it the identity, for a head trained end to end with its base."""
     import keras
@@ -146,7 +146,9 @@ def build_head(feature_dim: int, num_classes: int, config: GraftConfig, adapt_to
     if adapt_to is None:
         standardise = keras.layers.Normalization(mean=0.0, variance=1.0, name="head_standardise")
     else:
-        standardise = keras.layers.Normalization(name="head_standardise")
+        # float32 under mixed precision too: adapting on streamed batches mixed float16 data
+        # with float32 statistics (AddV2 refused), and the statistics want float32 anyway
+        standardise = keras.layers.Normalization(name="head_standardise", dtype="float32")
         standardise.adapt(adapt_to)
     x = keras.layers.Dropout(config.dropout, name="head_dropout")(standardise(inputs))
     if config.head_hidden_units:
