@@ -216,8 +216,8 @@ def test_augment_logs_its_progress(data, tmp_path, caplog):
 
     with caplog.at_level(logging.INFO, logger="components.augment"):
         augment_dataset(str(data), tmp_path / "ex", CONFIG)
-    assert "augment: read and decoded: 30/30 images (100.0%)" in caplog.text
-    assert "augment: augmented views made:" in caplog.text
+    assert "augment: images made or reused: 30/30 images (100.0%)" in caplog.text
+    assert "augment: 0 images' records reused, 30 computed" in caplog.text
 
 
 # --- data order: every batch sees the classes in proportion -----------------------------------
