@@ -39,6 +39,7 @@ class TaskResult:
 # Where each step that uses the reuse store records what it reused: (task, artifact, file).
 REUSE_RECORDS = (
     ("augment", "examples", "spec.json"),
+    ("gather-examples", "examples", "spec.json"),  # shards > 1: the augment shards' sum
     ("train-head", "head_model", "training.json"),
 )
 

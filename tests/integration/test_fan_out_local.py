@@ -67,3 +67,8 @@ def test_four_shards_under_kfp_local_give_one_shards_manifest_examples_and_featu
         return json.loads(Path(artifact(summary, "train-head", "head_model"), "training.json").read_text())  # fmt: skip
 
     assert head_record(four)["history"] == head_record(one)["history"]
+    # each run its own reuse store (m1, m4): both computed every image; the summary says so
+    assert four.reuse()["gather-examples"]["computed"] == one.reuse()["augment"]["computed"] == 60
+    reuse_four, reuse_one = four.reuse()["train-head"], one.reuse()["train-head"]
+    assert (reuse_four["reused"], reuse_four["computed"]) == (reuse_one["reused"], reuse_one["computed"])  # fmt: skip
+    assert reuse_one["computed"] > 0
