@@ -48,8 +48,14 @@ def test_four_shards_under_kfp_local_give_one_shards_manifest_examples_and_featu
     assert manifest_four == manifest_one and len(manifest_one.splitlines()) == 60
     examples_one = artifact(one, "augment", "examples")
     examples_four = artifact(four, "gather-examples", "examples")
-    assert _digests(examples_four) == _digests(examples_one)
-    assert len(_digests(examples_one)) == 6  # 3 splits, labels, spec, test sources
+    digests_four, digests_one = _digests(examples_four), _digests(examples_one)
+    assert len(digests_one) == 6  # 3 splits, labels, spec, test sources
+    assert {k: v for k, v in digests_four.items() if k != "spec.json"} == {
+        k: v for k, v in digests_one.items() if k != "spec.json"}  # fmt: skip
+    # spec.json too, but for the reuse store's URI (each run's is beside its own repository)
+    spec_four, spec_one = (json.loads(Path(d, "spec.json").read_text()) for d in (examples_four, examples_one))  # fmt: skip
+    store_four, store_one = spec_four["reuse"].pop("store"), spec_one["reuse"].pop("store")
+    assert spec_four == spec_one and (store_four, store_one) == (str(tmp_path / "m4" / ".graft-reuse"), str(tmp_path / "m1" / ".graft-reuse"))  # fmt: skip
 
     # the gathered feature shards are the ones train_head writes over shards=1's examples
     gathered = _digests(artifact(four, "gather-features", "features"))
