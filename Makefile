@@ -35,7 +35,7 @@ test: $(STAMP) system-deps
 FAST := not slow and not containers and not kind
 test-fast: $(STAMP) system-deps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "$(FAST)" tests
+	$(BIN)/python -m pytest -q -m "$(FAST)" -n auto --dist loadscope tests
 
 # The container suite alone; it fails (never skips) when no engine can be reached or started.
 test-containers: $(STAMP)

@@ -806,30 +806,30 @@ def _decide(decision: str, model_repo, model_name, target, reason, poll_seconds,
         _finish(controller, poll_seconds, timeout)
 
 
-@rollout_app.command("promote")
-def rollout_promote(
-    model_repo: str = typer.Option(..., help=REPO_HELP),
-    model_name: str = typer.Option("graft", help="Model name under the model repository."),
-    target: str = typer.Option("127.0.0.1:8500", help=TARGET_HELP),
-    reason: str = typer.Option("", help="Recorded with the decision."),
-    poll_seconds: float = typer.Option(1.0, help="How often to check the server."),
-    timeout: float = typer.Option(300.0, help="Give up after this many seconds."),
-) -> None:
-    """Promote the canary now: `stable` moves to it, then the old version is unloaded."""
-    _decide("promote", model_repo, model_name, target, reason, poll_seconds, timeout)
+def _decision_command(decision: str, doc: str):
+    """`graft rollout promote|rollback`: the same options, one decision each."""
+
+    def command(
+        model_repo: str = typer.Option(..., help=REPO_HELP),
+        model_name: str = typer.Option("graft", help="Model name under the model repository."),
+        target: str = typer.Option("127.0.0.1:8500", help=TARGET_HELP),
+        reason: str = typer.Option("", help="Recorded with the decision."),
+        poll_seconds: float = typer.Option(1.0, help="How often to check the server."),
+        timeout: float = typer.Option(300.0, help="Give up after this many seconds."),
+    ) -> None:
+        _decide(decision, model_repo, model_name, target, reason, poll_seconds, timeout)
+
+    command.__doc__ = doc
+    command.__name__ = f"rollout_{decision}"
+    return command
 
 
-@rollout_app.command("rollback")
-def rollout_rollback(
-    model_repo: str = typer.Option(..., help=REPO_HELP),
-    model_name: str = typer.Option("graft", help="Model name under the model repository."),
-    target: str = typer.Option("127.0.0.1:8500", help=TARGET_HELP),
-    reason: str = typer.Option("", help="Recorded with the decision."),
-    poll_seconds: float = typer.Option(1.0, help="How often to check the server."),
-    timeout: float = typer.Option(300.0, help="Give up after this many seconds."),
-) -> None:
-    """Roll the canary back now: its label is removed and the version marked rejected."""
-    _decide("rollback", model_repo, model_name, target, reason, poll_seconds, timeout)
+rollout_promote = rollout_app.command("promote")(_decision_command(
+    "promote", "Promote the canary now: `stable` moves to it, then the old version is unloaded."
+))  # fmt: skip
+rollout_rollback = rollout_app.command("rollback")(_decision_command(
+    "rollback", "Roll the canary back now: its label is removed and the version marked rejected."
+))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ a miss is recorded and logged, not refused, since a loaded machine moves it).
 
 The child is always stopped: on success, on failure and on Ctrl-C (SIGTERM, then SIGKILL
 if it has not drained in STOP_SECONDS).
+
+A process that pushes many times (a notebook, the test suite) can open ``shared_server()``:
+then one child serves every candidate in turn, each under its own model name and loaded from
+its own files through HandleReloadConfigRequest (as TF Serving reloads a config), so only
+the first push pays for starting a server and importing TensorFlow. The checks are the same.
 """
 
 import contextlib
@@ -125,6 +130,114 @@ def _tail(log_file, lines: int = 8) -> str:
     return " | ".join(text[-lines:]) or "(no output)"
 
 
+class SharedServer:
+    """One `graft serve` child for many candidates, each its own model in the child's config.
+
+    Candidates may be validated at once from several threads: the config lists every
+    candidate being checked, and a candidate leaves it when its check ends."""
+
+    def __init__(self, *, start_seconds: float = START_SECONDS):
+        self._start_seconds = start_seconds
+        self._work = tempfile.TemporaryDirectory(prefix="graft-infra-shared-")
+        self._lock = threading.Lock()
+        self._count = 0
+        self._active: dict[str, Path] = {}  # model name -> its repository folder
+        self._serving = None  # the child's context manager and what it yields
+        self._models = None  # a ModelService stub to the child
+
+    def _reload(self) -> None:
+        from tensorflow_serving.apis import model_management_pb2
+        from tensorflow_serving.config import model_server_config_pb2
+
+        config = model_server_config_pb2.ModelServerConfig()
+        for name, root in self._active.items():
+            config.model_config_list.config.add(name=name, base_path=str(root),
+                                                model_platform="tensorflow")  # fmt: skip
+        answer = self._models.HandleReloadConfigRequest(
+            model_management_pb2.ReloadConfigRequest(config=config), 300
+        )
+        if answer.status.error_code:
+            raise InfraValidationError(
+                f"graft serve refused the config: {answer.status.error_message}"
+            )
+
+    @contextlib.contextmanager
+    def serve(self, export_dir: Path):
+        """Serve ``export_dir`` as a new model of the child; (what it is served on, its name)."""
+        with self._lock:
+            self._count += 1
+            name = f"{CANDIDATE}-{self._count}"
+            root = Path(self._work.name) / name
+            shutil.copytree(export_dir, root / "1")
+            if self._serving is not None and self._serving[1].process.poll() is not None:
+                self._close_child()  # the child died: the next candidate gets a new one
+            if self._serving is None:
+                import grpc
+                from tensorflow_serving.apis import model_service_pb2_grpc
+
+                manager = serve_candidate(Path(self._work.name), name,
+                                          start_seconds=self._start_seconds)  # fmt: skip
+                self._serving = (manager, manager.__enter__())
+                channel = grpc.insecure_channel(self._serving[1].grpc_target)
+                self._models = model_service_pb2_grpc.ModelServiceStub(channel)
+                self._active[name] = root
+            else:
+                self._active[name] = root
+                try:
+                    self._reload()
+                except Exception:
+                    del self._active[name]
+                    raise
+        try:
+            yield self._serving[1], name
+        finally:
+            with self._lock:
+                self._active.pop(name, None)
+                if self._serving is not None and self._serving[1].process.poll() is None:
+                    with contextlib.suppress(Exception):
+                        self._reload()  # unload it: the child holds only what is being checked
+                shutil.rmtree(root, ignore_errors=True)
+
+    def _close_child(self) -> None:
+        manager, self._serving, self._models = self._serving[0], None, None
+        manager.__exit__(None, None, None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._serving is not None:
+                self._close_child()
+            self._work.cleanup()
+
+
+_shared: SharedServer | None = None
+
+
+@contextlib.contextmanager
+def shared_server(*, start_seconds: float = START_SECONDS):
+    """While open, infra_validate in this process uses one child for every candidate."""
+    global _shared
+    previous, _shared = _shared, SharedServer(start_seconds=start_seconds)
+    try:
+        yield _shared
+    finally:
+        shared, _shared = _shared, previous
+        shared.close()
+
+
+@contextlib.contextmanager
+def _served(export_dir: Path, start_seconds: float):
+    """(what the candidate is served on, its model name): the shared child or a new one."""
+    if _shared is not None:
+        with _shared.serve(export_dir) as served:
+            yield served
+        return
+    with tempfile.TemporaryDirectory(prefix="graft-infra-") as work:
+        repo = Path(work) / "models"
+        shutil.copytree(export_dir, repo / CANDIDATE / "1")
+        with serve_candidate(repo, CANDIDATE, start_seconds=start_seconds) as served:
+            yield served, CANDIDATE
+
+
 def _percentiles(seconds: list[float]) -> dict:
     ms = np.asarray(seconds) * 1000
     return {
@@ -164,51 +277,40 @@ def infra_validate(
     images = [encode_png(p if p.shape[-1] == 3 else p[..., 0]) for p in pixels]
     warmup = read_warmup(export_dir) if (export_dir / WARMUP_FILE).exists() else []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="graft-infra-") as work:
-        repo = Path(work) / "models"
-        shutil.copytree(export_dir, repo / CANDIDATE / "1")
-        with serve_candidate(repo, CANDIDATE, start_seconds=start_seconds) as served:
-            grpc_client = PredictClient(served.grpc_target, timeout=60)
-            rest_client = RestClient(served.rest_target, timeout=60)
-            try:
-                status = grpc_client.model_status(CANDIDATE)
-                if not any(state == "AVAILABLE" for _, state, _ in status):
+    with _served(export_dir, start_seconds) as (served, name):
+        grpc_client = PredictClient(served.grpc_target, timeout=60)
+        rest_client = RestClient(served.rest_target, timeout=60)
+        try:
+            status = grpc_client.model_status(name)
+            if not any(state == "AVAILABLE" for _, state, _ in status):
+                raise InfraValidationError(f"the candidate did not load in graft serve: {status}")
+            signatures = grpc_client.metadata(name)
+            missing = {"serving_default", PIXELS_SIGNATURE} - set(signatures)
+            if missing:
+                raise InfraValidationError(f"{export_dir} lacks signature(s) {sorted(missing)}")
+            for request in warmup:
+                request.model_spec.name = name
+                answer = grpc_client.predict_raw(request)
+                if set(answer.outputs) != set(OUTPUTS):
                     raise InfraValidationError(
-                        f"the candidate did not load in graft serve: {status}"
+                        f"warmup answered {sorted(answer.outputs)}, expected {OUTPUTS}"
                     )
-                signatures = grpc_client.metadata(CANDIDATE)
-                missing = {"serving_default", PIXELS_SIGNATURE} - set(signatures)
-                if missing:
-                    raise InfraValidationError(f"{export_dir} lacks signature(s) {sorted(missing)}")
-                for request in warmup:
-                    request.model_spec.name = CANDIDATE
-                    answer = grpc_client.predict_raw(request)
-                    if set(answer.outputs) != set(OUTPUTS):
-                        raise InfraValidationError(
-                            f"warmup answered {sorted(answer.outputs)}, expected {OUTPUTS}"
-                        )
-                first, first_seconds = _timed(
-                    lambda: grpc_client.predict_images(CANDIDATE, images[:1])
-                )
-                over_grpc, grpc_seconds = [], []
-                over_rest, rest_seconds = [], []
-                for image in images:
-                    answer, seconds = _timed(
-                        lambda i=image: grpc_client.predict_images(CANDIDATE, [i])
-                    )
-                    over_grpc += answer
-                    grpc_seconds.append(seconds)
-                    answer, seconds = _timed(
-                        lambda i=image: rest_client.predict_images(CANDIDATE, [i])
-                    )
-                    over_rest += answer
-                    rest_seconds.append(seconds)
-            except ServingError as err:
-                raise InfraValidationError(
-                    f"graft serve refused the candidate's requests: {err}"
-                ) from err
-            finally:
-                grpc_client.close()
+            first, first_seconds = _timed(lambda: grpc_client.predict_images(name, images[:1]))
+            over_grpc, grpc_seconds = [], []
+            over_rest, rest_seconds = [], []
+            for image in images:
+                answer, seconds = _timed(lambda i=image: grpc_client.predict_images(name, [i]))
+                over_grpc += answer
+                grpc_seconds.append(seconds)
+                answer, seconds = _timed(lambda i=image: rest_client.predict_images(name, [i]))
+                over_rest += answer
+                rest_seconds.append(seconds)
+        except ServingError as err:
+            raise InfraValidationError(
+                f"graft serve refused the candidate's requests: {err}"
+            ) from err
+        finally:
+            grpc_client.close()
     for api, answers in (("gRPC", over_grpc), ("REST", over_rest)):
         served_top1 = [p.classes[0] for p in answers]
         wrong = [
@@ -240,7 +342,8 @@ def infra_validate(
             "gRPC p50 (goal: at most %.0fx)", first_ms, ratio, FIRST_REQUEST_GOAL,
         )  # fmt: skip
     return {
-        "server": "graft serve (child process)",
+        "server": "graft serve (child process"
+        + (", shared by this process's pushes)" if _shared is not None else ")"),
         "warmup_requests": len(warmup),
         "images_checked": len(images),
         "top1_agrees": True,

@@ -46,11 +46,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Protocol
 
 from common import model_repository as repository
 from common import storage
+from components.config import GraftConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,25 +74,19 @@ class RolloutError(RuntimeError):
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a canary is promoted or rolled back (GraftConfig's canary_* settings say why)."""
+    """When a canary is promoted or rolled back: GraftConfig's canary_* settings, whose
+    defaults and comments say why (one place for both)."""
 
-    fraction: float = 0.1
-    min_requests: int = 200
-    max_error_rate: float = 0.01
-    max_latency_ratio: float = 1.5
-    min_agreement: float = 0.9
-    max_class_shift: float = 0.1
+    fraction: float = GraftConfig.canary_fraction
+    min_requests: int = GraftConfig.canary_min_requests
+    max_error_rate: float = GraftConfig.canary_max_error_rate
+    max_latency_ratio: float = GraftConfig.canary_max_latency_ratio
+    min_agreement: float = GraftConfig.canary_min_agreement
+    max_class_shift: float = GraftConfig.canary_max_class_shift
 
     @classmethod
     def from_config(cls, config) -> Thresholds:
-        return cls(
-            config.canary_fraction,
-            config.canary_min_requests,
-            config.canary_max_error_rate,
-            config.canary_max_latency_ratio,
-            config.canary_min_agreement,
-            config.canary_max_class_shift,
-        )
+        return cls(**{f.name: getattr(config, f"canary_{f.name}") for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,17 @@ def _honour_generation_preconditions():
                 handlers[method] = insert
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_infra_validation_server():
+    """Every push in this test process infra-validates through one `graft serve` child
+    (started at the first push, stopped at the end): a child each cost ~5 s of TensorFlow
+    import per push. tests/integration/test_infra_validation.py checks both ways."""
+    from serving.infra_validation import shared_server
+
+    with shared_server():
+        yield
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A gcp-storage-emulator server on 127.0.0.1, in memory; yields its host:port.
@@ -147,6 +158,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    _report_skipped(terminalreporter)
     if config.getoption("--run-kind") or not getattr(config, "graft_kind_tests", 0):
         return
     problems = kind_prerequisites()
@@ -155,3 +167,17 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.write_line(
         f"KIND E2E SUITE NOT RUN ({config.graft_kind_tests} tests): {why}. {KIND_HOW_TO}"
     )
+
+
+def _report_skipped(terminalreporter):
+    """Every skipped test, loudly and with its reason: a skip must never pass as a pass (the
+    summary line's lone "1 skipped" is easy to miss). Works under pytest-xdist too, where the
+    reports come from the workers."""
+    skipped = [report for report in terminalreporter.stats.get("skipped", []) if report.skipped]
+    if not skipped:
+        return
+    tests = "TEST" if len(skipped) == 1 else "TESTS"
+    terminalreporter.write_sep("!", f"{len(skipped)} {tests} NOT RUN", red=True, bold=True)
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        terminalreporter.write_line(f"NOT RUN: {report.nodeid}: {reason.removeprefix('Skipped: ').removeprefix('NOT RUN: ')}")
