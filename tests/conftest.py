@@ -180,4 +180,6 @@ def _report_skipped(terminalreporter):
     terminalreporter.write_sep("!", f"{len(skipped)} {tests} NOT RUN", red=True, bold=True)
     for report in skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        terminalreporter.write_line(f"NOT RUN: {report.nodeid}: {reason.removeprefix('Skipped: ').removeprefix('NOT RUN: ')}")
+        terminalreporter.write_line(
+            f"NOT RUN: {report.nodeid}: {reason.removeprefix('Skipped: ').removeprefix('NOT RUN: ')}"
+        )
