@@ -141,8 +141,9 @@ class SharedServer:
         self._work = tempfile.TemporaryDirectory(prefix="graft-infra-shared-")
         self._lock = threading.Lock()
         self._count = 0
-        self._active: dict[str, Path] = {}  # model name -> its repository folder
-        self._serving = None  # the child's context manager and what it yields
+        self._active: set[str] = set()  # the candidates being checked: <work>/<name>/1
+        self._child: contextlib.ExitStack | None = None  # stops the child, closes the channel
+        self._served: ServedCandidate | None = None
         self._models = None  # a ModelService stub to the child
 
     def _reload(self) -> None:
@@ -150,8 +151,8 @@ class SharedServer:
         from tensorflow_serving.config import model_server_config_pb2
 
         config = model_server_config_pb2.ModelServerConfig()
-        for name, root in self._active.items():
-            config.model_config_list.config.add(name=name, base_path=str(root),
+        for name in sorted(self._active):
+            config.model_config_list.config.add(name=name, base_path=str(Path(self._work.name) / name),
                                                 model_platform="tensorflow")  # fmt: skip
         answer = self._models.HandleReloadConfigRequest(
             model_management_pb2.ReloadConfigRequest(config=config), 300
@@ -161,6 +162,21 @@ class SharedServer:
                 f"graft serve refused the config: {answer.status.error_message}"
             )
 
+    def _start(self, name: str) -> None:
+        import grpc
+        from tensorflow_serving.apis import model_service_pb2_grpc
+
+        self._child = contextlib.ExitStack()
+        self._served = self._child.enter_context(
+            serve_candidate(Path(self._work.name), name, start_seconds=self._start_seconds)
+        )
+        channel = grpc.insecure_channel(self._served.grpc_target)
+        self._child.callback(channel.close)
+        self._models = model_service_pb2_grpc.ModelServiceStub(channel)
+
+    def _alive(self) -> bool:
+        return self._served is not None and self._served.process.poll() is None
+
     @contextlib.contextmanager
     def serve(self, export_dir: Path):
         """Serve ``export_dir`` as a new model of the child; (what it is served on, its name)."""
@@ -169,43 +185,35 @@ class SharedServer:
             name = f"{CANDIDATE}-{self._count}"
             root = Path(self._work.name) / name
             shutil.copytree(export_dir, root / "1")
-            if self._serving is not None and self._serving[1].process.poll() is not None:
-                self._close_child()  # the child died: the next candidate gets a new one
-            if self._serving is None:
-                import grpc
-                from tensorflow_serving.apis import model_service_pb2_grpc
-
-                manager = serve_candidate(Path(self._work.name), name,
-                                          start_seconds=self._start_seconds)  # fmt: skip
-                self._serving = (manager, manager.__enter__())
-                channel = grpc.insecure_channel(self._serving[1].grpc_target)
-                self._models = model_service_pb2_grpc.ModelServiceStub(channel)
-                self._active[name] = root
-            else:
-                self._active[name] = root
-                try:
+            if self._served is not None and not self._alive():
+                self._stop_child()  # the child died: the next candidate gets a new one
+            self._active.add(name)
+            try:
+                if self._served is None:
+                    self._start(name)  # the child serves its first candidate from the start
+                else:
                     self._reload()
-                except Exception:
-                    del self._active[name]
-                    raise
+            except BaseException:
+                self._active.discard(name)
+                raise
         try:
-            yield self._serving[1], name
+            yield self._served, name
         finally:
             with self._lock:
-                self._active.pop(name, None)
-                if self._serving is not None and self._serving[1].process.poll() is None:
+                self._active.discard(name)
+                if self._alive():
                     with contextlib.suppress(Exception):
                         self._reload()  # unload it: the child holds only what is being checked
                 shutil.rmtree(root, ignore_errors=True)
 
-    def _close_child(self) -> None:
-        manager, self._serving, self._models = self._serving[0], None, None
-        manager.__exit__(None, None, None)
+    def _stop_child(self) -> None:
+        child, self._child, self._served, self._models = self._child, None, None, None
+        child.close()
 
     def close(self) -> None:
         with self._lock:
-            if self._serving is not None:
-                self._close_child()
+            if self._child is not None:
+                self._stop_child()
             self._work.cleanup()
 
 

@@ -92,7 +92,7 @@ def test_a_shared_server_checks_candidates_in_turn_in_one_child_then_stops_it(ex
     export_saved_model(other, tmp_path / "other-export", warmup_images=[], top_k=2)
     with shared_server() as shared:
         first = infra_validate(export_dir, model_dir, pixels)
-        child = shared._serving[1].process
+        child = shared._served.process
         with pytest.raises(InfraValidationError, match="did not load in graft serve: .*END"):
             infra_validate(broken, model_dir, pixels)
         with pytest.raises(InfraValidationError, match="over gRPC the served top-1 differs"):
@@ -111,8 +111,8 @@ def test_a_shared_server_checks_candidates_in_turn_in_one_child_then_stops_it(ex
         for thread in threads:
             thread.join()
         assert errors == [] and len(results) == 2
-        assert shared._serving[1].process is child  # one child for all five checks
-        assert shared._active == {}  # a finished candidate leaves the child's config
+        assert shared._served.process is child  # one child for all five checks
+        assert shared._active == set()  # a finished candidate leaves the child's config
     assert first["server"] == "graft serve (child process, shared by this process's pushes)"
     assert (first["images_checked"], first["top1_agrees"], first["warmup_requests"]) == (4, True, 2)
     assert all(r["max_abs_difference"] <= 1e-4 for r in [first, *results])
