@@ -9,11 +9,13 @@ Outputs are read by the names the signature declares (probabilities, classes, la
 never by generated tensor names.
 """
 
+import logging
 from dataclasses import dataclass
 
 import grpc
 
 IMAGES_INPUT = "images"
+log = logging.getLogger(__name__)
 
 
 class ServingError(RuntimeError):
@@ -296,6 +298,8 @@ class RestClient:
 _SERVER_GONE = ("UNAVAILABLE", "CANCELLED")
 CANARY_ARM = "canary"  # serving/rollout.py's CANARY (imported there lazily: no cycle)
 _NO_CANARY = "no canary label"
+# Observations a router holds while its sink fails (two per pair): about 10k pairs, ~3 MB.
+MAX_WAITING_OBSERVATIONS = 20_000
 # gRPC metadata on the controller's replays of logged requests: `graft serve` does not log
 # them again (a replay logged would be replayed again, and so on).
 MIRROR_METADATA = (("graft-mirror", "1"),)
@@ -502,9 +506,32 @@ class CanaryRouter:
             batch = self._pending if len(self._pending) >= 2 * self.flush_every else None
             if batch is not None:
                 self._pending = []
-        if batch is not None and self.sink is not None:
-            self.sink(batch)
+        if batch is not None:
+            self._hand(batch)
         return answers, errors
+
+    def _hand(self, batch: list, *, raising: bool = False) -> None:
+        """Give ``batch`` to the sink. A sink that fails (storage down, a folder gone) never
+        fails the request that filled it: the batch waits for the next hand-off, counted in
+        ``sink_failed``; past ``MAX_WAITING_OBSERVATIONS`` the oldest are dropped and counted
+        in ``observations_dropped``, so a sink that stays down costs bounded memory.
+        ``raising``: a caller's own ``flush`` hears of the failure."""
+        if self.sink is None or not batch:
+            return
+        try:
+            self.sink(batch)
+        except Exception as err:
+            with self._lock:
+                self.stats["sink_failed"] += 1
+                waiting = batch + self._pending
+                dropped = max(0, len(waiting) - MAX_WAITING_OBSERVATIONS)
+                self.stats["observations_dropped"] += dropped
+                self._pending = waiting[dropped:]
+            log.warning("canary router: the observations sink failed (%s: %s); %d kept for "
+                        "the next flush, %d dropped", type(err).__name__, err,
+                        len(waiting) - dropped, dropped)  # fmt: skip
+            if raising:
+                raise
 
     def _stable_answer(
         self, images, answers: dict, errors: dict, *, counted: bool = False
@@ -521,11 +548,11 @@ class CanaryRouter:
         raise ServingError(f"predict on model {self.model_name!r}: {errors[STABLE]}")
 
     def flush(self) -> None:
-        """Hand every observation not yet handed to the sink."""
+        """Hand every observation not yet handed to the sink; a failing sink's error is
+        raised here (the observations kept for the next flush)."""
         with self._lock:
             batch, self._pending = self._pending, []
-        if batch and self.sink is not None:
-            self.sink(batch)
+        self._hand(batch, raising=True)
 
     def close(self) -> None:
         self.flush()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from collections import Counter
@@ -303,6 +304,7 @@ class RepositoryObservations:
         self.root = root
         self.writer = uuid.uuid4().hex[:12]
         self._sequence = 0
+        self._numbering = threading.Lock()  # routers call write from every request thread
         self._read: dict[str, list[Observation]] = {}  # files are written once: read once
 
     def write(self, batch: list[Observation]) -> None:
@@ -312,9 +314,11 @@ class RepositoryObservations:
                   for o in batch if o.arm == CANARY}  # fmt: skip
         for name in sorted(set(folder.values())):
             rows = [asdict(o) for o in batch if folder.get(o.pair) == name]
-            self._sequence += 1
+            with self._numbering:  # two batches under one name: one would be lost
+                self._sequence += 1
+                number = self._sequence
             uri = storage.join(observations_uri(self.root), name,
-                               f"{self.writer}-{self._sequence:08d}.jsonl")  # fmt: skip
+                               f"{self.writer}-{number:08d}.jsonl")  # fmt: skip
             storage.write_text(uri, "".join(json.dumps(row) + "\n" for row in rows))
 
     def read(self, canary_version: int, since: float | None = None) -> list[Observation]:

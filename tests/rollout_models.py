@@ -83,14 +83,15 @@ class Traffic:
     """``clients`` threads sending one PNG per request through graft's CanaryRouter until
     stopped; ``failures`` holds what a caller saw fail (the goal: none)."""
 
-    def __init__(self, target, model_name, root, *, clients=4, fraction=0.5, seed=0):
+    def __init__(self, target, model_name, root, *, clients=4, fraction=0.5, seed=0, sink=None):
         from serving.client import CanaryRouter, PredictClient
         from serving.rollout import RepositoryObservations
         from tests.serving_models import sample_images
 
         client = PredictClient(target, timeout=30, wait_for_ready=True)
         self.router = CanaryRouter(client, model_name, fraction=fraction, seed=seed,
-                                   sink=RepositoryObservations(root).write, flush_every=10,
+                                   sink=sink or RepositoryObservations(root).write,
+                                   flush_every=10,
                                    recheck_seconds=0.2)  # fmt: skip
         _, self.images = sample_images(64, seed=seed)
         self.clients, self.failures, self.answered = clients, [], 0
@@ -106,6 +107,8 @@ class Traffic:
                 self.answered += 1
             except ServingError as err:
                 self.failures.append(str(err))
+            except Exception as err:  # anything else a caller would see: a failure too
+                self.failures.append(f"{type(err).__name__}: {err}")
             sent += self.clients
 
     def start(self):
@@ -121,5 +124,7 @@ class Traffic:
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=60)
+            thread.join(timeout=60)  # a request waits 30 s at most (the client's timeout)
+        alive = [thread.name for thread in self._threads if thread.is_alive()]
+        assert not alive, f"traffic threads still sending after 60 s: {alive}"
         self.router.flush()

@@ -126,6 +126,68 @@ def test_a_good_canary_is_promoted_and_the_old_version_unloaded(served):
     assert repository.rejected_versions(str(root)) == set()
 
 
+def _to_canary(repo: Path, root: Path, port: int) -> None:
+    """Version 2 (good) loaded beside 1 and labelled canary, by the controller's own steps."""
+    export_behaving(root / "2", "good")
+    rollout.begin(str(repo), NAME, stable=1, canary=2, thresholds=THRESHOLDS)
+    client = PredictClient(f"127.0.0.1:{port}")
+    controller = rollout.RolloutController(str(repo), NAME, client)
+    assert _eventually(lambda: (controller.step() or {}).get("state") == "canary"), (
+        controller.state())
+    assert _eventually(lambda: client.label_version(NAME, "canary") == 2)
+
+
+def test_a_failing_observations_sink_fails_no_request_and_loses_no_pair_once_it_recovers(
+    served,
+):
+    """Observations are a side channel: storage that fails under them (a bucket down, a folder
+    removed) must not fail a client's request, and what could not be written is written on
+    a later hand-off."""
+    repo, root, server, port = served
+    _to_canary(repo, root, port)
+    written, failures_left, lock = [], [3], threading.Lock()
+
+    def sink(batch):
+        with lock:
+            if failures_left[0]:
+                failures_left[0] -= 1
+                raise FileNotFoundError("the observations folder is gone")
+            written.extend(batch)
+
+    traffic = Traffic(f"127.0.0.1:{port}", NAME, str(root), fraction=1.0, sink=sink).start()
+    try:
+        assert _eventually(lambda: traffic.router.stats["pairs"] >= 80)
+    finally:
+        traffic.stop()
+    stats = traffic.router.stats
+    assert traffic.failures == [] and stats["stable_failed"] == 0, traffic.failures[:3]
+    assert stats["sink_failed"] == 3 and stats["observations_dropped"] == 0, stats
+    assert len(rollout.pairs(written)) == stats["pairs"], stats  # every pair, once
+    assert len(written) == 2 * stats["pairs"]
+
+
+def test_a_router_flush_raises_what_its_sink_raised_and_keeps_the_observations(served):
+    repo, root, server, port = served
+    _to_canary(repo, root, port)
+    broken = [True]
+
+    def sink(batch):
+        if broken[0]:
+            raise PermissionError("bucket refuses writes")
+        rollout.RepositoryObservations(str(root)).write(batch)
+
+    router = Traffic(f"127.0.0.1:{port}", NAME, str(root), fraction=1.0, sink=sink).router
+    _, pngs = sample_images(3)
+    for png in pngs:
+        router.predict_images([png])  # answered although nothing can be written
+    assert router.stats["pairs"] == 3
+    with pytest.raises(PermissionError, match="bucket refuses writes"):
+        router.flush()
+    broken[0] = False
+    router.flush()
+    assert len(rollout.pairs(rollout.RepositoryObservations(str(root)).read(2))) == 3
+
+
 def test_a_server_and_controller_restart_mid_rollout_resume_from_the_recorded_state(served):
     repo, root, server, port = served
     export_behaving(root / "2", "good")

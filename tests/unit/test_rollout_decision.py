@@ -134,3 +134,30 @@ def test_the_model_config_is_tf_servings_text_proto():
 def test_rollout_settings_that_cannot_work_are_refused_naming_them(assignment, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         with_overrides(GraftConfig(), [assignment])
+
+
+def test_observations_written_from_many_threads_at_once_are_all_read_back(tmp_path):
+    """A router hands batches to its sink from every request thread: each batch gets its own
+    file, none overwrites another."""
+    import sys
+    import threading
+
+    store = rollout.RepositoryObservations(str(tmp_path))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        def write(thread):
+            for batch in range(25):
+                pair = f"t{thread}b{batch}"
+                store.write([Observation("canary", pair, True, 1.0, 0, 2, ""),
+                             Observation("stable", pair, True, 1.0, 0, 1, "")])  # fmt: skip
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    read = rollout.RepositoryObservations(str(tmp_path)).read(2)
+    assert len(rollout.pairs(read)) == 8 * 25
