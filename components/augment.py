@@ -7,6 +7,7 @@ is refused, by name (``classes_short_of_a_split``), not silently left out of the
 Keras preprocessing layers, so the head's feature cache can cover every view.
 """
 
+import functools
 import hashlib
 import logging
 import math
@@ -78,12 +79,23 @@ def classes_short_of_a_split(
 
 def load_image(data: bytes, image_size: int, channels: int) -> np.ndarray:
     """uint8 [image_size, image_size, channels] pixels of an encoded image, decoded exactly
-    as the exported serving signature decodes it (common/images.py)."""
+    as the exported serving signature decodes it (common/images.py): by the same graph,
+    not op by op (eagerly, each image cost ~10 ms of op dispatch; benchmarks/decode.py)."""
+    import tensorflow as tf
+
+    return _square_decoder(image_size, channels)(tf.constant(data)).numpy()
+
+
+@functools.cache
+def _square_decoder(image_size: int, channels: int):
+    """``decode_square`` traced once per size, here (threads calling a tf.function for the
+    first time would each trace it): one graph call per image, from any thread."""
     import tensorflow as tf
 
     from common.images import decode_square
 
-    return decode_square(tf.constant(data), image_size, channels).numpy()
+    decode = tf.function(lambda encoded: decode_square(encoded, image_size, channels))
+    return decode.get_concrete_function(tf.TensorSpec([], tf.string))
 
 
 def augmenter(seed: int):
