@@ -25,6 +25,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -290,7 +291,9 @@ def _list_blobs(bucket, prefix: str, concurrency: int) -> Iterator:
 def list_files(
     uri: str, *, checksums: bool = True, concurrency: int = DEFAULT_CONCURRENCY
 ) -> list[FileInfo]:
-    """Every file below ``uri`` (recursive), sorted by relative path.
+    """Every file below ``uri`` (recursive), sorted by relative path: whole files only, so
+    a folder others are writing into lists without a write's staged temp file, and a file
+    removed while the folder is listed is left out rather than failing the listing.
 
     Raises StorageError when ``uri`` does not exist, so a typo never looks like
     an empty dataset.
@@ -319,14 +322,19 @@ def list_files(
     if root.is_file():
         files = [root]
         root = root.parent
-    else:
-        files = sorted(p for p in root.rglob("*") if p.is_file())
+    else:  # a write in flight is not a file yet: its staged copy is renamed away any moment
+        files = sorted(p for p in root.rglob("*")
+                       if not _TEMP_NAME.match(p.name) and p.is_file())  # fmt: skip
 
-    def info(p: Path) -> FileInfo:
-        checksum = f"sha256:{sha256_file(p)}" if checksums else ""
-        return FileInfo(str(p), p.relative_to(root).as_posix(), p.stat().st_size, checksum)
+    def info(p: Path) -> FileInfo | None:
+        try:
+            checksum = f"sha256:{sha256_file(p)}" if checksums else ""
+            return FileInfo(str(p), p.relative_to(root).as_posix(), p.stat().st_size, checksum)
+        except FileNotFoundError:
+            return None  # removed while the folder was listed: not in the listing
 
-    return list(map_bounded(info, files, concurrency=concurrency if checksums else 1))
+    listed = map_bounded(info, files, concurrency=concurrency if checksums else 1)
+    return [found for found in listed if found is not None]
 
 
 def read_bytes(uri: str) -> bytes:
@@ -356,13 +364,22 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+
+
+def _temp_path(target: Path) -> Path:
+    """Where a local write stages ``target`` before renaming it into place: beside it,
+    named so a listing knows it is no file yet (``_TEMP_NAME``)."""
+    return target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+
+
 def _temp_beside(target: Path, data: bytes) -> Path:
     """``data`` in a new temp file next to ``target``, on disk (same filesystem, so it can be
     renamed or linked into place). Not mkstemp: its 0600 would hide the file from a reader
     with another uid (TF Serving, the next step's container); 0o666 here gets the umask's
     permissions."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    tmp = _temp_path(target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -416,7 +433,7 @@ def upload_file(local_path: str | Path, uri: str) -> None:
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     # copyfile creates the file like open(): the umask's permissions, not mkstemp's 0600.
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    tmp = _temp_path(target)
     try:
         shutil.copyfile(local_path, tmp)
         os.replace(tmp, target)

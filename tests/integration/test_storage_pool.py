@@ -116,3 +116,29 @@ def test_copy_tree_copies_the_named_file_only_after_every_other(tmp_path, gcs):
     order = storage.copy_tree(str(src), f"{gcs}/m/1", last=("saved_model.pb",), concurrency=6)
     assert order[-1] == "saved_model.pb" and len(order) == 13
     assert sorted(f.relpath for f in storage.list_files(f"{gcs}/m/1")) == sorted(order)
+
+
+@pytest.mark.parametrize("checksums", [False, True])
+def test_a_folder_listed_while_files_are_written_into_it_lists_only_whole_files(
+    tmp_path, checksums
+):
+    """Writes stage a temp file beside the target and rename it (write_bytes): a listing at
+    that moment neither fails on the temp file renamed away nor returns it."""
+    folder = tmp_path / "observations"
+    folder.mkdir()
+
+    def write():
+        for number in range(300):
+            storage.write_text(str(folder / f"{number:05d}.jsonl"), "{}\n" * 50)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    counts = []
+    try:
+        while writer.is_alive():  # a listing at every moment of the writes
+            listed = storage.list_files(str(folder), checksums=checksums)
+            assert all(f.relpath.endswith(".jsonl") and f.size == 150 for f in listed), listed
+            counts.append(len(listed))
+    finally:
+        writer.join()
+    assert len(counts) > 10 and counts == sorted(counts)  # whole files only, more and more
