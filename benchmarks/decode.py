@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
             start = time.perf_counter()
             pixels[name] = list(storage.map_bounded(sides[name], pngs))
             seconds[name].append(round(time.perf_counter() - start, 2))
-    same = all(np.array_equal(a, b) for a, b in zip(pixels["eager"], pixels["graph"]))
+    same = all(np.array_equal(a, b) for a, b in zip(pixels["eager"], pixels["graph"], strict=True))
     best = {name: min(values) for name, values in seconds.items()}
     result = {
         "images": args.images,

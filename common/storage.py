@@ -61,6 +61,11 @@ class FileInfo:
     relpath: str  # path below the listed prefix, always with "/" separators
     size: int
     checksum: str  # "sha256:<hex>" locally; "md5:<b64>" or "crc32c:<b64>" plus generation on GCS
+    # What the listing alone says of this object's bytes: equal identities, equal bytes. Locally
+    # size, mtime_ns, ctime_ns and inode (ctime moves on every write, and no tool can set it
+    # back); on GCS the generation (new on every write) with size and crc32c.
+    identity: str = ""
+    changed_ns: int | None = None  # locally the last write (max of mtime, ctime); GCS: None
 
 
 def is_gcs(uri: str) -> bool:
@@ -310,9 +315,9 @@ def list_files(
             checksum = (
                 f"md5:{blob.md5_hash}" if blob.md5_hash else f"crc32c:{blob.crc32c}"
             ) + f"@{blob.generation}"
-            out.append(
-                FileInfo(f"gs://{bucket.name}/{blob.name}", rel, int(blob.size or 0), checksum)
-            )
+            identity = f"gen={blob.generation};size={blob.size};crc32c={blob.crc32c}"
+            out.append(FileInfo(f"gs://{bucket.name}/{blob.name}", rel, int(blob.size or 0),
+                                checksum, identity))  # fmt: skip
         if not out and not exists(uri):
             raise StorageError(f"Nothing found at {uri}: check the bucket and prefix")
         return sorted(out, key=lambda f: f.relpath)
@@ -329,7 +334,11 @@ def list_files(
     def info(p: Path) -> FileInfo | None:
         try:
             checksum = f"sha256:{sha256_file(p)}" if checksums else ""
-            return FileInfo(str(p), p.relative_to(root).as_posix(), p.stat().st_size, checksum)
+            st = p.stat()
+            identity = (f"size={st.st_size};mtime_ns={st.st_mtime_ns};ctime_ns={st.st_ctime_ns};"
+                        f"ino={st.st_ino}")  # fmt: skip
+            return FileInfo(str(p), p.relative_to(root).as_posix(), st.st_size, checksum,
+                            identity, max(st.st_mtime_ns, st.st_ctime_ns))  # fmt: skip
         except FileNotFoundError:
             return None  # removed while the folder was listed: not in the listing
 

@@ -104,11 +104,14 @@ def ordered_parts(part_dirs: list) -> list[tuple[dict, Path]]:
 # --- validate -----------------------------------------------------------------------------
 
 
-def shard_manifest_rows(data_uri: str, config: GraftConfig, shard: int, shards: int) -> list[dict]:
+def shard_manifest_rows(
+    data_uri: str, config: GraftConfig, shard: int, shards: int, inspections: dict | None = None
+) -> list[dict]:
     """The manifest rows of one shard's files (validate's own inspection of each)."""
     from components.validate import build_manifest
 
-    return build_manifest(data_uri, config, select=lambda path: path_shard(path, shards) == shard)
+    return build_manifest(data_uri, config, select=lambda path: path_shard(path, shards) == shard,
+                          inspections=inspections)  # fmt: skip
 
 
 def gather_manifest(data_uri: str, part_dirs: list, config: GraftConfig) -> list[dict]:
@@ -369,22 +372,34 @@ def validate_shard(
     shard: int,
     shards: int,
     manifest_shard: Output[Dataset],
+    model_repo: str = "",
+    model_name: str = "",
     max_pixels: int = 40_000_000,
     max_file_bytes: int = 30_000_000,
     io_concurrency: int = 16,
 ):
-    """Inspect one shard's files: their manifest rows (validate_gathered judges them all)."""
+    """Inspect one shard's files: their manifest rows (validate_gathered judges them all);
+    with ``model_repo``, only the files changed since the model's last validate are read."""
     import json
     from pathlib import Path
 
     from components.config import step_config
     from components.shards import ROWS_FILE, _write_info, shard_manifest_rows
+    from components.validate import (
+        INSPECTIONS_FILE,
+        inspections_uri,
+        read_inspections,
+        write_inspections,
+    )
 
     config = step_config(locals())
-    rows = shard_manifest_rows(data_uri, config, shard, shards)
+    inspections = read_inspections(inspections_uri(model_repo, model_name)) if model_repo else None
+    rows = shard_manifest_rows(data_uri, config, shard, shards, inspections)
     out = Path(manifest_shard.path)
     _write_info(out, {"shard": shard, "shards": shards, "files": len(rows)})
     (out / ROWS_FILE).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    if inspections is not None:  # this shard's: validate_gathered writes them all at once
+        write_inspections(str(out / INSPECTIONS_FILE), {r["uri"]: inspections[r["uri"]] for r in rows})
     manifest_shard.metadata.update({"shard": shard, "files": len(rows)})
 
 
@@ -394,6 +409,8 @@ def validate_gathered(
     manifest_shards: Input[List[Dataset]],  # noqa: UP006
     manifest: Output[Dataset],
     validation_report: Output[HTML],
+    model_repo: str = "",
+    model_name: str = "",
     min_images_per_class: int = 5,
     min_classes: int = 2,
     min_side: int = 16,
@@ -406,14 +423,28 @@ def validate_gathered(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
 ):
-    """validate_data's outputs from the gathered shards: the whole suite on every row."""
+    """validate_data's outputs from the gathered shards: the whole suite on every row; the
+    shards' inspections become the model's (what validate_data keeps)."""
+    from pathlib import Path
+
     from components.config import step_config
     from components.shards import gather_manifest
-    from components.validate import publish_validation
+    from components.validate import (
+        INSPECTIONS_FILE,
+        inspections_uri,
+        publish_validation,
+        read_inspections,
+    )
 
     config = step_config(locals())
     rows = gather_manifest(data_uri, [p.path for p in manifest_shards], config)
-    publish_validation(data_uri, config, manifest, validation_report, rows=rows)
+    saved, inspections = "", None
+    if model_repo:
+        saved, inspections = inspections_uri(model_repo, model_name), {}
+        for part in manifest_shards:
+            inspections.update(read_inspections(str(Path(part.path) / INSPECTIONS_FILE)))
+    publish_validation(data_uri, config, manifest, validation_report, rows=rows,
+                       inspections_at=saved, inspections=inspections)  # fmt: skip
 
 
 @step_component

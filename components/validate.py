@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -133,19 +134,89 @@ def inspect_image(data: bytes, config: GraftConfig) -> dict:
     return facts
 
 
-def build_manifest(data_uri: str, config: GraftConfig, select=None) -> list[dict]:
+# A file written this close to its inspection may change again within the same timestamp
+# tick without its identity changing (git's "racy" entries): it is inspected again next time.
+SETTLED_NS = 2_000_000_000
+INSPECTIONS_FILE = "inspections.jsonl"  # beside a report's manifest.jsonl (graft validate)
+INSPECTIONS_DIR = ".validate"  # in the model's folder, for the pipeline's validate steps
+
+
+def inspections_uri(model_repo: str, model_name: str) -> str:
+    """Where the pipeline keeps the last run's inspections: beside the versions they led to
+    (a dot-folder, never a version), so any run of this model on any worker finds them."""
+    from common import model_repository
+
+    return storage.join(model_repository.model_root(model_repo, model_name), INSPECTIONS_DIR,
+                        INSPECTIONS_FILE)  # fmt: skip
+
+
+def inspection_key(config: GraftConfig) -> str:
+    """What an inspection depends on beyond the file's bytes: the limits that stop reading
+    or decoding, and the decoders (PIL for the header, TensorFlow for the serving decode).
+    An earlier inspection is reused only under the same key."""
+    import PIL
+    import tensorflow as tf
+
+    return (f"max_pixels={config.max_pixels};max_file_bytes={config.max_file_bytes};"
+            f"pillow={PIL.__version__};tensorflow={tf.__version__}")  # fmt: skip
+
+
+def read_inspections(uri: str) -> dict[str, dict]:
+    """An inspections file by file URI (empty when there is none yet: a first run)."""
+    try:
+        text = storage.read_text(uri)
+    except storage.StorageError:
+        return {}
+    entries = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+            entries[entry["row"]["uri"]] = entry
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s line %d is not an inspection: ignored (that file is read again)",
+                        uri, number)  # fmt: skip
+    return entries
+
+
+def write_inspections(uri: str, inspections: dict[str, dict]) -> None:
+    storage.write_text(uri, "".join(json.dumps(inspections[k], sort_keys=True) + "\n"
+                                    for k in sorted(inspections)))  # fmt: skip
+
+
+def build_manifest(
+    data_uri: str, config: GraftConfig, select=None, inspections: dict[str, dict] | None = None
+) -> list[dict]:
     """One row per file under ``data_uri`` (or per file ``select(relpath)`` is true for: one
     shard's, components/shards.py); raises StorageError/ValueError when there is no file.
 
-    Files are read and inspected ``config.io_concurrency`` at a time; only the rows stay."""
+    Files are read and inspected ``config.io_concurrency`` at a time; only the rows stay.
+    ``inspections`` (file URI -> an earlier inspection, ``read_inspections``) is consulted
+    and brought up to date: a file's earlier row is taken as it is, without reading the
+    file, when the listing gives it the same identity (storage.FileInfo: size and change
+    times locally, the generation on GCS), it had settled before that inspection and
+    ``inspection_key`` is unchanged. augment still checks every file's SHA-256 as it reads
+    it, so a reused row can never train on other bytes. The rows are the same either way."""
     files = storage.list_files(data_uri, checksums=False, concurrency=config.io_concurrency)
     if not files:
         raise storage.StorageError(f"{data_uri} holds no files: expected <label>/<image> folders")
     if select is not None:
         files = [info for info in files if select(info.relpath)]
+    key = inspection_key(config)
+    known = {} if inspections is None else inspections
 
-    def inspect(info: storage.FileInfo) -> dict:
+    def reused(info: storage.FileInfo) -> dict | None:
+        entry = known.get(info.uri)
+        if (entry is None or entry.get("inspected_with") != key or not info.identity
+                or entry.get("identity") != info.identity
+                or entry["row"].get("relpath") != info.relpath):  # fmt: skip
+            return None
+        if info.changed_ns is not None and info.changed_ns > entry["inspected_ns"] - SETTLED_NS:
+            return None
+        return dict(entry["row"])
+
+    def inspect(info: storage.FileInfo) -> tuple[dict, dict]:
         split, label = _place(info.relpath)
+        inspected_ns = time.time_ns()
         data = storage.read_bytes(info.uri) if info.size <= config.max_file_bytes else b""
         row = {"uri": info.uri, "relpath": info.relpath, "label": label, "split": split,
                "bytes": info.size, "sha256": hashlib.sha256(data).hexdigest() if data else None}  # fmt: skip
@@ -154,14 +225,28 @@ def build_manifest(data_uri: str, config: GraftConfig, select=None) -> list[dict
                        error=f"{info.size} bytes, over max_file_bytes={config.max_file_bytes}")  # fmt: skip
         else:
             row.update(inspect_image(data, config))
-        return row
+        return row, {"identity": info.identity, "inspected_ns": inspected_ns,
+                     "inspected_with": key, "row": row}  # fmt: skip
 
-    progress = Progress(log, "manifest: inspected", len(files), unit="files")
-    rows = []
-    for row in storage.map_bounded(inspect, files, concurrency=config.io_concurrency):
-        rows.append(row)
+    rows: list[dict | None] = [None if inspections is None else reused(f) for f in files]
+    fresh = [index for index, row in enumerate(rows) if row is None]
+    if inspections is not None:
+        log.info("manifest: %d of %d files as inspected before, %d to inspect",
+                 len(rows) - len(fresh), len(rows), len(fresh))  # fmt: skip
+    progress = Progress(log, "manifest: inspected", len(fresh), unit="files")
+    inspected = storage.map_bounded(inspect, [files[i] for i in fresh],
+                                    concurrency=config.io_concurrency)  # fmt: skip
+    for index, (row, entry) in zip(fresh, inspected, strict=True):
+        rows[index] = row
+        if inspections is not None:
+            inspections[row["uri"]] = entry
         progress.advance()
     progress.done()
+    if inspections is not None:  # files gone from the listing (of this shard) are forgotten
+        listed = {info.uri for info in files}
+        for uri in [u for u, e in inspections.items() if u not in listed and (
+                select is None or select(e["row"].get("relpath", "")))]:  # fmt: skip
+            del inspections[uri]
     return rows
 
 
@@ -391,9 +476,11 @@ def validate_dataset(
     *,
     raise_on_failure=True,
     rows: list[dict] | None = None,
+    inspections: dict[str, dict] | None = None,
 ) -> ValidationResult:
-    """Build the manifest (or take ``rows``, the gathered shards' manifest), run the suite,
-    write the report; raise DataValidationError on failure. Every rule runs here, over the
+    """Build the manifest (or take ``rows``, the gathered shards' manifest; ``inspections``
+    as build_manifest takes them), run the suite, write the report; raise
+    DataValidationError on failure. Every rule runs here, over the
     whole manifest: the set-level ones (class counts, duplicates, every class in val and
     test, the layout) are only true or false of all the rows together."""
     if not storage.is_gcs(data_uri) and Path(data_uri).is_file():
@@ -401,7 +488,7 @@ def validate_dataset(
             f"Received `--data {data_uri}`: a file; expected a directory of <label>/ class folders"
         )
     if rows is None:
-        rows = build_manifest(data_uri, config)
+        rows = build_manifest(data_uri, config, inspections=inspections)
     outcomes, failures = run_suite(rows, config)
     empty = empty_class_folders(data_uri, rows)
     extra = layout_failures(rows, data_uri)
@@ -466,6 +553,8 @@ def validate_data(
     data_uri: str,
     manifest: Output[Dataset],
     validation_report: Output[HTML],
+    model_repo: str = "",
+    model_name: str = "",
     min_images_per_class: int = 5,
     min_classes: int = 2,
     min_side: int = 16,
@@ -478,23 +567,35 @@ def validate_data(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
 ):
-    """Fail the run, with a report naming the files, unless the dataset is trainable."""
+    """Fail the run, with a report naming the files, unless the dataset is trainable. With
+    ``model_repo``, files unchanged since the model's last validate are not read again."""
     from components.config import step_config
-    from components.validate import publish_validation
+    from components.validate import inspections_uri, publish_validation
 
     config = step_config(locals())
-    publish_validation(data_uri, config, manifest, validation_report)
+    saved = inspections_uri(model_repo, model_name) if model_repo else ""
+    publish_validation(data_uri, config, manifest, validation_report, inspections_at=saved)
 
 
-def publish_validation(data_uri: str, config, manifest, validation_report, rows=None) -> None:
+def publish_validation(
+    data_uri: str, config, manifest, validation_report, rows=None, inspections_at: str = "",
+    inspections: dict | None = None,
+) -> None:  # fmt: skip
     """What validate_data (and, for the gathered shards, validate_gathered) does with its
-    artifacts: the HTML report, the JSON report in the log, the manifest, or a failed run."""
+    artifacts: the HTML report, the JSON report in the log, the manifest, or a failed run.
+    ``inspections_at``: the inspections file read before (unless ``inspections`` are given,
+    the shards' own) and written after, pass or fail (what a file holds is true either way)."""
     import shutil
     import tempfile
 
+    if inspections_at and inspections is None and rows is None:
+        inspections = read_inspections(inspections_at)
     report_dir = Path(tempfile.mkdtemp(prefix="graft-validate-"))
     try:
-        result = validate_dataset(data_uri, report_dir, config, raise_on_failure=False, rows=rows)
+        result = validate_dataset(data_uri, report_dir, config, raise_on_failure=False,
+                                  rows=rows, inspections=inspections)  # fmt: skip
+        if inspections_at and inspections is not None:
+            write_inspections(inspections_at, inspections)
         shutil.copyfile(report_dir / REPORT_HTML, validation_report.path)
         print((report_dir / REPORT_JSON).read_text())
         if not result.ok:

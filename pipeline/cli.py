@@ -246,16 +246,29 @@ def validate(
     data: str = typer.Option(
         ..., help="Dataset: local dir or gs://bucket/prefix of class folders."
     ),
-    report: str = typer.Option(None, help="Directory for the JSON + HTML report and the manifest."),
+    report: str = typer.Option(
+        None,
+        help="Directory for the JSON + HTML report and the manifest. Files unchanged since the "
+        "last report there (its inspections.jsonl) are not read again.",
+    ),
     set_: list[str] = typer.Option(
         None, "--set", help="Validation setting key=value (repeatable), e.g. min_side=32."
+    ),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="Read and inspect every file, whatever --report holds."
     ),
 ) -> None:
     """Check a dataset against the validation suite; exit 0 when it is trainable."""
     from rich.table import Table
 
     from components.config import SETTINGS, GraftConfig, with_overrides
-    from components.validate import validate_data, validate_dataset
+    from components.validate import (
+        INSPECTIONS_FILE,
+        read_inspections,
+        validate_data,
+        validate_dataset,
+        write_inspections,
+    )
     from pipeline.settings import check_dataset_exists, check_writable_output
 
     with user_errors():
@@ -269,10 +282,22 @@ def validate(
                 )
         config = with_overrides(GraftConfig(), set_ or [])
         check_dataset_exists(data)
+        inspections, before = None, {}
         if report:
             check_writable_output("--report", report, folder=True)
-        result = validate_dataset(data, report, config, raise_on_failure=False)
-    table = Table(title=f"{data}: {result.files} files")
+            saved = str(Path(report) / INSPECTIONS_FILE)
+            inspections = {} if fresh else read_inspections(saved)
+            before = dict(inspections)
+        result = validate_dataset(
+            data, report, config, raise_on_failure=False, inspections=inspections
+        )
+        if report:
+            write_inspections(saved, inspections)
+    title = f"{data}: {result.files} files"
+    if before:
+        reused = sum(inspections.get(uri) is entry for uri, entry in before.items())
+        title += f" ({reused} unchanged since the last report, not read again)"
+    table = Table(title=title)
     table.add_column("rule")
     table.add_column("result")
     for outcome in result.expectations:

@@ -140,7 +140,8 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True, shards: 
         with dsl.If(checked.outputs["Output"] == True, name="data-changed"):  # noqa: E712
             if shards == 1:
                 validated = _io_heavy(
-                    validate_data(data_uri=data_uri, **settings_for(validate_data, p))
+                    validate_data(data_uri=data_uri, model_repo=model_repo,
+                                  model_name=model_name, **settings_for(validate_data, p))  # fmt: skip
                 ).set_caching_options(False)  # reads the bucket, whose URI does not change
                 augmented = _io_heavy(
                     augment(
@@ -213,13 +214,16 @@ def _fan_out(p: dict, shards: int, gpu: GpuPool | None, io_heavy) -> tuple:
     with dsl.ParallelFor(list(range(shards)), name="validate-shards", parallelism=shards) as k:
         inspected = io_heavy(
             validate_shard(
-                data_uri=data_uri, shard=k, shards=shards, **settings_for(validate_shard, p)
+                data_uri=data_uri, shard=k, shards=shards, model_repo=p["model_repo"],
+                model_name=p["model_name"], **settings_for(validate_shard, p)
             )  # fmt: skip
         ).set_caching_options(False)  # reads the bucket
     validated = io_heavy(
         validate_gathered(
             data_uri=data_uri,
             manifest_shards=dsl.Collected(inspected.outputs["manifest_shard"]),
+            model_repo=p["model_repo"],
+            model_name=p["model_name"],
             **settings_for(validate_gathered, p),
         )
     ).set_caching_options(False)  # lists the bucket again, to refuse a change mid-run
