@@ -12,7 +12,8 @@ An examples directory holds TFRecord shards per split plus two small files:
 Each record is a tf.train.Example with ``image`` (raw uint8 bytes, HxWxC, already
 resized), ``label`` (int64 class id), ``view`` (0 = the original image, 1..K =
 augmented copies) and ``sha256`` (of the source file, so a record can be traced
-back to the image it came from).
+back to the image it came from). Records go image by image in content-hash order, each
+image's original followed by its views (train only), so an image's records are adjacent.
 """
 
 from __future__ import annotations
@@ -195,6 +196,28 @@ def dataset(
     if shuffle_seed is not None:
         ds = ds.shuffle(shuffle_buffer(spec, split), seed=shuffle_seed)
     return ds.map(lambda image, label, view: (image, label))
+
+
+def keyed_dataset(examples_dir: str | Path, split: str):
+    """``(image uint8 HxWxC, label, view, sha256)`` records of one split, in stored order:
+    what the feature pass needs to key each image's features in the reuse store."""
+    import tensorflow as tf
+
+    spec = read_spec(examples_dir)
+    shape = (spec["image_size"], spec["image_size"], spec["channels"])
+    features = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "view": tf.io.FixedLenFeature([], tf.int64),
+        "sha256": tf.io.FixedLenFeature([], tf.string),
+    }
+
+    def parse(record):
+        parsed = tf.io.parse_single_example(record, features)
+        image = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), shape)
+        return image, parsed["label"], parsed["view"], parsed["sha256"]
+
+    return tf.data.TFRecordDataset(shard_paths(examples_dir, split)).map(parse)
 
 
 def batches(

@@ -3,8 +3,8 @@
 - ``training_setup``: the precision policy and the tf.distribute strategy of a training
   step, from two settings (``precision``, ``replicas``); the global Keras policy is restored
   afterwards, so nothing leaks to other models in the same process.
-- ``stream_outputs`` / ``labelled_outputs``: a model's outputs over every record in one
-  padded batch shape (the feature cache and the frozen-part cache).
+- ``stream_outputs``: a model's outputs over images in one padded batch shape (the feature
+  pass; the feature and frozen-part shards on disk are components/features.py).
 - ``fit``: the one fit-with-early-stopping (head, scratch baseline, fine-tune): Keras'
   EarlyStopping decides convergence and the epoch whose weights are kept; a step killed and
   run again resumes from its last completed epoch (Keras' BackupAndRestore plus the early
@@ -181,23 +181,6 @@ def pooled_features(base, images: np.ndarray, batch_size: int) -> np.ndarray:
     return stream_features(base, batches, len(images), batch)
 
 
-def labelled_outputs(model, records, total: int, progress, *, pool: bool, batch: int = 0):
-    """``stream_outputs`` over a dataset of ``total`` (image, label) records, in one batch
-    shape (``batch``, else ``feature_batch_size(total)``: a shard of a fan-out passes the
-    whole pass's, so its rows meet the same kernels); returns (outputs, labels int64 [total])."""
-    batch = batch or feature_batch_size(total)
-    labels, filled = np.empty(total, np.int64), 0
-
-    def images():
-        nonlocal filled
-        for x, y in records.batch(batch).prefetch(2).as_numpy_iterator():
-            labels[filled : filled + len(y)] = y
-            filled += len(y)
-            yield x
-
-    return stream_outputs(model, images(), total, batch, progress, pool=pool), labels
-
-
 # --- surviving a kill: the resume folder ----------------------------------------------------
 
 
@@ -231,21 +214,6 @@ def _savez(path: Path, *arrays, **named) -> None:
 def cache_key(**facts) -> str:
     """A digest of everything that shapes a cache (settings, data counts, frontier)."""
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def reuse_or_compute(path: Path, key: str, compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """The arrays ``compute()`` returns (name -> array), stored at ``path`` (an .npz written
-    atomically with ``key``); a complete file with the same key is read instead of
-    recomputed. Returns (arrays, reused)."""
-    if path.exists():
-        with np.load(path) as stored:
-            if str(stored["key"]) == key:
-                log.info("reusing the complete cache %s (a rerun of this step)", path)
-                return {name: stored[name] for name in stored.files if name != "key"}, True
-        log.info("the cache %s was made with other settings: computing it again", path)
-    arrays = compute()
-    _write_atomically(path, lambda tmp: _savez(tmp, key=np.asarray(key), **arrays))
-    return arrays, False
 
 
 # --- the one fit ----------------------------------------------------------------------------
