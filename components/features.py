@@ -1,5 +1,6 @@
 """Features on disk: a frozen model's outputs for every record, in TFRecord shards that tf.data
-streams (shuffled across shards), so training holds no N x D array (issue 25).
+streams (shuffled across shards, each epoch's order a function of the seed and the epoch alone),
+so training holds no N x D array (issue 25).
 
 train_head's feature pass reads each image's base features from the reuse store where it
 holds them (keyed by the image's record key + the base's fingerprint + the precision) and
@@ -7,7 +8,7 @@ runs the base only over the rest; fine_tune's frozen-part cache writes the same 
 shards (one tensor per output of the frozen part).
 
     write_shards(folder, "train", ((arrays, label) for ...))   # arrays: one float32 per tensor
-    ds = dataset(folder, "train", shapes, shuffle_seed=0)      # (x or [x0, x1, ...], label)
+    ds = dataset(folder, "train", shapes, shuffle_seed=0, epoch=3)  # (x or [x0, ...], label)
 
 A folder is complete once ``mark_complete(folder, key)`` ran; ``is_complete`` says whether a
 complete folder was made with the same key (a rerun after a kill reuses it).
@@ -25,8 +26,7 @@ from common import reuse_store
 
 log = logging.getLogger(__name__)
 SHARD_RECORDS = 4096  # records per feature shard: many shards to interleave, few files
-SHUFFLE_BUFFER_BYTES = 64 << 20  # the training shuffle's buffer, in bytes of features
-MAX_OPEN_SHARDS = 64  # shards interleaved at once
+SHUFFLE_BUFFER_BYTES = 64 << 20  # bytes of features a training epoch permutes together
 COMPLETE_FILE = "complete.json"
 FEATURES_VERSION = "pooled-mean-1"  # how features are made from the base's output (a 4D output
 # is averaged over its spatial axes): part of every stored feature's key
@@ -111,12 +111,16 @@ def clear(folder: str | Path) -> None:
 
 
 def dataset(
-    folder: str | Path, split: str, shapes: list[tuple], *, shuffle_seed: int | None = None
-):
+    folder: str | Path, split: str, shapes: list[tuple], *, shuffle_seed: int | None = None,
+    epoch=0,
+):  # fmt: skip
     """``(x, label)`` records of ``split`` (x: one tensor, or a tuple of one per shape), in
-    stored order, or with ``shuffle_seed`` shuffled across shards: shard order shuffled each
-    epoch, shards interleaved record by record, then a buffer of SHUFFLE_BUFFER_BYTES."""
+    stored order, or with ``shuffle_seed`` in epoch ``epoch``'s order for that seed
+    (``training.shuffled_records``: shard order shuffled, shards interleaved record by record,
+    runs of SHUFFLE_BUFFER_BYTES of records permuted), the same order every time it is read."""
     import tensorflow as tf
+
+    from components import training
 
     paths = sorted(str(p) for p in Path(folder).glob(f"{split}-*.tfrecord"))
     if not paths:
@@ -132,20 +136,18 @@ def dataset(
 
     if shuffle_seed is None:
         return tf.data.TFRecordDataset(paths).map(parse)
-    files = tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=shuffle_seed)
-    records = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(paths), MAX_OPEN_SHARDS),
-                               block_length=1)  # fmt: skip
     record_bytes = 4 * sum(int(np.prod(shape)) for shape in shapes)
-    buffer = max(1, SHUFFLE_BUFFER_BYTES // record_bytes)
-    return records.map(parse).shuffle(buffer, seed=shuffle_seed)
+    block = max(1, SHUFFLE_BUFFER_BYTES // record_bytes)
+    return training.shuffled_records(paths, parse, seed=shuffle_seed, epoch=epoch, block=block)
 
 
 def batches(
-    folder, split: str, shapes: list[tuple], count: int, batch_size: int, *, shuffle_seed=None
-):
+    folder, split: str, shapes: list[tuple], count: int, batch_size: int, *, shuffle_seed=None,
+    epoch=0,
+):  # fmt: skip
     """``dataset`` batched for Keras, its length (``count`` records) told to tf.data."""
     import tensorflow as tf
 
-    ds = dataset(folder, split, shapes, shuffle_seed=shuffle_seed)
+    ds = dataset(folder, split, shapes, shuffle_seed=shuffle_seed, epoch=epoch)
     ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     return ds.batch(batch_size).prefetch(2)

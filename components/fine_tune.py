@@ -89,8 +89,10 @@ def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: 
         # Every stored record, originals and their augmented views, as the head saw them.
         # Originals alone with fresh augmentation each epoch (the tutorials' way) stayed 1
         # point under scratch at 100 labels/class; see benchmarks/RESULTS.md.
-        shuffled = examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed)  # fmt: skip
-        train = {"x": shuffled, "shuffle": False}  # the dataset is shuffled already
+        train = training.Epochs(
+            lambda epoch: examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed, epoch=epoch),
+            steps=-(-counts["train"] // config.batch_size),
+        )  # fmt: skip
         return model, train, examples.batches(examples_dir, "val", config.batch_size), {}, reason
 
     started = time.perf_counter()
@@ -114,8 +116,11 @@ def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: 
               "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
     log.info("fine_tune: the frozen part ran once over %d records (%.1f MB cached on disk, %.1fs); "
              "only the top trains each epoch", records, cache_bytes / 1e6, cached["seconds"])  # fmt: skip
-    train = {"x": features.batches(folder, "train", shapes, counts["train"], config.batch_size,
-                                   shuffle_seed=config.seed), "shuffle": False}  # fmt: skip
+    train = training.Epochs(
+        lambda epoch: features.batches(folder, "train", shapes, counts["train"], config.batch_size,
+                                       shuffle_seed=config.seed, epoch=epoch),
+        steps=-(-counts["train"] // config.batch_size),
+    )  # fmt: skip
     val = features.batches(folder, "val", shapes, counts["val"], config.batch_size)
     return frozen.cached_top(part, [(None, *s) for s in shapes]), train, val, cached, ""
 

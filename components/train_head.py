@@ -212,9 +212,12 @@ def scratch_baseline(
         model = scratch_network(base, num_classes, config, image_shape)
         model.compile(optimizer=setup.optimizer(config.head_learning_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
-    train = examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed)
+    train = training.Epochs(
+        lambda epoch: examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed, epoch=epoch),
+        steps=-(-spec["counts"]["train"] // config.batch_size),
+    )  # fmt: skip
     run = training.fit(
-        model, {"x": train, "shuffle": False}, examples.batches(examples_dir, "val", config.batch_size),
+        model, train, examples.batches(examples_dir, "val", config.batch_size),
         config=config, epochs=config.head_max_epochs, out_dir=out_dir, what="scratch baseline",
         records=spec["counts"]["train"], name="scratch",
     )  # fmt: skip
@@ -270,8 +273,11 @@ def train_head_model(
         log.info("feature cache: %d train + %d val examples on disk in %.1fs (%s)",
                  counts["train"], counts["val"], feature_seconds, made["reuse"])  # fmt: skip
         shapes = [(dim,)]
-        train = features.batches(folder, "train", shapes, counts["train"], config.batch_size,
-                                 shuffle_seed=config.seed)  # fmt: skip
+        train = training.Epochs(
+            lambda epoch: features.batches(folder, "train", shapes, counts["train"], config.batch_size,
+                                           shuffle_seed=config.seed, epoch=epoch),
+            steps=-(-counts["train"] // config.batch_size),
+        )  # fmt: skip
         val = features.batches(folder, "val", shapes, counts["val"], config.batch_size)
         with setup.strategy.scope():
             adapt_to = features.dataset(folder, "train", shapes).map(lambda x, y: x).batch(4096)
@@ -280,7 +286,7 @@ def train_head_model(
                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
         started = time.perf_counter()
         run = training.fit(
-            head, {"x": train, "shuffle": False}, val, config=config,
+            head, train, val, config=config,
             epochs=config.head_max_epochs, out_dir=out_dir, what="train_head",
             records=counts["train"], name="head",
         )  # fmt: skip

@@ -255,9 +255,12 @@ def test_training_batches_hold_the_classes_in_proportion_even_from_class_grouped
     batches = examples.batches(tmp_path, "train", 32, shuffle_seed=0)
     first_epoch = first_labels(batches, 10 * 32)
     assert_in_proportion(first_epoch, dict.fromkeys(range(classes), 0.2))
-    assert not np.array_equal(first_labels(batches, 320), first_epoch)  # a new order each epoch
+    second_epoch = first_labels(examples.batches(tmp_path, "train", 32, shuffle_seed=0, epoch=1), 320)  # fmt: skip
+    assert not np.array_equal(second_epoch, first_epoch)  # a new order each epoch
+    assert_in_proportion(second_epoch, dict.fromkeys(range(classes), 0.2))
     again = first_labels(examples.batches(tmp_path, "train", 32, shuffle_seed=0), 320)
-    assert np.array_equal(again, first_epoch)  # reproducible for a seed
+    assert np.array_equal(again, first_epoch)  # reproducible for a seed and an epoch
+    assert np.array_equal(first_labels(batches, 320), first_epoch)  # read again: the same order
     assert examples.shuffle_buffer(spec, "train") == count  # the whole split fits
 
 

@@ -83,11 +83,10 @@ def test_fine_tune_killed_after_two_epochs_resumes_at_two_and_ends_like_an_unint
     record = json.loads((tmp_path / "tuned" / "training.json").read_text())
     assert record["resumed_from_epoch"] == 2 and len(record["fine_tune_history"]["val_loss"]) == 4
     assert not left.exists()  # cleaned up once the outputs are written
-    # The first two epochs are the killed run's own; the rest differ only by the shuffle order
-    # (the resumed run's tf.data shuffle starts again at epoch 1's order; on 6 validation images
-    # that moved epoch 4's val loss by 21%).
+    # The first two epochs are the killed run's own; the resumed ones read the epochs' own
+    # order (training.shuffled_records: a function of the seed and the epoch).
     whole = json.loads((tmp_path / "whole" / "training.json").read_text())
-    resumed_losses, whole_losses = record["fine_tune_history"]["val_loss"], whole["fine_tune_history"]["val_loss"]  # fmt: skip
-    np.testing.assert_allclose(resumed_losses[:2], whole_losses[:2], rtol=1e-5)
-    np.testing.assert_allclose(resumed_losses[2:], whole_losses[2:], rtol=0.3)
+    np.testing.assert_allclose(
+        record["fine_tune_history"]["val_loss"], whole["fine_tune_history"]["val_loss"], rtol=0.05
+    )
     assert abs(resumed.tuned_val_accuracy - uninterrupted.tuned_val_accuracy) <= 0.1

@@ -217,9 +217,10 @@ def test_feature_shards_are_shuffled_across_shards_and_hold_every_record(tmp_pat
     assert len(list(tmp_path.glob("train-*.tfrecord"))) == 5
     stored = [int(y) for _, y in features.dataset(tmp_path, "train", [(3,)])]
     assert stored == list(range(45))
-    epochs = [[int(y) for _, y in ds] for ds in [features.dataset(tmp_path, "train", [(3,)], shuffle_seed=0)] * 2]  # fmt: skip
+    epochs = [[int(y) for _, y in features.dataset(tmp_path, "train", [(3,)], shuffle_seed=0, epoch=e)] for e in (0, 1, 0)]  # fmt: skip
     assert sorted(epochs[0]) == list(range(45)) and epochs[0] != stored
-    assert epochs[0] != epochs[1]  # a new order each epoch
+    assert epochs[0] != epochs[1] and sorted(epochs[1]) == list(range(45))  # a new order each epoch
+    assert epochs[2] == epochs[0]  # an epoch's order is a function of the seed and the epoch
     assert {y // 10 for y in epochs[0][:5]} != {0}  # the first records come from several shards
     for x, y in features.dataset(tmp_path, "train", [(3,)], shuffle_seed=0):
         assert float(x[0]) == float(y)  # features stay with their labels
