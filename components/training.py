@@ -255,8 +255,9 @@ def _split_evenly(replicas: int):
 
     tf.distribute's own split of a short last batch is uneven: 90 records in batches of 8
     over two replicas gave the last batch as 2 + 0 records from the feature shards, so Keras'
-    mean of per-replica means halved that step's gradient, and an empty replica batch is
-    what a mirrored convolution's gradient failed on. Keras divides a replica's weighted loss
+    mean of per-replica means halved that step's gradient (an empty replica batch is also the
+    likeliest cause of the "Missing 1-th output" once seen in a mirrored convolution's
+    gradient; not reproduced on 2 logical CPUs here). Keras divides a replica's weighted loss
     sum by its element count ``m`` and the replicas' losses by ``replicas``: weight
     ``replicas * m / n`` (``n`` records in the global batch) gives sum(loss) / n, which is
     1.0 for an evenly split batch. A batch shorter than ``replicas`` is padded with weight-0
