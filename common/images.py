@@ -16,6 +16,17 @@ from __future__ import annotations
 
 import re
 
+# Bumped whenever ``decode_square`` changes what it makes of a file: part of the key of every
+# stored record (common/reuse_store.py), with the TensorFlow version whose decoder runs it.
+DECODER_VERSION = "decode_square-1"
+
+
+def decoder_version() -> str:
+    """The decoder's identity for the reuse store: graft's version of it and TensorFlow's."""
+    import tensorflow as tf
+
+    return f"{DECODER_VERSION}/tf-{tf.__version__}"
+
 
 def decode_square(encoded, image_size: int, channels: int):
     """Encoded JPEG/PNG bytes (a scalar tf.string) -> uint8 [image_size, image_size, channels].

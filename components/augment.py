@@ -11,13 +11,12 @@ import functools
 import hashlib
 import logging
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from kfp.dsl import Dataset, Input, Output
 
-from common import storage
+from common import reuse_store, storage
 from common.progress import Progress
 from components import examples
 from components.component import step_component
@@ -114,49 +113,89 @@ def augmenter(seed: int):
     )
 
 
-VIEW_BATCH = 256  # images per call of the seeded augmentation layers: part of what fixes the
-# views for a seed (each call draws the next random numbers), so it is not a tuning knob
+# Bumped whenever the views an image gets change: part of every stored record's key. 2: each
+# image's randomness is keyed by its SHA-256 (issue 25); 1 drew one stream over the split.
+AUGMENTER_VERSION = "augmenter-2"
+VIEW_BATCH = 256  # images augmented per call: a speed knob only, views do not depend on it
 
 
-def make_views(
-    images: np.ndarray, views: int, seed: int, batch: int = VIEW_BATCH
-) -> list[np.ndarray]:
-    """``views`` augmented copies of ``images`` (uint8 [N,H,W,C]), deterministic for a seed.
-
-    For arrays that fit in memory (benchmarks); augment streams the same computation
-    through ``view_batches``."""
-
-    def originals():
-        return (images[i : i + batch] for i in range(0, len(images), batch))
-
-    return [np.concatenate(list(view)) for view in view_batches(originals, views, seed)]
+def view_states(sha256: str, view: int, seed: int, layers: int) -> np.ndarray:
+    """The seed-generator state of each augmentation layer for one view of one image: a
+    function of the image's SHA-256, the view and ``seed`` alone, so an image gets the same
+    views whichever images share its batch, run or shard."""
+    digest = hashlib.sha512(f"graft-view:{seed}:{view}:{sha256}".encode()).digest()
+    words = np.frombuffer(digest, "<u4")[: 2 * layers].astype(np.int64) & 0x7FFFFFFF
+    return words.reshape(layers, 2)
 
 
-def view_batches(originals, views: int, seed: int):
-    """For each view 1..K, an iterator of augmented uint8 batches.
+class Views:
+    """``views`` augmented copies of images, each image's randomness its own (``view_states``):
+    the seeded Keras layers of ``augmenter``, run image by image inside one tf.function, with
+    each layer's seed generator set from the image's key before it draws."""
 
-    ``originals()`` returns a fresh iterator over the original images in batches of
-    VIEW_BATCH, the same batches every time: the seeded layers draw their random numbers
-    call by call, so the same batches in the same order give the same views. Views must
-    be consumed in order (view 1 fully, then view 2, ...)."""
+    def __init__(self, seed: int):
+        import tensorflow as tf
+
+        self.seed = seed
+        self.layers = augmenter(seed)
+        generators = [layer.generator for layer in self.layers.layers]
+
+        @tf.function(input_signature=[tf.TensorSpec((None, None, None, None), tf.uint8),
+                                      tf.TensorSpec((None, len(generators), 2), tf.int64)])  # fmt: skip
+        def augment(images, states):  # traced once: tracing the layers costs seconds
+            out = tf.TensorArray(tf.uint8, size=tf.shape(images)[0])
+            for i in tf.range(tf.shape(images)[0]):
+                for j, generator in enumerate(generators):
+                    generator.state.assign(states[i, j])
+                x = self.layers(tf.cast(images[i : i + 1], tf.float32), training=True)
+                out = out.write(i, tf.cast(tf.clip_by_value(tf.round(x[0]), 0, 255), tf.uint8))
+            return out.stack()
+
+        self._augment, self._count = augment, len(generators)
+
+    def __call__(self, images: np.ndarray, shas: list[str], views: int) -> np.ndarray:
+        """uint8 [N, 1 + views, H, W, C]: each image (view 0) then its ``views`` views."""
+        out = [images]
+        for view in range(1, views + 1):
+            states = np.stack([view_states(sha, view, self.seed, self._count) for sha in shas])
+            out.append(self._augment(images, states).numpy())
+        return np.stack(out, axis=1)
+
+
+def make_views(images: np.ndarray, views: int, seed: int, shas=None) -> list[np.ndarray]:
+    """``views`` augmented copies of ``images`` (uint8 [N,H,W,C]), deterministic for a seed;
+    ``shas`` key each image's randomness (default: the SHA-256 of its pixels). For arrays in
+    memory (benchmarks); augment makes the same views image by image."""
+    if shas is None:
+        shas = [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
+    make = Views(seed)
+    parts = [make(images[i : i + VIEW_BATCH], shas[i : i + VIEW_BATCH], views)
+             for i in range(0, len(images), VIEW_BATCH)]  # fmt: skip
+    both = np.concatenate(parts) if parts else np.zeros((0, 1 + views, *images.shape[1:]), "uint8")
+    return [both[:, view] for view in range(1, views + 1)]
+
+
+def record_facts(config: GraftConfig) -> dict:
+    """Every fact besides the image that shapes its stored records: the reuse store's key."""
     import keras
 
-    keras.utils.set_random_seed(seed)
-    layers = augmenter(seed)
+    from common.images import decoder_version
 
-    def one_view():
-        for batch in originals():
-            augmented = np.asarray(layers(batch.astype("float32"), training=True))
-            yield np.clip(np.rint(augmented), 0, 255).astype(np.uint8)
+    return {"image_size": config.image_size, "channels": config.channels, "views": config.views,
+            "seed": config.seed, "decoder": decoder_version(),
+            "augmenter": f"{AUGMENTER_VERSION}/keras-{keras.__version__}"}  # fmt: skip
 
-    return (one_view() for _ in range(views))
+
+def record_key(sha256: str, split: str, facts: dict) -> str:
+    """The reuse store's key of one image's records (a train image's hold its views too)."""
+    return reuse_store.key(sha256=sha256, split=split, **facts)
 
 
 class ChangedSinceValidationError(ValueError):
     """A file's bytes no longer match the SHA-256 validate recorded for it."""
 
 
-def _decoded(rows: list[dict], config: GraftConfig, progress: Progress):
+def _decoded(rows: list[dict], config: GraftConfig):
     """``(image, row)`` for each row in order: read through the storage pool, checked against
     the manifest's SHA-256 (the split was decided from it), decoded and resized in the pool."""
 
@@ -170,46 +209,52 @@ def _decoded(rows: list[dict], config: GraftConfig, progress: Progress):
             )
         return load_image(data, config.image_size, config.channels), row
 
-    for item in storage.map_bounded(load, rows, concurrency=config.io_concurrency):
-        progress.advance()
-        yield item
-    if progress.count == progress.total:
-        progress.done()  # the last split's originals: only its augmented views are left
+    yield from storage.map_bounded(load, rows, concurrency=config.io_concurrency)
 
 
-def _split_records(rows, label_ids, config: GraftConfig, progress: Progress, originals_file):
-    """The split's records: every original (view 0) in ``rows``' order (content-hash order,
-    so labels are mixed), then view 1 of every original, then view 2, ... Originals go to
-    ``originals_file`` (raw uint8 in TMPDIR, on local disk: N x H x W x C bytes) as they
-    stream by, so the views can read them back in VIEW_BATCH batches without holding the
-    split in memory."""
-    shas, labels = [], []
-    for image, row in _decoded(rows, config, progress):
-        shas.append(row["sha256"])
-        labels.append(label_ids[row["label"]])
-        if originals_file is not None:
-            originals_file.write(image.tobytes())
-        yield image, labels[-1], 0, shas[-1]
-    if originals_file is None or not rows:
-        return
-    originals_file.flush()
-    shape = (config.image_size, config.image_size, config.channels)
-    image_bytes = int(np.prod(shape))
+def image_records(images: np.ndarray, shas: list[str], views: int, make: Views) -> np.ndarray:
+    """uint8 [N, 1 + views, H, W, C]: what augment stores and writes for each image (its
+    original, then its views). A function of each image alone (+ settings): call it on any
+    subset, in any order, and an image gets the same bytes."""
+    return make(images, shas, views) if views else images[:, None]
 
-    def originals():
-        with open(originals_file.name, "rb") as fh:
-            while chunk := fh.read(VIEW_BATCH * image_bytes):
-                yield np.frombuffer(chunk, np.uint8).reshape(-1, *shape)
 
-    made = Progress(log, "augment: augmented views made", len(rows) * config.views)
-    for view, batches in enumerate(view_batches(originals, config.views, config.seed), start=1):
-        index = 0
-        for batch in batches:
-            for image in batch:
-                yield image, labels[index], view, shas[index]
-                index += 1
-            made.advance(len(batch))
-    made.done()
+def _split_records(
+    split: str, rows, label_ids, config: GraftConfig, progress: Progress, store, reuse, used
+):
+    """The split's records, image by image in ``rows``' order (content-hash order, so labels
+    are mixed): each image's original (view 0), then its views 1..K (train only). Records
+    found in the reuse ``store`` are read, the rest decoded and augmented, VIEW_BATCH images
+    at a time, and stored. Appends each image's key to ``used``."""
+    facts = record_facts(config)
+    views = config.views if split == "train" else 0
+    shape = (1 + views, config.image_size, config.image_size, config.channels)
+    make = Views(config.seed) if views else None
+    for start in range(0, len(rows), VIEW_BATCH):
+        chunk = rows[start : start + VIEW_BATCH]
+        keys = [record_key(row["sha256"], split, facts) for row in chunk]
+        found = list(store.get_many("records", keys)) if store else [None] * len(chunk)
+        found = [
+            data if data is not None and len(data) == np.prod(shape) else None for data in found
+        ]  # fmt: skip  (a short entry is recomputed, not trusted)
+        missing = [i for i, data in enumerate(found) if data is None]
+        if missing:
+            decoded = np.stack(
+                [image for image, _ in _decoded([chunk[i] for i in missing], config)]
+            )
+            made = image_records(decoded, [chunk[i]["sha256"] for i in missing], views, make)
+            for i, records in zip(missing, made, strict=True):
+                found[i] = records.tobytes()
+            if store:
+                store.put_many("records", ((keys[i], found[i]) for i in missing))
+        reuse.computed += len(missing)
+        reuse.reused += len(chunk) - len(missing)
+        used.extend(keys)
+        for row, data in zip(chunk, found, strict=True):
+            records = np.frombuffer(data, np.uint8).reshape(shape)
+            for view in range(1 + views):
+                yield records[view], label_ids[row["label"]], view, row["sha256"]
+            progress.advance()
 
 
 def plan_splits(
@@ -248,13 +293,20 @@ def plan_splits(
 
 
 def write_examples_metadata(
-    examples_dir: str | Path, config: GraftConfig, labels: list[str], by_split: dict, counts: dict
+    examples_dir: str | Path,
+    config: GraftConfig,
+    labels: list[str],
+    by_split: dict,
+    counts: dict,
+    reuse: dict,
 ) -> dict:
-    """spec.json, labels.txt and the test images' sources beside the shards; returns the spec."""
+    """spec.json, labels.txt and the test images' sources beside the shards; returns the spec
+    (with the facts that key the records in the reuse store, and what was reused)."""
     counts = {split: counts[split] for split in examples.SPLITS}
     spec = {"image_size": config.image_size, "channels": config.channels, "views": config.views,
             "counts": counts, "images": {s: len(v) for s, v in by_split.items()},
-            "labels": labels, "seed": config.seed}  # fmt: skip
+            "labels": labels, "seed": config.seed, "record_facts": record_facts(config),
+            "reuse": reuse}  # fmt: skip
     examples.write_metadata(examples_dir, labels, spec)
     # the champion is evaluated on these files (evaluate.py)
     examples.write_sources(examples_dir, "test", by_split["test"])
@@ -266,12 +318,15 @@ def augment_dataset(
     examples_dir: str | Path,
     config: GraftConfig,
     manifest_rows: list[dict] | None = None,
+    store: reuse_store.ReuseStore | None = None,
 ) -> dict:
-    """Write the examples directory; return counts per split and the label list.
+    """Write the examples directory; return counts per split, the label list and what was
+    reused (``spec["reuse"]``).
 
-    Streams: images are read ``config.io_concurrency`` at a time, decoded, and written to
-    the shards as they come; the training originals wait on local disk (not in memory)
-    for the augmented views. Memory does not grow with the number of images."""
+    Streams: images are read ``config.io_concurrency`` at a time, decoded, augmented
+    VIEW_BATCH at a time and written to the shards as they come; memory does not grow with
+    the number of images. With a reuse ``store``, an image whose records are stored (same
+    bytes, same settings) is neither read nor decoded nor augmented: its records are read."""
     if manifest_rows is None:
         from components.validate import build_manifest
 
@@ -281,16 +336,28 @@ def augment_dataset(
 
     import tensorflow  # noqa: F401  (the writer's; loaded before the progress clock starts)
 
-    progress = Progress(log, "augment: read and decoded", sum(map(len, by_split.values())))
+    progress = Progress(log, "augment: images made or reused", sum(map(len, by_split.values())))
+    reuse, used = reuse_store.Reuse(store=store.uri if store else ""), []
     counts = {}
-    for split in ("val", "test", "train"):  # train last: its views come after every decode
+    for split in examples.SPLITS:
         split_rows = by_split[split]
-        with tempfile.NamedTemporaryFile(prefix=f"graft-{split}-originals-") as originals_file:
-            keep = originals_file if split == "train" and config.views > 0 else None
-            records = _split_records(split_rows, label_ids, config, progress, keep)
-            counts[split] = examples.write_split(examples_dir, split, records)
+        records = _split_records(split, split_rows, label_ids, config, progress, store, reuse, used)
+        counts[split] = examples.write_split(examples_dir, split, records)
         log.info("augment: %s: %d images -> %d records", split, len(split_rows), counts[split])
-    return write_examples_metadata(examples_dir, config, labels, by_split, counts)
+    progress.done()
+    if store:
+        reuse.evicted = store.finish("records", used)
+    log.info("augment: %d images' records reused, %d computed", reuse.reused, reuse.computed)
+    return write_examples_metadata(examples_dir, config, labels, by_split, counts, reuse.as_dict())
+
+
+def store_for(model_repo: str, config: GraftConfig) -> reuse_store.ReuseStore | None:
+    """The reuse store beside ``model_repo`` ("" runs without one)."""
+    if not model_repo:
+        return None
+    return reuse_store.ReuseStore.beside(
+        model_repo, budget_gb=config.reuse_budget_gb, concurrency=config.io_concurrency
+    )
 
 
 @step_component
@@ -305,17 +372,20 @@ def augment(
     test_fraction: float = 0.15,
     seed: int = 0,
     io_concurrency: int = 16,
+    model_repo: str = "",
+    reuse_budget_gb: float = 50.0,
 ):
-    """Split, resize and augment the validated files into TFRecord examples."""
+    """Split, resize and augment the validated files into TFRecord examples, reusing the
+    records of images the reuse store beside ``model_repo`` holds."""
     import logging
 
-    from components.augment import augment_dataset
+    from components.augment import augment_dataset, store_for
     from components.config import step_config
     from components.validate import read_manifest
 
     config = step_config(locals())
     logging.basicConfig(level=logging.INFO)
-    spec = augment_dataset(data_uri, examples.path, config, read_manifest(manifest.path))
-    examples.metadata.update(
-        {"counts": spec["counts"], "labels": spec["labels"], "settings": config.used()}
-    )
+    store = store_for(model_repo, config)
+    spec = augment_dataset(data_uri, examples.path, config, read_manifest(manifest.path), store)
+    examples.metadata.update({"counts": spec["counts"], "labels": spec["labels"],
+                              "reuse": spec["reuse"], "settings": config.used()})  # fmt: skip

@@ -52,6 +52,9 @@ class GraftConfig:
     val_fraction: float = 0.15  # share of images (by content hash) held out for early stopping
     test_fraction: float = 0.15  # share held out for evaluation and the champion comparison
     seed: int = 0  # fixes augmentation and initialisation so reruns reproduce
+    reuse_budget_gb: float = 50.0  # size of the reuse store beside the model repository
+    # (records and base features of each image, kept across runs: a retrain computes only new
+    # images); past it the least recently used entries go. 0 keeps only the last run's
 
     # --- train_head: a new head on a frozen base ---
     base: str = "mobilenet_v2"  # keras.applications name, or a URI to a .keras base
@@ -303,6 +306,7 @@ _RULES = (
     ("seed", f"0..{SEED_MAX}", lambda v: 0 <= v <= SEED_MAX),
     ("io_concurrency", ">= 1", _at_least(1)),
     ("shards", ">= 1 (1: no fan-out)", _at_least(1)),
+    ("reuse_budget_gb", ">= 0", _at_least(0)),
     (
         "base",
         "a keras.applications name (mobilenet_v2, resnet50, vgg16, efficientnet_b0) "

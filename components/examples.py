@@ -12,7 +12,8 @@ An examples directory holds TFRecord shards per split plus two small files:
 Each record is a tf.train.Example with ``image`` (raw uint8 bytes, HxWxC, already
 resized), ``label`` (int64 class id), ``view`` (0 = the original image, 1..K =
 augmented copies) and ``sha256`` (of the source file, so a record can be traced
-back to the image it came from).
+back to the image it came from). Records go image by image in content-hash order, each
+image's original followed by its views (train only), so an image's records are adjacent.
 """
 
 from __future__ import annotations
@@ -142,7 +143,6 @@ def shard_paths(examples_dir: str | Path, split: str) -> list[str]:
 # shuffled whole (a fixed 4096-record buffer over class-grouped records gave batches of a few
 # classes); a larger one is shuffled 256 MiB at a time over interleaved, shuffled shards.
 SHUFFLE_BUFFER_BYTES = 256 << 20
-MAX_OPEN_SHARDS = 64  # shards read at once when interleaving: each holds one small read buffer
 
 
 def shuffle_buffer(spec: dict, split: str) -> int:
@@ -159,13 +159,17 @@ def dataset(
     *,
     originals_only: bool = False,
     shuffle_seed: int | None = None,
+    epoch=0,
 ):
     """A tf.data.Dataset of ``(image uint8 HxWxC, label int64)`` for one split.
 
-    With ``shuffle_seed``, shards are read in a shuffled order, interleaved record by record,
-    and records pass a ``shuffle_buffer`` (a new order each epoch, reproducible for a seed);
+    With ``shuffle_seed``, records come in epoch ``epoch``'s order for that seed
+    (``training.shuffled_records``: shards in a shuffled order, interleaved record by record,
+    runs of ``shuffle_buffer`` records permuted), the same order every time it is read;
     without, records come in stored order."""
     import tensorflow as tf
+
+    from components import training
 
     spec = read_spec(examples_dir)
     shape = (spec["image_size"], spec["image_size"], spec["channels"])
@@ -180,34 +184,55 @@ def dataset(
         image = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), shape)
         return image, parsed["label"], parsed["view"]
 
+    keep = (lambda image, label, view: tf.equal(view, 0)) if originals_only else None
     paths = shard_paths(examples_dir, split)
     if shuffle_seed is None:
-        records = tf.data.TFRecordDataset(paths)
+        ds = tf.data.TFRecordDataset(paths).map(parse)
+        ds = ds if keep is None else ds.filter(keep)
     else:
-        files = tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=shuffle_seed)
-        records = files.interleave(
-            tf.data.TFRecordDataset, cycle_length=min(len(paths), MAX_OPEN_SHARDS),
-            block_length=1, deterministic=True,
-        )  # fmt: skip
-    ds = records.map(parse)
-    if originals_only:
-        ds = ds.filter(lambda image, label, view: tf.equal(view, 0))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(shuffle_buffer(spec, split), seed=shuffle_seed)
+        ds = training.shuffled_records(paths, parse, seed=shuffle_seed, epoch=epoch,
+                                       block=shuffle_buffer(spec, split), keep=keep)  # fmt: skip
     return ds.map(lambda image, label, view: (image, label))
 
 
+def keyed_dataset(examples_dir: str | Path, split: str):
+    """``(image uint8 HxWxC, label, view, sha256)`` records of one split, in stored order:
+    what the feature pass needs to key each image's features in the reuse store."""
+    import tensorflow as tf
+
+    spec = read_spec(examples_dir)
+    shape = (spec["image_size"], spec["image_size"], spec["channels"])
+    features = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "view": tf.io.FixedLenFeature([], tf.int64),
+        "sha256": tf.io.FixedLenFeature([], tf.string),
+    }
+
+    def parse(record):
+        parsed = tf.io.parse_single_example(record, features)
+        image = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), shape)
+        return image, parsed["label"], parsed["view"], parsed["sha256"]
+
+    return tf.data.TFRecordDataset(shard_paths(examples_dir, split)).map(parse)
+
+
 def batches(
-    examples_dir: str | Path, split: str, batch_size: int, *, shuffle_seed: int | None = None
+    examples_dir: str | Path,
+    split: str,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    epoch=0,
 ):
     """``(images float32 [B,H,W,C], labels)`` batches streamed from the shards, for Keras.
 
-    With ``shuffle_seed``, records are shuffled as ``dataset`` says (memory bounded by
-    SHUFFLE_BUFFER_BYTES whatever the split's size). The record count from spec.json is
-    attached, so Keras knows an epoch's length."""
+    With ``shuffle_seed``, records come in epoch ``epoch``'s order as ``dataset`` says (memory
+    bounded by SHUFFLE_BUFFER_BYTES whatever the split's size). The record count from
+    spec.json is attached, so Keras knows an epoch's length."""
     import tensorflow as tf
 
-    ds = dataset(examples_dir, split, shuffle_seed=shuffle_seed)
+    ds = dataset(examples_dir, split, shuffle_seed=shuffle_seed, epoch=epoch)
     records = read_spec(examples_dir).get("counts", {}).get(split)
     if records:  # TFRecords hide their size; telling tf.data keeps Keras' epochs exact
         ds = ds.apply(tf.data.experimental.assert_cardinality(records))

@@ -29,7 +29,7 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from common.artifacts import LABELS_FILE, MODEL_FILE, TRAINING_FILE
 from common.progress import Progress
-from components import examples, frozen, training
+from components import examples, features, frozen, training
 from components.component import step_component
 from components.config import GraftConfig
 from components.evaluate import guard_decision
@@ -37,8 +37,9 @@ from components.frozen import unfreeze_top
 
 log = logging.getLogger(__name__)
 CANDIDATE_FILE = "finetuned_candidate.keras"  # the fine-tuned model, whether chosen or not
-# Above this many bytes of cached frozen activations, every epoch runs the whole base again.
-FROZEN_CACHE_BYTES = 1 << 30
+# Above this many bytes of cached frozen activations (on local disk, in shards streamed by
+# tf.data: memory does not grow with them), every epoch runs the whole base again.
+FROZEN_CACHE_BYTES = 64 << 30
 
 
 class HeadNotConvergedError(ValueError):
@@ -69,8 +70,8 @@ def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: 
 
     With frozen weighted layers below the unfrozen top that compute in training what they
     compute in inference (and their outputs under FROZEN_CACHE_BYTES), the frozen part runs
-    once here (or its complete cache from a killed earlier run is read) and the top trains
-    on its cached outputs; otherwise the whole model trains on the stored records, streamed."""
+    once here into shards on disk (or a killed earlier run's complete shards are read) and
+    the top trains on its cached outputs, streamed and shuffled across shards; otherwise the whole model trains on the stored records, streamed."""
     counts = spec["counts"]
     part = frozen.split(model)
     reason = part.refusal
@@ -88,41 +89,62 @@ def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: 
         # Every stored record, originals and their augmented views, as the head saw them.
         # Originals alone with fresh augmentation each epoch (the tutorials' way) stayed 1
         # point under scratch at 100 labels/class; see benchmarks/RESULTS.md.
-        shuffled = examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed)  # fmt: skip
-        train = {"x": shuffled, "shuffle": False}  # the dataset is shuffled already
+        train = training.Epochs(
+            lambda epoch: examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed, epoch=epoch),
+            steps=-(-counts["train"] // config.batch_size),
+        )  # fmt: skip
         return model, train, examples.batches(examples_dir, "val", config.batch_size), {}, reason
 
     started = time.perf_counter()
     names = frozen.frontier_names(part)
-
-    def compute() -> dict:
-        progress = Progress(log, "fine_tune: the frozen part, once", records, unit="records")
-        arrays = {}
-        for split in ("train", "val"):
-            outputs, labels = training.labelled_outputs(
-                lower, examples.dataset(examples_dir, split), counts[split], progress, pool=False
-            )
-            arrays.update({f"{split}_{i}": x for i, x in enumerate(outputs)}, **{f"{split}_y": labels})  # fmt: skip
-        progress.done()
-        return arrays
-
     key = training.cache_key(
         settings=config.settings(), spec=spec, frontier=names, step="fine_tune"
     )
-    arrays, reused = training.reuse_or_compute(
-        training.resume_dir(out_dir) / "frozen_part.npz", key, compute
-    )
+    folder = training.resume_dir(out_dir) / "frozen_part"
+    made = features.is_complete(folder, key)
+    reused = made is not None
+    if made is None:  # a killed earlier run's complete shards are reused, else made
+        features.clear(folder)
+        progress = Progress(log, "fine_tune: the frozen part, once", records, unit="records")
+        stored = {split: _frozen_outputs(lower, examples_dir, split, progress) for split in ("train", "val")}  # fmt: skip
+        written = {split: features.write_shards(folder, split, rows) for split, rows in stored.items()}  # fmt: skip
+        progress.done()
+        made = {"counts": written, "shapes": [list(s) for s in _concrete(lower, spec)]}
+        features.mark_complete(folder, key, **made)
+    shapes = [tuple(s) for s in made["shapes"]]
     cached = {"tensors": names, "bytes": cache_bytes, "reused": reused,
               "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
-    log.info("fine_tune: the frozen part ran once over %d records (%.1f MB cached, %.1fs); only "
-             "the top trains each epoch", records, cache_bytes / 1e6, cached["seconds"])  # fmt: skip
+    log.info("fine_tune: the frozen part ran once over %d records (%.1f MB cached on disk, %.1fs); "
+             "only the top trains each epoch", records, cache_bytes / 1e6, cached["seconds"])  # fmt: skip
+    train = training.Epochs(
+        lambda epoch: features.batches(folder, "train", shapes, counts["train"], config.batch_size,
+                                       shuffle_seed=config.seed, epoch=epoch),
+        steps=-(-counts["train"] // config.batch_size),
+    )  # fmt: skip
+    val = features.batches(folder, "val", shapes, counts["val"], config.batch_size)
+    return frozen.cached_top(part, [(None, *s) for s in shapes]), train, val, cached, ""
 
-    def inputs(split: str):
-        xs = [arrays[f"{split}_{i}"] for i in range(len(names))]
-        return xs if len(xs) > 1 else xs[0]
 
-    train = {"x": inputs("train"), "y": arrays["train_y"], "batch_size": config.batch_size, "shuffle": True}  # fmt: skip
-    return frozen.cached_top(part, shapes), train, (inputs("val"), arrays["val_y"]), cached, ""
+def _concrete(lower, spec: dict) -> list[tuple]:
+    """The frozen part's output shapes for one stored image, without the batch axis."""
+    image_shape = (1, spec["image_size"], spec["image_size"], spec["channels"])
+    return [tuple(s[1:]) for s in frozen.output_shapes(lower, image_shape)]
+
+
+def _frozen_outputs(lower, examples_dir, split: str, progress):
+    """``(outputs, label)`` per record of ``split``, in stored order: the frozen part run in
+    one padded batch shape per split (``training.feature_batch_size``), one batch in memory
+    at a time."""
+    batch = training.feature_batch_size(examples.read_spec(examples_dir)["counts"][split])
+    for images, labels in examples.dataset(examples_dir, split).batch(batch).as_numpy_iterator():
+        count = len(labels)
+        padded = np.zeros((batch, *images.shape[1:]), "float32")
+        padded[:count] = images
+        values = lower.predict_on_batch(padded)
+        values = [np.asarray(v, "float32")[:count] for v in (values if isinstance(values, list | tuple) else [values])]  # fmt: skip
+        for k in range(count):
+            yield [v[k] for v in values], labels[k]
+        progress.advance(count)
 
 
 def fine_tune_model(
@@ -165,9 +187,6 @@ def fine_tune_model(
 
         def val_correct() -> np.ndarray:
             """One bool per validation image, in order: does the model being trained get it right."""
-            if isinstance(val, tuple):
-                predicted = trained.predict(val[0], batch_size=config.batch_size, verbose=0)
-                return predicted.argmax(axis=1) == val[1]
             truth = np.concatenate([labels for _, labels in val.as_numpy_iterator()])
             return trained.predict(val, verbose=0).argmax(axis=1) == truth
 

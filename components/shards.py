@@ -25,25 +25,26 @@ Why the gathered result is the same bytes as one task's:
   labels or in two splits, every class in val and test, the layout, empty folders) are only
   true or false of all rows together, so the whole suite runs once over the gathered
   manifest, by validate's own function: the report is the one shards=1 writes.
-- augment: a shard decodes its originals with augment's own per-image work. The augmented
-  views are drawn by seeded layers batch by batch (VIEW_BATCH images of the whole split in
-  record order), so a shard replays that sequence: for every batch of the whole split it
-  calls the same layers on the batch with its own images in their places (zeros elsewhere,
-  each image is augmented on its own) or, for a batch without any of its images, on one
-  blank image, which draws the seeds a call draws and costs nearly nothing.
-- features: a shard runs the base over its records in the batch shape of the whole pass
-  (zero-padded, as train_head pads), so each record meets the same kernels.
-The gather copies the serialized records (or feature rows) into shards=1's order.
+- augment: a shard writes augment's ``image_records`` of its own images (each image's
+  original then its views, whose randomness is the image's own: seeded from its SHA-256),
+  read from the reuse store beside the model repository where it holds them, so an image
+  gets the same bytes in whichever shard or run it is made.
+- features: a shard runs train_head's ``cached_features`` over its records (reading and
+  filling the reuse store) in the batch shape of the whole pass (zero-padded, as train_head
+  pads), so each record meets the same kernels; its output is feature shards on disk.
+The gather copies the serialized records (or feature records) into shards=1's order: each
+shard holds a contiguous run of every split, so that is the shards' records in shard order.
+With a reuse store that holds some of the features, the records are the same but a shard
+writes its reused images' features before its computed ones (as train_head does), so their
+order can differ from shards=1's; the head's training shuffles them.
 """
 
 import hashlib
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import List  # noqa: UP035  (kfp reads Input[List[...]] annotations)
 
-import numpy as np
 from kfp.dsl import HTML, Dataset, Input, Output
 
 from common import storage
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 
 SHARD_FILE = "shard.json"  # in every shard artifact: which shard of how many, what it holds
 ROWS_FILE = "rows.jsonl"
-FEATURES_FILE = "features.npy"
-LABELS_FILE = "labels.npy"
 
 
 class ShardsError(ValueError):
@@ -147,108 +146,64 @@ def _own_block(split_rows: list[dict], shard: int, shards: int) -> tuple[int, li
     return start, [split_rows[i] for i in positions]
 
 
-def _view_dir(artifact_dir: Path, view: int) -> Path:
-    return Path(artifact_dir) / f"view-{view}"
-
-
-def _shard_views(originals_path: str, start: int, own: int, total: int, config):
-    """For each view 1..K, an iterator of this shard's augmented images (own images, in
-    order), drawn as augment draws them over the whole split of ``total`` images."""
-    from components.augment import VIEW_BATCH, view_batches
-
-    shape = (config.image_size, config.image_size, config.channels)
-    image_bytes = int(np.prod(shape))
-    end = start + own
-    spans = [(lo, min(lo + VIEW_BATCH, total)) for lo in range(0, total, VIEW_BATCH)]
-
-    def originals():
-        with open(originals_path, "rb") as fh:
-            for lo, hi in spans:
-                first, last = max(lo, start), min(hi, end)
-                if first >= last:  # none of ours: one blank image draws the call's seeds
-                    yield np.zeros((1, *shape), np.uint8)
-                    continue
-                batch = np.zeros((hi - lo, *shape), np.uint8)
-                fh.seek((first - start) * image_bytes)
-                mine = np.frombuffer(fh.read((last - first) * image_bytes), np.uint8)
-                batch[first - lo : last - lo] = mine.reshape(-1, *shape)
-                yield batch
-
-    def own_images(batches):
-        for (lo, hi), batch in zip(spans, batches, strict=True):
-            first, last = max(lo, start), min(hi, end)
-            yield from batch[max(first - lo, 0) : max(last - lo, 0)]
-
-    return (own_images(batches) for batches in view_batches(originals, config.views, config.seed))
-
-
-def _originals(rows, label_ids, config, progress, keep):
-    """augment's view-0 records of ``rows`` (its own decode), the pixels also to ``keep``."""
-    from components.augment import _decoded
-
-    for image, row in _decoded(rows, config, progress):
-        if keep is not None:
-            keep.write(image.tobytes())
-        yield image, label_ids[row["label"]], 0, row["sha256"]
-
-
 def augment_shard_dataset(
-    data_uri: str, out_dir, config, manifest_rows: list[dict], shard: int, shards: int
+    data_uri: str,
+    out_dir,
+    config,
+    manifest_rows: list[dict],
+    shard: int,
+    shards: int,
+    store=None,
 ) -> dict:
-    """One shard's records, one folder per view (``view-0`` the originals), each holding
-    augment's TFRecord shards of every split; returns what ``shard.json`` records."""
+    """One shard's records: augment's ``image_records`` of its rows (each image's original
+    then its views, a function of the image alone), read from or put in the reuse ``store``,
+    written as an examples directory of its own; returns what ``shard.json`` records."""
+    from common import reuse_store
     from components import examples
-    from components.augment import plan_splits
+    from components.augment import _split_records, plan_splits, write_examples_metadata
 
     out_dir = Path(out_dir)
     labels, by_split = plan_splits(manifest_rows, config, data_uri)
     label_ids = {name: i for i, name in enumerate(labels)}
-    blocks = {split: _own_block(rows, shard, shards) for split, rows in by_split.items()}
-    progress = Progress(log, f"augment shard {shard}: read and decoded",
-                        sum(len(rows) for _, rows in blocks.values()))  # fmt: skip
-    records = {}
-    for split in ("val", "test", "train"):
-        start, rows = blocks[split]
-        with tempfile.NamedTemporaryFile(prefix=f"graft-{split}-originals-") as originals:
-            keep = originals if split == "train" and config.views > 0 and rows else None
-            originals_records = _originals(rows, label_ids, config, progress, keep)
-            counts = [examples.write_split(_view_dir(out_dir, 0), split, originals_records)]
-            if split == "train" and config.views > 0:
-                if keep is None:  # no train image in this shard: its view folders are empty
-                    views = [iter(())] * config.views
-                else:
-                    originals.flush()
-                    views = _shard_views(originals.name, start, len(rows), len(by_split[split]), config)  # fmt: skip
-                for view, images in enumerate(views, start=1):
-                    own = ((image, label_ids[row["label"]], view, row["sha256"])
-                           for image, row in zip(images, rows, strict=True))  # fmt: skip
-                    counts.append(examples.write_split(_view_dir(out_dir, view), split, own))
-        records[split] = counts
-    record_total = len(by_split["train"]) * (1 + config.views) + len(by_split["val"])
-    info = {"shard": shard, "shards": shards, "records": records,
-            "image_size": config.image_size, "channels": config.channels, "views": config.views,
-            "feature_pass_records": record_total}  # fmt: skip
-    for view in range(1 + config.views):  # each view folder reads as examples (examples.dataset)
-        counts = {split: records[split][view] if view < len(records[split]) else 0
-                  for split in examples.SPLITS}  # fmt: skip
-        (_view_dir(out_dir, view) / examples.SPEC_FILE).write_text(json.dumps(
-            {"image_size": config.image_size, "channels": config.channels, "counts": counts}))  # fmt: skip
+    own = {split: _own_block(rows, shard, shards)[1] for split, rows in by_split.items()}
+    progress = Progress(log, f"augment shard {shard}: images made or reused",
+                        sum(map(len, own.values())))  # fmt: skip
+    reuse, used = reuse_store.Reuse(store=store.uri if store else ""), []
+    counts = {}
+    for split in examples.SPLITS:
+        records = _split_records(split, own[split], label_ids, config, progress, store, reuse, used)
+        counts[split] = examples.write_split(out_dir, split, records)
+    progress.done()
+    if store:
+        reuse.evicted = store.finish("records", used)
+    write_examples_metadata(out_dir, config, labels, own, counts, reuse.as_dict())
+    per = {split: 1 + (config.views if split == "train" else 0) for split in examples.SPLITS}
+    info = {"shard": shard, "shards": shards, "records": counts, "reuse": reuse.as_dict(),
+            "whole_records": {split: len(by_split[split]) * per[split] for split in by_split}}  # fmt: skip
     _write_info(out_dir, info)
     return info
 
 
-def _records_of(part: Path, view: int, split: str):
-    """The serialized records of one shard's view of a split, in stored order."""
+def _records_of(part: Path, split: str):
+    """The serialized records of one shard's split, in stored order."""
     import tensorflow as tf
 
-    paths = sorted(str(p) for p in _view_dir(part, view).glob(f"{split}-*.tfrecord"))
-    for path in paths:
+    for path in sorted(str(p) for p in Path(part).glob(f"{split}-*.tfrecord")):
         yield from tf.data.TFRecordDataset(path).as_numpy_iterator()
 
 
+def _summed(reuses: list[dict]) -> dict:
+    """The shards' reuse counts as one step's."""
+    return {"reused": sum(r["reused"] for r in reuses),
+            "computed": sum(r["computed"] for r in reuses),
+            "evicted": sum(r["evicted"] for r in reuses),
+            "store": next((r["store"] for r in reuses if r["store"]), "")}  # fmt: skip
+
+
 def gather_example_shards(part_dirs: list, examples_dir, config, manifest_rows: list[dict]) -> dict:
-    """The shards' records as one examples directory, in shards=1's order (per split: view
-    0 of every shard in shard order, then view 1, ...), with its spec, labels and sources."""
+    """The shards' records as one examples directory, in shards=1's order (per split, the
+    shards' records in shard order: each shard is a contiguous run of the content-hash
+    order), with its spec, labels and sources."""
     from components import examples
     from components.augment import plan_splits, write_examples_metadata
 
@@ -256,111 +211,92 @@ def gather_example_shards(part_dirs: list, examples_dir, config, manifest_rows: 
     labels, by_split = plan_splits(manifest_rows, config)
     counts = {}
     for split in examples.SPLITS:
-        views = 1 + config.views if split == "train" else 1
-        serialized = (record for view in range(views) for _, part in parts
-                      for record in _records_of(part, view, split))  # fmt: skip
+        serialized = (record for _, part in parts for record in _records_of(part, split))
         counts[split] = examples.write_serialized(examples_dir, split, serialized)
-        expected = len(by_split[split]) * views
+        expected = len(by_split[split]) * (1 + config.views if split == "train" else 1)
         if counts[split] != expected:
             raise ShardsError(
                 f"The shards hold {counts[split]} {split} records, the manifest makes {expected}: "
                 "were they made from another manifest or other settings?"
             )
-    return write_examples_metadata(examples_dir, config, labels, by_split, counts)
+    reuse = _summed([info["reuse"] for info, _ in parts])
+    return write_examples_metadata(examples_dir, config, labels, by_split, counts, reuse)
 
 
 # --- the feature pass ---------------------------------------------------------------------
 
-
-def _feature_blocks(views: int) -> list[tuple[str, int]]:
-    """The feature pass's record order: train view 0, 1, ..., K, then val (cached_features)."""
-    return [("train", view) for view in range(1 + views)] + [("val", 0)]
+FEATURE_SPLITS = ("train", "val")
 
 
-def features_of_shard(shard_dir, out_dir, config) -> dict:
-    """The base's pooled features of one augment shard's train and val records, in the
-    batch shape of the whole pass; writes features.npy, labels.npy and shard.json."""
-    from components import examples, training
+def features_of_shard(shard_dir, out_dir, config, store=None) -> dict:
+    """The base's features of one augment shard's train and val records as feature shards
+    (train_head's ``cached_features``, reading and filling the reuse ``store``), in the batch
+    shape of the whole pass; writes them and shard.json to ``out_dir``."""
+    from components import training
     from components.backbones import build_base
+    from components.train_head import cached_features
 
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     info = json.loads((shard_dir / SHARD_FILE).read_text())
-    blocks = _feature_blocks(info["views"])
-    rows = [info["records"][split][view] for split, view in blocks]
+    spec = json.loads((shard_dir / "spec.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
-    features, labels = np.zeros((0, 0), "float32"), np.zeros(0, np.int64)
-    if sum(rows):
-        records = None
-        for (split, view), count in zip(blocks, rows, strict=True):
-            if count:
-                block = examples.dataset(_view_dir(shard_dir, view), split)
-                records = block if records is None else records.concatenate(block)
-        batch = training.feature_batch_size(info["feature_pass_records"])
-        with training.training_setup(config.precision, config.replicas) as setup:
-            with setup.strategy.scope():
-                base = build_base(config.base, image_size=info["image_size"],
-                                  channels=info["channels"], weights=config.weights)  # fmt: skip
-                base.trainable = False
-            progress = Progress(log, f"features shard {info['shard']}", sum(rows), unit="records")
-            outputs, labels = training.labelled_outputs(base, records, sum(rows), progress,
-                                                        pool=True, batch=batch)  # fmt: skip
-            progress.done()
-        features = outputs[0]
-    np.save(out_dir / FEATURES_FILE, features)
-    np.save(out_dir / LABELS_FILE, labels)
-    out = {"shard": info["shard"], "shards": info["shards"], "blocks": rows,
-           "train_rows": sum(rows[:-1]), "base": config.base, "weights": config.weights}  # fmt: skip
+    with training.training_setup(config.precision, config.replicas) as setup:
+        with setup.strategy.scope():
+            base = build_base(config.base, image_size=spec["image_size"],
+                              channels=spec["channels"], weights=config.weights)  # fmt: skip
+            base.trainable = False
+        made = cached_features(base, shard_dir, out_dir, store=store, policy=setup.policy,
+                               batch_counts=info["whole_records"])  # fmt: skip
+    out = {"shard": info["shard"], "shards": info["shards"], **made,
+           "base": config.base, "weights": config.weights, "policy": setup.policy}  # fmt: skip
     _write_info(out_dir, out)
     return out
 
 
 def gather_feature_shards(part_dirs: list, out_dir) -> dict:
-    """The shards' feature rows in the feature pass's order (block by block, each block
-    shard by shard), written to one features.npy without holding them twice."""
+    """The shards' feature records, split by split in shard order, as the feature shards
+    train_head writes for shards=1 (components/features.py), copied unchanged."""
+    import tensorflow as tf
+
+    from components import features
+
     parts = ordered_parts(part_dirs)
-    loaded = [(info, np.load(part / FEATURES_FILE, mmap_mode="r"), np.load(part / LABELS_FILE))
-              for info, part in parts]  # fmt: skip
-    dims = {f.shape[1] for info, f, _ in loaded if len(f)}
+    dims = {info["dim"] for info, _ in parts if info["dim"]}
     if len(dims) > 1:
         raise ShardsError(f"The shards' features have different widths {sorted(dims)}")
-    total = sum(len(f) for _, f, _ in loaded)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gathered = np.lib.format.open_memmap(
-        out_dir / FEATURES_FILE, mode="w+", dtype="float32", shape=(total, next(iter(dims), 0))
-    )
-    labels, filled = np.empty(total, np.int64), 0
-    offsets = [np.cumsum([0, *info["blocks"]]) for info, _, _ in loaded]
-    for block in range(len(loaded[0][0]["blocks"])):
-        for (_, features, part_labels), offset in zip(loaded, offsets, strict=True):
-            lo, hi = offset[block], offset[block + 1]
-            gathered[filled : filled + hi - lo] = features[lo:hi]
-            labels[filled : filled + hi - lo] = part_labels[lo:hi]
-            filled += hi - lo
-    gathered.flush()
-    del gathered
-    np.save(out_dir / LABELS_FILE, labels)
-    first = loaded[0][0]
-    info = {"records": total, "train_rows": sum(i["train_rows"] for i, _, _ in loaded),
-            "shards": first["shards"], "base": first["base"], "weights": first["weights"]}  # fmt: skip
-    (out_dir / "features.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    made_by = {(info["base"], info["weights"], info["policy"]) for info, _ in parts}
+    if len(made_by) > 1:
+        raise ShardsError(f"The shards' features were made by different bases {sorted(made_by)}")
+    counts = {}
+    for split in FEATURE_SPLITS:
+        paths = [str(p) for _, part in parts for p in sorted(part.glob(f"{split}-*.tfrecord"))]
+        serialized = (
+            r for path in paths for r in tf.data.TFRecordDataset(path).as_numpy_iterator()
+        )
+        counts[split] = features.write_serialized(out_dir, split, serialized)
+    base, weights, policy = made_by.pop()
+    info = {"dim": next(iter(dims), 0), "counts": counts, "shards": parts[0][0]["shards"],
+            "reuse": _summed([info["reuse"] for info, _ in parts]),
+            "base": base, "weights": weights, "policy": policy}  # fmt: skip
+    features.mark_complete(out_dir, "fan-out", **info)
     return info
 
 
 def read_gathered_features(features_dir, config) -> dict:
-    """gather_features' output as train_head's feature cache: features, labels, train_rows;
+    """gather_features' facts (dim, counts, reuse) for train_head to train from its shards;
     refused when another base made them."""
-    features_dir = Path(features_dir)
-    info = json.loads((features_dir / "features.json").read_text())
+    from components import features
+
+    info = features.is_complete(features_dir, "fan-out")
+    if info is None:
+        raise ShardsError(f"{features_dir} holds no complete gathered feature shards")
     made_by = (info["base"], info["weights"])
     if made_by != (config.base, config.weights):
         raise ShardsError(
             f"The gathered features were made by base={made_by[0]} weights={made_by[1]}, "
             f"this step trains on base={config.base} weights={config.weights}"
         )
-    return {"features": np.load(features_dir / FEATURES_FILE),
-            "labels": np.load(features_dir / LABELS_FILE),
-            "train_rows": np.asarray(info["train_rows"])}  # fmt: skip
+    return info
 
 
 # --- KFP components -----------------------------------------------------------------------
@@ -461,19 +397,23 @@ def augment_shard(
     test_fraction: float = 0.15,
     seed: int = 0,
     io_concurrency: int = 16,
+    model_repo: str = "",
+    reuse_budget_gb: float = 50.0,
 ):
-    """augment's records of one shard of the validated files (gather_examples joins them)."""
+    """augment's records of one shard of the validated files (gather_examples joins them),
+    reusing the records the reuse store beside ``model_repo`` holds."""
     import logging
 
+    from components.augment import store_for
     from components.config import step_config
     from components.shards import augment_shard_dataset
     from components.validate import read_manifest
 
     config = step_config(locals())
     logging.basicConfig(level=logging.INFO)
-    info = augment_shard_dataset(
-        data_uri, examples_shard.path, config, read_manifest(manifest.path), shard, shards
-    )
+    rows = read_manifest(manifest.path)
+    store = store_for(model_repo, config)
+    info = augment_shard_dataset(data_uri, examples_shard.path, config, rows, shard, shards, store)
     examples_shard.metadata.update({"shard": shard, "records": info["records"]})
 
 
@@ -497,9 +437,8 @@ def gather_examples(
     config = step_config(locals())
     spec = gather_example_shards([p.path for p in examples_shards], examples.path, config,
                   read_manifest(manifest.path))  # fmt: skip
-    examples.metadata.update(
-        {"counts": spec["counts"], "labels": spec["labels"], "settings": config.used()}
-    )
+    examples.metadata.update({"counts": spec["counts"], "labels": spec["labels"],
+                              "reuse": spec["reuse"], "settings": config.used()})  # fmt: skip
 
 
 @step_component
@@ -510,17 +449,23 @@ def features_shard(
     weights: str = "imagenet",
     precision: str = "auto",
     replicas: int = 0,
+    io_concurrency: int = 16,
+    model_repo: str = "",
+    reuse_budget_gb: float = 50.0,
 ):
-    """The frozen base's features of one shard's train and val records."""
+    """The frozen base's features of one shard's train and val records, reusing those the
+    reuse store beside ``model_repo`` holds."""
     import logging
 
+    from components.augment import store_for
     from components.config import step_config
     from components.shards import features_of_shard
 
     config = step_config(locals())
     logging.basicConfig(level=logging.INFO)
-    info = features_of_shard(examples_shard.path, shard_features.path, config)
-    shard_features.metadata.update({"shard": info["shard"], "rows": sum(info["blocks"])})
+    store = store_for(model_repo, config)
+    info = features_of_shard(examples_shard.path, shard_features.path, config, store)
+    shard_features.metadata.update({"shard": info["shard"], "records": info["counts"]})
 
 
 @step_component

@@ -22,7 +22,8 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from common.artifacts import LABELS_FILE, MODEL_FILE, TRAINING_FILE
 from common.progress import Progress
-from components import examples, training
+from common.reuse_store import Reuse
+from components import examples, features, training
 from components.component import step_component
 from components.config import GraftConfig
 
@@ -42,28 +43,110 @@ class HeadResult:
     resumed_from_epoch: int = 0  # epochs a killed earlier run of this step had completed
     precision: str = "float32"  # the dtype policy the step trained with
     replicas: int = 1
-    features_reused: bool = False  # the feature cache of a killed earlier run was complete
+    features_reused: bool = False  # the feature shards of a killed earlier run were complete
+    reuse: dict = field(default_factory=dict)  # images whose features the reuse store held
     scratch: dict = field(default_factory=dict)  # the from-random-init baseline, if asked for
 
 
-def cached_features(base, examples_dir: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """Features and labels of every train record then every val record, read from the shards
-    batch by batch in one pass of the base; returns (features, labels, number of train rows)."""
-    counts = examples.read_spec(examples_dir)["counts"]
-    total = counts["train"] + counts["val"]
-    records = examples.dataset(examples_dir, "train").concatenate(
-        examples.dataset(examples_dir, "val")
-    )
-    progress = Progress(log, "train_head: base features", total, unit="records")
-    outputs, labels = training.labelled_outputs(base, records, total, progress, pool=True)
+IMAGES_PER_CHUNK = 256  # images looked up in the store and passed through the base at a time
+
+
+def cached_features(
+    base,
+    examples_dir: str | Path,
+    folder: str | Path,
+    *,
+    store=None,
+    policy: str = "float32",
+    batch_counts: dict | None = None,
+) -> dict:
+    """Write the base's features of every train and every val record as shards in ``folder``
+    (components/features.py); return {"dim", "counts", "reuse"}.
+
+    Streams: IMAGES_PER_CHUNK images at a time, whole images (an image's records are
+    adjacent). An image whose features the reuse ``store`` holds for this base and precision
+    is not passed through the base: its features go to the shards as they are read. The
+    others wait until they fill a batch of whole images, one batch shape per split (a
+    second shape makes Keras retrace), are passed through the base, written and stored. So
+    a split's shards hold the reused images first, in stored order, then the computed ones:
+    training shuffles them, and validation's metrics do not depend on order.
+    ``batch_counts``: the record counts that size each split's batch (default ``folder``'s
+    own); a fan-out shard passes the whole dataset's, so its records meet the same kernels."""
+    from components.augment import record_key
+
+    spec = examples.read_spec(examples_dir)
+    counts = {split: spec["counts"][split] for split in ("train", "val")}
+    facts = spec.get("record_facts") if store is not None else None  # older examples: no keys
+    fingerprint = features.base_fingerprint(base)
+    progress = Progress(log, "train_head: base features", sum(counts.values()), unit="records")
+    reuse, used, dim = Reuse(store=store.uri if store is not None else ""), [], []
+
+    def split_records(split: str):
+        per = 1 + (spec["views"] if split == "train" else 0)
+        whole = (batch_counts or counts)[split]  # a fan-out shard sizes batches as the whole pass
+        batch = per * max(1, min(training.FEATURE_BATCH, whole) // per)
+        pending: list[tuple] = []  # (key, labels, pixels) of images waiting for the base
+
+        def compute(images: list[tuple]):
+            pixels = np.concatenate([p for _, _, p in images])
+            batches = (pixels[j : j + batch] for j in range(0, len(pixels), batch))
+            values = training.stream_outputs(base, batches, len(pixels), batch, pool=True)[0]
+            rows = [values[k * per : (k + 1) * per] for k in range(len(images))]
+            if store is not None and facts:
+                store.put_many("features", ((key, r.tobytes()) for (key, _, _), r in zip(images, rows, strict=True)))  # fmt: skip
+            for (_, labels, _), r in zip(images, rows, strict=True):
+                yield r, labels
+
+        def records_of(rows: np.ndarray, labels):
+            dim[:] = [rows.shape[1]]
+            for view in range(per):
+                yield [rows[view]], labels[view]
+            progress.advance(per)
+
+        for images, labels, _, shas in (
+            examples.keyed_dataset(examples_dir, split).batch(per * IMAGES_PER_CHUNK).as_numpy_iterator()
+        ):  # fmt: skip
+            if len(labels) % per or any(len(set(shas[i : i + per])) > 1 for i in range(0, len(shas), per)):  # fmt: skip
+                raise ValueError(
+                    f"{examples_dir}: an image's {per} records are not adjacent (examples "
+                    "written by an older augment): rerun augment"
+                )
+            image_shas = [sha.decode() for sha in shas[::per]]
+            keys = ([features.feature_key(record_key(sha, split, facts), fingerprint, policy)
+                     for sha in image_shas] if facts else [""] * len(image_shas))  # fmt: skip
+            found = list(store.get_many("features", keys)) if facts else [None] * len(keys)
+            used.extend(key for key in keys if key)
+            for i, (key, data) in enumerate(zip(keys, found, strict=True)):
+                span = slice(i * per, (i + 1) * per)
+                if data is not None and len(data) % (4 * per) == 0 and (not dim or len(data) == 4 * per * dim[0]):  # fmt: skip
+                    reuse.reused += 1
+                    yield from records_of(np.frombuffer(data, np.float32).reshape(per, -1), labels[span])  # fmt: skip
+                    continue
+                reuse.computed += 1
+                pending.append((key, labels[span], images[span]))
+                if len(pending) * per >= batch:
+                    for rows, image_labels in compute(pending):
+                        yield from records_of(rows, image_labels)
+                    pending = []
+        if pending:
+            for rows, image_labels in compute(pending):
+                yield from records_of(rows, image_labels)
+
+    written = {
+        split: features.write_shards(folder, split, split_records(split)) for split in counts
+    }
     progress.done()
-    features = outputs[0] if outputs else np.zeros((0, 0), "float32")
-    return features, labels, counts["train"]
+    if written != counts:
+        raise ValueError(f"{examples_dir}: spec.json counts {counts} but the shards hold {written}")
+    if used:
+        reuse.evicted = store.finish("features", used)
+    log.info("train_head: %d images' features reused, %d computed", reuse.reused, reuse.computed)
+    return {"dim": dim[0] if dim else 0, "counts": counts, "reuse": reuse.as_dict()}
 
 
 def build_head(feature_dim: int, num_classes: int, config: GraftConfig, adapt_to=None):
     """standardise -> dropout -> [dense] -> softmax. ``adapt_to``: the cached features the
-    standardisation is fitted to, so one learning rate suits every base whatever the scale
+    standardisation is fitted to (an array, or a dataset of batches), so one learning rate suits every base whatever the scale
     of its features (+3.0 points at 30 labels/class on the demo base, benchmarks/RESULTS.md).
     None leaves it the identity, for a head trained end to end with its base."""
     import keras
@@ -72,7 +155,9 @@ def build_head(feature_dim: int, num_classes: int, config: GraftConfig, adapt_to
     if adapt_to is None:
         standardise = keras.layers.Normalization(mean=0.0, variance=1.0, name="head_standardise")
     else:
-        standardise = keras.layers.Normalization(name="head_standardise")
+        # float32 under mixed precision too: adapting on streamed batches mixed float16 data
+        # with float32 statistics (AddV2 refused), and the statistics want float32 anyway
+        standardise = keras.layers.Normalization(name="head_standardise", dtype="float32")
         standardise.adapt(adapt_to)
     x = keras.layers.Dropout(config.dropout, name="head_dropout")(standardise(inputs))
     if config.head_hidden_units:
@@ -127,9 +212,12 @@ def scratch_baseline(
         model = scratch_network(base, num_classes, config, image_shape)
         model.compile(optimizer=setup.optimizer(config.head_learning_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
-    train = examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed)
+    train = training.Epochs(
+        lambda epoch: examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed, epoch=epoch),
+        steps=-(-spec["counts"]["train"] // config.batch_size),
+    )  # fmt: skip
     run = training.fit(
-        model, {"x": train, "shuffle": False}, examples.batches(examples_dir, "val", config.batch_size),
+        model, train, examples.batches(examples_dir, "val", config.batch_size),
         config=config, epochs=config.head_max_epochs, out_dir=out_dir, what="scratch baseline",
         records=spec["counts"]["train"], name="scratch",
     )  # fmt: skip
@@ -142,12 +230,14 @@ def train_head_model(
     examples_dir: str | Path,
     out_dir: str | Path,
     config: GraftConfig,
+    store=None,
     features_dir: str | Path | None = None,
 ) -> HeadResult:
-    """Train the head on cached base features; write model.keras, labels.txt, training.json.
-    Run again after a kill with the same ``out_dir``, it reuses a complete feature cache and
+    """Train the head on base features streamed from shards on disk; write model.keras,
+    labels.txt, training.json. Features the reuse ``store`` holds are read, not computed.
+    Run again after a kill with the same ``out_dir``, it reuses complete feature shards and
     resumes the head's training from its last completed epoch. ``features_dir``: the feature
-    pass already made by the fan-out's shards (components/shards.py), used as the cache."""
+    shards the fan-out's gather already made (components/shards.py), used as they are."""
     import keras
 
     from components.backbones import build_base
@@ -165,39 +255,46 @@ def train_head_model(
             base.trainable = False
         started = time.perf_counter()
         key = training.cache_key(settings=config.settings(), spec=spec, step="train_head")
+        if features_dir is not None:
+            from components.shards import read_gathered_features
 
-        def compute() -> dict:  # one pass, one shape
-            if features_dir is not None:
-                from components.shards import read_gathered_features
-
-                return read_gathered_features(features_dir, config)
-            features, labels_, train_rows = cached_features(base, examples_dir)
-            return {"features": features, "labels": labels_, "train_rows": np.asarray(train_rows)}
-
-        cache, reused = training.reuse_or_compute(
-            training.resume_dir(out_dir) / "features.npz", key, compute
-        )
-        both, both_labels, train_rows = cache["features"], cache["labels"], int(cache["train_rows"])
-        features, val_features = both[:train_rows], both[train_rows:]
-        y, y_val = both_labels[:train_rows], both_labels[train_rows:]
+            folder, reused = Path(features_dir), False
+            made = read_gathered_features(features_dir, config)
+        else:
+            folder = training.resume_dir(out_dir) / "features"
+            made = features.is_complete(folder, key)
+            reused = made is not None
+            if made is None:  # a killed earlier run's complete shards are reused, else made
+                features.clear(folder)
+                made = cached_features(base, examples_dir, folder, store=store, policy=setup.policy)
+                features.mark_complete(folder, key, **made)
+        dim, counts = made["dim"], made["counts"]
         feature_seconds = time.perf_counter() - started
-        log.info("feature cache: %d train + %d val examples through the base once in %.1fs",
-                 len(y), len(y_val), feature_seconds)  # fmt: skip
+        log.info("feature cache: %d train + %d val examples on disk in %.1fs (%s)",
+                 counts["train"], counts["val"], feature_seconds, made["reuse"])  # fmt: skip
+        shapes = [(dim,)]
+        train = training.Epochs(
+            lambda epoch: features.batches(folder, "train", shapes, counts["train"], config.batch_size,
+                                           shuffle_seed=config.seed, epoch=epoch),
+            steps=-(-counts["train"] // config.batch_size),
+        )  # fmt: skip
+        val = features.batches(folder, "val", shapes, counts["val"], config.batch_size)
         with setup.strategy.scope():
-            head = build_head(features.shape[-1], len(labels), config, adapt_to=features)
+            adapt_to = features.dataset(folder, "train", shapes).map(lambda x, y: x).batch(4096)
+            head = build_head(dim, len(labels), config, adapt_to=adapt_to)
             head.compile(optimizer=setup.optimizer(config.head_learning_rate),
                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
         started = time.perf_counter()
         run = training.fit(
-            head, {"x": features, "y": y, "batch_size": config.batch_size, "shuffle": True},
-            (val_features, y_val), config=config, epochs=config.head_max_epochs, out_dir=out_dir,
-            what="train_head", records=len(y), name="head",
+            head, train, val, config=config,
+            epochs=config.head_max_epochs, out_dir=out_dir, what="train_head",
+            records=counts["train"], name="head",
         )  # fmt: skip
         head_seconds = time.perf_counter() - started
         result = HeadResult(
             run.converged, run.epochs, run.at_best("val_loss"), run.at_best("val_accuracy"),
             run.history, feature_seconds, head_seconds, run.best_epoch, run.resumed_from_epoch,
-            setup.policy, setup.replicas, reused,
+            setup.policy, setup.replicas, reused, reuse=made["reuse"],
         )  # fmt: skip
         log.info("head %s after %d epochs: val_loss %.4f, val_accuracy %.4f",
                  "converged" if result.converged else "DID NOT converge", result.epochs, result.val_loss, result.val_accuracy)  # fmt: skip
@@ -237,25 +334,30 @@ def train_head(
     scratch_baseline: bool = False,
     precision: str = "auto",
     replicas: int = 0,
+    io_concurrency: int = 16,
+    model_repo: str = "",
+    reuse_budget_gb: float = 50.0,
     features: Input[Dataset] = None,
 ) -> bool:
-    """Train the head on a frozen base; return whether it converged (the fine-tune gate).
-    ``features``: the fan-out's gathered feature pass (shards > 1), else computed here."""
+    """Train the head on a frozen base, reusing the base features the reuse store beside
+    ``model_repo`` holds; return whether it converged (the fine-tune gate). ``features``:
+    the fan-out's gathered feature shards (shards > 1), else made here."""
     import logging
 
+    from components.augment import store_for
     from components.config import step_config
     from components.train_head import train_head_model
 
     config = step_config(locals())
     logging.basicConfig(level=logging.INFO)
     features_dir = None if features is None else features.path
-    result = train_head_model(examples.path, head_model.path, config, features_dir)
+    store = store_for(model_repo, config)
+    result = train_head_model(examples.path, head_model.path, config, store, features_dir)
     head_metrics.log_metric("val_accuracy", result.val_accuracy)
     head_metrics.log_metric("val_loss", result.val_loss)
     head_metrics.log_metric("epochs", result.epochs)
     if result.scratch:
         head_metrics.log_metric("scratch_val_accuracy", result.scratch["val_accuracy"])
-    head_model.metadata.update(
-        {"converged": result.converged, "base": base, "settings": config.used()}
-    )
+    head_model.metadata.update({"converged": result.converged, "base": base,
+                                "reuse": result.reuse, "settings": config.used()})  # fmt: skip
     return result.converged

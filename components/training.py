@@ -3,8 +3,11 @@
 - ``training_setup``: the precision policy and the tf.distribute strategy of a training
   step, from two settings (``precision``, ``replicas``); the global Keras policy is restored
   afterwards, so nothing leaks to other models in the same process.
-- ``stream_outputs`` / ``labelled_outputs``: a model's outputs over every record in one
-  padded batch shape (the feature cache and the frozen-part cache).
+- ``stream_outputs``: a model's outputs over images in one padded batch shape (the feature
+  pass; the feature and frozen-part shards on disk are components/features.py).
+- ``shuffled_records`` / ``Epochs``: the order of a training epoch, a pure function of the
+  seed and the epoch's number (stateless random ops), so one device and a mirrored strategy
+  read the same batches, and a run resumed at epoch k reads epoch k's order.
 - ``fit``: the one fit-with-early-stopping (head, scratch baseline, fine-tune): Keras'
   EarlyStopping decides convergence and the epoch whose weights are kept; a step killed and
   run again resumes from its last completed epoch (Keras' BackupAndRestore plus the early
@@ -13,8 +16,9 @@
     with training_setup(config.precision, config.replicas) as setup:
         with setup.strategy.scope():
             model = ...; model.compile(optimizer=setup.optimizer(1e-3), ...)
-        run = fit(model, {"x": x, "y": y, "batch_size": 32, "shuffle": True}, (x_val, y_val),
-                  config=config, epochs=50, out_dir=out, what="train_head")
+        train = Epochs(lambda epoch: examples.batches(..., shuffle_seed=seed, epoch=epoch), steps)
+        run = fit(model, train, val_batches, config=config, epochs=50, out_dir=out,
+                  what="train_head", records=count)
         run.at_best("val_accuracy"), run.converged, run.resumed_from_epoch
 """
 
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "float32", "mixed_float16")
 FEATURE_BATCH = 256  # images per forward pass of a frozen model when caching its outputs
+MAX_OPEN_SHARDS = 64  # shards a training epoch interleaves at once
 MIXED_MIN_COMPUTE_CAPABILITY = (7, 0)  # float16 tensor cores: Volta and newer
 
 
@@ -181,21 +186,101 @@ def pooled_features(base, images: np.ndarray, batch_size: int) -> np.ndarray:
     return stream_features(base, batches, len(images), batch)
 
 
-def labelled_outputs(model, records, total: int, progress, *, pool: bool, batch: int = 0):
-    """``stream_outputs`` over a dataset of ``total`` (image, label) records, in one batch
-    shape (``batch``, else ``feature_batch_size(total)``: a shard of a fan-out passes the
-    whole pass's, so its rows meet the same kernels); returns (outputs, labels int64 [total])."""
-    batch = batch or feature_batch_size(total)
-    labels, filled = np.empty(total, np.int64), 0
+# --- the order of an epoch ------------------------------------------------------------------
 
-    def images():
-        nonlocal filled
-        for x, y in records.batch(batch).prefetch(2).as_numpy_iterator():
-            labels[filled : filled + len(y)] = y
-            filled += len(y)
-            yield x
 
-    return stream_outputs(model, images(), total, batch, progress, pool=pool), labels
+def shuffled_records(paths: list[str], parse, *, seed: int, epoch=0, block: int, keep=None):
+    """The records of the TFRecord shards ``paths``, parsed (and filtered by ``keep``), in
+    epoch ``epoch``'s order for ``seed``: shard order permuted, shards interleaved record by
+    record, then each run of ``block`` records permuted (``block``: the bound on records held
+    at once, about two blocks in memory). ``epoch`` may be a tensor (``Epochs``).
+
+    The order is a pure function of (seed, epoch): stateless random ops, no seed generator.
+    tf.data's seeded ``shuffle`` keeps its reshuffle state in the dataset, and
+    ``MirroredStrategy`` rebuilds the dataset (tf.distribute's ``replicate``), so two
+    replicas read another permutation than one device did (head val loss 0.2-13% apart in
+    test_replicas), and a resumed run started again at epoch 1's order."""
+    import tensorflow as tf
+
+    key = tf.random.experimental.stateless_fold_in(
+        tf.constant([seed, 0], tf.int64), tf.cast(epoch, tf.int64)
+    )
+    order = tf.random.experimental.stateless_shuffle(tf.range(len(paths)), key)
+    files = tf.data.Dataset.from_tensor_slices(tf.gather(tf.constant(paths), order))
+    records = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(paths), MAX_OPEN_SHARDS),
+                               block_length=1).map(parse)  # fmt: skip
+    if keep is not None:
+        records = records.filter(keep)
+
+    def permute(index, records):
+        count = tf.shape(tf.nest.flatten(records)[0])[0]
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(count), tf.random.experimental.stateless_fold_in(key, index + 1)
+        )
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), records)
+
+    return records.batch(max(1, block)).enumerate().map(permute).unbatch()
+
+
+@dataclass(frozen=True)
+class Epochs:
+    """Training data given epoch by epoch: ``batches(epoch)`` is one epoch's batches (``epoch``
+    a scalar int64 tensor; the order must depend on it alone, as ``shuffled_records`` does),
+    ``steps`` batches per epoch. ``fit`` hands Keras the epochs it has left as one dataset."""
+
+    batches: Callable  # epoch tensor -> tf.data.Dataset of (x, y) batches
+    steps: int
+
+    def dataset(self, first: int, last: int, strategy):
+        """Epochs ``first`` .. ``last - 1`` in a row, for ``model.fit(steps_per_epoch=steps)``
+        (Keras keeps one iterator across epochs then). Over several replicas, each batch is
+        split evenly (``_split_evenly``)."""
+        import tensorflow as tf
+
+        def epochs():
+            return tf.data.Dataset.range(first, last).flat_map(self.batches)
+
+        replicas = strategy.num_replicas_in_sync
+        if replicas == 1:
+            return epochs().prefetch(2)
+        return strategy.distribute_datasets_from_function(
+            lambda context: epochs().flat_map(_split_evenly(replicas)).prefetch(2 * replicas)
+        )
+
+
+def _split_evenly(replicas: int):
+    """One global batch -> ``replicas`` per-replica batches whose sizes differ by at most one,
+    with sample weights that make the mirrored gradient the one-device gradient of the whole
+    batch.
+
+    tf.distribute's own split of a short last batch is uneven: 90 records in batches of 8
+    over two replicas gave the last batch as 2 + 0 records from the feature shards, so Keras'
+    mean of per-replica means halved that step's gradient (an empty replica batch is also the
+    likeliest cause of the "Missing 1-th output" once seen in a mirrored convolution's
+    gradient; not reproduced on 2 logical CPUs here). Keras divides a replica's weighted loss
+    sum by its element count ``m`` and the replicas' losses by ``replicas``: weight
+    ``replicas * m / n`` (``n`` records in the global batch) gives sum(loss) / n, which is
+    1.0 for an evenly split batch. A batch shorter than ``replicas`` is padded with weight-0
+    copies of its first record, so no replica is ever empty."""
+    import tensorflow as tf
+
+    def split(x, y):
+        n = tf.shape(y)[0]
+        m = tf.maximum(n, replicas)
+        index = tf.concat([tf.range(n), tf.zeros([m - n], tf.int32)], 0)
+        x, y = tf.nest.map_structure(lambda t: tf.gather(t, index), (x, y))
+        real = tf.range(m) < n
+        bounds = tf.range(replicas + 1) * m // replicas
+
+        def piece(r):
+            lo, hi = bounds[r], bounds[r + 1]
+            share = tf.cast(replicas * (hi - lo), tf.float32) / tf.cast(n, tf.float32)
+            weight = tf.where(real[lo:hi], share, 0.0)
+            return tf.nest.map_structure(lambda t: t[lo:hi], x), y[lo:hi], weight
+
+        return tf.data.Dataset.range(replicas).map(lambda r: piece(tf.cast(r, tf.int32)))
+
+    return split
 
 
 # --- surviving a kill: the resume folder ----------------------------------------------------
@@ -231,21 +316,6 @@ def _savez(path: Path, *arrays, **named) -> None:
 def cache_key(**facts) -> str:
     """A digest of everything that shapes a cache (settings, data counts, frontier)."""
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def reuse_or_compute(path: Path, key: str, compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """The arrays ``compute()`` returns (name -> array), stored at ``path`` (an .npz written
-    atomically with ``key``); a complete file with the same key is read instead of
-    recomputed. Returns (arrays, reused)."""
-    if path.exists():
-        with np.load(path) as stored:
-            if str(stored["key"]) == key:
-                log.info("reusing the complete cache %s (a rerun of this step)", path)
-                return {name: stored[name] for name in stored.files if name != "key"}, True
-        log.info("the cache %s was made with other settings: computing it again", path)
-    arrays = compute()
-    _write_atomically(path, lambda tmp: _savez(tmp, key=np.asarray(key), **arrays))
-    return arrays, False
 
 
 # --- the one fit ----------------------------------------------------------------------------
@@ -376,12 +446,13 @@ def progress_callback(what: str, records: int, batch_size: int):
 
 
 def fit(
-    model, train: dict, validation, *, config, epochs: int, out_dir: Path, what: str,
+    model, train: Epochs, validation, *, config, epochs: int, out_dir: Path, what: str,
     records: int, monitor: str = "val_loss", name: str = "fit",
 ) -> Fit:  # fmt: skip
-    """``model.fit(**train)`` with early stopping on ``monitor`` (best weights restored),
-    TensorBoard logs under ``out_dir``, progress lines, and resumption: a rerun after a kill
-    continues from the last completed epoch, with the same early-stopping state, so it
+    """``model.fit`` on the epochs of ``train`` (batches of ``config.batch_size``) with early
+    stopping on ``monitor`` (best weights restored), TensorBoard logs under ``out_dir``,
+    progress lines, and resumption: a rerun after a kill continues from the last completed
+    epoch, with the same early-stopping state and that epoch's order of the data, so it
     trains the epochs an uninterrupted run would. ``name`` keeps two fits of one step apart."""
     import keras
 
@@ -398,7 +469,10 @@ def fit(
         stopping,  # before the backup: its state is never behind the weights it resumes with
         keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False),
         keras.callbacks.TensorBoard(str(Path(out_dir) / "tensorboard" / name)),
-        progress_callback(what, records, train.get("batch_size", config.batch_size)),
+        progress_callback(what, records, config.batch_size),
     ]
-    model.fit(**train, validation_data=validation, epochs=epochs, verbose=2, callbacks=callbacks)
+    # Keras starts at epoch `done` (BackupAndRestore restores it): so does the data
+    data = train.dataset(done, max(done, epochs), model.distribute_strategy)
+    model.fit(data, steps_per_epoch=train.steps, shuffle=False, validation_data=validation, epochs=epochs,
+              verbose=2, callbacks=callbacks)  # fmt: skip
     return Fit(stopping.history, stopping.best_epoch, stopping.stopped_epoch, done)

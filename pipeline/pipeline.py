@@ -147,6 +147,7 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True, shards: 
                     augment(
                         data_uri=data_uri,
                         manifest=validated.outputs["manifest"],
+                        model_repo=model_repo,  # the reuse store lives beside the versions
                         **settings_for(augment, p),
                     )
                 ).set_caching_options(False)
@@ -154,7 +155,12 @@ def build_pipeline(gpu: GpuPool | None = None, *, retries: bool = True, shards: 
             else:
                 examples, features = _fan_out(p, shards, gpu, _io_heavy)
             head = _training_step(
-                train_head(examples=examples, **features, **settings_for(train_head, p)),
+                train_head(
+                    examples=examples,
+                    model_repo=model_repo,  # the reuse store lives beside the versions
+                    **features,
+                    **settings_for(train_head, p),
+                ),
                 gpu,
             )
 
@@ -235,13 +241,16 @@ def _fan_out(p: dict, shards: int, gpu: GpuPool | None, io_heavy) -> tuple:
                 manifest=manifest,
                 shard=k,
                 shards=shards,
+                model_repo=p["model_repo"],  # the reuse store lives beside the versions
                 **settings_for(augment_shard, p),
             )  # fmt: skip
         ).set_caching_options(False)
         part_features = _training_step(
             features_shard(
-                examples_shard=part.outputs["examples_shard"], **settings_for(features_shard, p)
-            ),  # fmt: skip
+                examples_shard=part.outputs["examples_shard"],
+                model_repo=p["model_repo"],
+                **settings_for(features_shard, p),
+            ),
             gpu,
         )
     gathered = gather_examples(

@@ -36,6 +36,14 @@ class TaskResult:
     seconds: float | None = None  # wall time, when this process watched the task run
 
 
+# Where each step that uses the reuse store records what it reused: (task, artifact, file).
+REUSE_RECORDS = (
+    ("augment", "examples", "spec.json"),
+    ("gather-examples", "examples", "spec.json"),  # shards > 1: the augment shards' sum
+    ("train-head", "head_model", "training.json"),
+)
+
+
 @dataclass
 class RunSummary:
     run_dir: str
@@ -47,12 +55,23 @@ class RunSummary:
     def ran(self) -> list[str]:
         return [name for name in _step_order(self.shards) if name in self.tasks]
 
+    def reuse(self) -> dict[str, dict]:
+        """Per step that uses the reuse store, how many images it reused and computed."""
+        found = {}
+        for task, artifact, name in REUSE_RECORDS:
+            result = self.tasks.get(task)
+            record = _json_in(result.artifacts.get(artifact), name) if result else {}
+            if record.get("reuse"):
+                found[task] = record["reuse"]
+        return found
+
     def to_json(self) -> dict:
         return {
             "run_dir": self.run_dir,
             "ran": self.ran(),
             "pushed_version": self.pushed_version,
             "outcome": self.outcome,
+            "reuse": self.reuse(),
             "tasks": {name: asdict(task) for name, task in self.tasks.items()},
         }
 
@@ -264,5 +283,8 @@ def print_summary(summary: RunSummary) -> None:
             table.add_row(name, status, str(task.outputs.get("Output", "")), seconds)
     console = Console(stderr=True)
     console.print(table)
+    for task, reuse in summary.reuse().items():
+        console.print(f"{task}: {reuse['reused']} images reused, {reuse['computed']} computed "
+                      f"(reuse store {reuse['store']})")  # fmt: skip
     console.print(f"outcome: {summary.outcome}")
     console.print(f"artifacts: {summary.run_dir}")

@@ -5,7 +5,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from components import datasets
@@ -49,21 +48,33 @@ def test_four_shards_under_kfp_local_give_one_shards_manifest_examples_and_featu
     assert manifest_four == manifest_one and len(manifest_one.splitlines()) == 60
     examples_one = artifact(one, "augment", "examples")
     examples_four = artifact(four, "gather-examples", "examples")
-    assert _digests(examples_four) == _digests(examples_one)
-    assert len(_digests(examples_one)) == 6  # 3 splits, labels, spec, test sources
+    digests_four, digests_one = _digests(examples_four), _digests(examples_one)
+    assert len(digests_one) == 6  # 3 splits, labels, spec, test sources
+    assert {k: v for k, v in digests_four.items() if k != "spec.json"} == {
+        k: v for k, v in digests_one.items() if k != "spec.json"}  # fmt: skip
+    # spec.json too, but for the reuse store's URI (each run's is beside its own repository)
+    spec_four, spec_one = (json.loads(Path(d, "spec.json").read_text()) for d in (examples_four, examples_one))  # fmt: skip
+    store_four, store_one = spec_four["reuse"].pop("store"), spec_one["reuse"].pop("store")
+    assert spec_four == spec_one and (store_four, store_one) == (str(tmp_path / "m4" / ".graft-reuse"), str(tmp_path / "m1" / ".graft-reuse"))  # fmt: skip
 
-    # the gathered feature pass is the one train_head makes over shards=1's examples
-    gathered = np.load(Path(artifact(four, "gather-features", "features"), "features.npy"))
+    # the gathered feature shards are the ones train_head writes over shards=1's examples
+    gathered = _digests(artifact(four, "gather-features", "features"))
     config = tiny_config(tiny_base)
-    with training.training_setup(config.precision, config.replicas):
+    with training.training_setup(config.precision, config.replicas) as setup:
         base = build_base(config.base, image_size=32, channels=3, weights=config.weights)
         base.trainable = False
-        expected, _, _ = cached_features(base, examples_one)
-    assert gathered.shape == expected.shape and len(expected) > 0
-    assert hashlib.sha256(gathered.tobytes()).digest() == hashlib.sha256(expected.tobytes()).digest()  # fmt: skip
+        made = cached_features(base, examples_one, tmp_path / "expected", policy=setup.policy)
+    expected = _digests(tmp_path / "expected")
+    assert made["counts"]["train"] > 0 and set(expected) == {"train-00000.tfrecord", "val-00000.tfrecord"}  # fmt: skip
+    assert {k: v for k, v in gathered.items() if k.endswith(".tfrecord")} == expected
 
     # train_head trained on the gathered features: the same head, epoch for epoch
     def head_record(summary):
         return json.loads(Path(artifact(summary, "train-head", "head_model"), "training.json").read_text())  # fmt: skip
 
     assert head_record(four)["history"] == head_record(one)["history"]
+    # each run its own reuse store (m1, m4): both computed every image; the summary says so
+    assert four.reuse()["gather-examples"]["computed"] == one.reuse()["augment"]["computed"] == 60
+    reuse_four, reuse_one = four.reuse()["train-head"], one.reuse()["train-head"]
+    assert (reuse_four["reused"], reuse_four["computed"]) == (reuse_one["reused"], reuse_one["computed"])  # fmt: skip
+    assert reuse_one["computed"] > 0

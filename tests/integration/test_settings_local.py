@@ -66,6 +66,7 @@ EVERY_SETTING_CHANGED = {
     "canary_min_agreement": 0.8,
     "canary_max_class_shift": 0.2,
     "rollout_serving_base_path": "/models/every",
+    "reuse_budget_gb": 1.0,
 }
 
 

@@ -80,9 +80,9 @@ def test_views_shapes_labels_and_spec(data, tmp_path):
     originals, _ = examples.load_arrays(tmp_path / "ex", "train", originals_only=True)
     assert len(originals) == images["train"]
     assert examples.read_labels(tmp_path / "ex") == ["class_0", "class_1"]
-    assert not np.array_equal(
-        x[: len(originals)], x[len(originals) : 2 * len(originals)]
-    )  # views differ
+    per_image = x.reshape(images["train"], 1 + CONFIG.views, *x.shape[1:])
+    np.testing.assert_array_equal(per_image[:, 0], originals)  # each original, then its views
+    assert not np.array_equal(per_image[:, 0], per_image[:, 1])  # views differ
 
 
 def test_grayscale_sources_become_three_channels_and_rgb_becomes_one(tmp_path):
@@ -103,38 +103,25 @@ def test_grayscale_sources_become_three_channels_and_rgb_becomes_one(tmp_path):
 
 
 def reference_records(data_dir, config: GraftConfig) -> dict[str, list[bytes]]:
-    """augment as it was before it streamed (commit 2cbfb45): every image decoded and held,
-    then all K views of the training set made from one stacked array, 256 at a time; images
-    in content-hash order (the order that keeps classes mixed)."""
-    import keras
-
-    from components.augment import augmenter, load_image
+    """augment's records computed one image at a time, whole in memory: each image decoded,
+    then its original and views from ``image_records`` of that image alone; images in
+    content-hash order (the order that keeps classes mixed), an image's records adjacent."""
+    from components.augment import Views, image_records, load_image
     from components.validate import build_manifest
 
     rows = [r for r in build_manifest(str(data_dir), config) if r["decodable"] and r["label"]]
     label_ids = {name: i for i, name in enumerate(sorted({r["label"] for r in rows}))}
-    by_split = {split: [] for split in examples.SPLITS}
+    make = Views(config.seed)
+    out = {split: [] for split in examples.SPLITS}
     for row in sorted(rows, key=lambda r: (r["sha256"], r["relpath"])):
         split = row["split"] or assign_split(
             row["sha256"], config.val_fraction, config.test_fraction
         )
         image = load_image(Path(row["uri"]).read_bytes(), config.image_size, config.channels)
-        by_split[split].append((image, label_ids[row["label"]], row["sha256"]))
-    out = {}
-    for split, items in by_split.items():
-        records = [(image, label, 0, sha) for image, label, sha in items]
-        if split == "train" and items and config.views > 0:
-            originals = np.stack([image for image, _, _ in items])
-            keras.utils.set_random_seed(config.seed)
-            layers = augmenter(config.seed)
-            for view in range(1, config.views + 1):
-                parts = [np.asarray(layers(originals[i : i + 256].astype("float32"), training=True))
-                         for i in range(0, len(originals), 256)]  # fmt: skip
-                augmented = np.clip(np.rint(np.concatenate(parts)), 0, 255).astype(np.uint8)
-                records += [
-                    (augmented[i], items[i][1], view, items[i][2]) for i in range(len(items))
-                ]
-        out[split] = [examples._example(*record) for record in records]
+        views = config.views if split == "train" else 0
+        made = image_records(image[None], [row["sha256"]], views, make)[0]
+        out[split] += [examples._example(made[view], label_ids[row["label"]], view, row["sha256"])
+                       for view in range(1 + views)]  # fmt: skip
     return out
 
 
@@ -158,9 +145,7 @@ def large_train_split(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow  # trains or serves real models for tens of seconds: not in make test-fast
-def test_streamed_records_are_byte_identical_to_the_in_memory_algorithm(
-    large_train_split, tmp_path
-):
+def test_streamed_records_are_byte_identical_to_each_image_made_alone(large_train_split, tmp_path):
     spec = augment_dataset(str(large_train_split), tmp_path / "ex", CONFIG)
     assert spec["images"]["train"] > 256
     expected = reference_records(large_train_split, CONFIG)
@@ -231,8 +216,8 @@ def test_augment_logs_its_progress(data, tmp_path, caplog):
 
     with caplog.at_level(logging.INFO, logger="components.augment"):
         augment_dataset(str(data), tmp_path / "ex", CONFIG)
-    assert "augment: read and decoded: 30/30 images (100.0%)" in caplog.text
-    assert "augment: augmented views made:" in caplog.text
+    assert "augment: images made or reused: 30/30 images (100.0%)" in caplog.text
+    assert "augment: 0 images' records reused, 30 computed" in caplog.text
 
 
 # --- data order: every batch sees the classes in proportion -----------------------------------
@@ -270,9 +255,12 @@ def test_training_batches_hold_the_classes_in_proportion_even_from_class_grouped
     batches = examples.batches(tmp_path, "train", 32, shuffle_seed=0)
     first_epoch = first_labels(batches, 10 * 32)
     assert_in_proportion(first_epoch, dict.fromkeys(range(classes), 0.2))
-    assert not np.array_equal(first_labels(batches, 320), first_epoch)  # a new order each epoch
+    second_epoch = first_labels(examples.batches(tmp_path, "train", 32, shuffle_seed=0, epoch=1), 320)  # fmt: skip
+    assert not np.array_equal(second_epoch, first_epoch)  # a new order each epoch
+    assert_in_proportion(second_epoch, dict.fromkeys(range(classes), 0.2))
     again = first_labels(examples.batches(tmp_path, "train", 32, shuffle_seed=0), 320)
-    assert np.array_equal(again, first_epoch)  # reproducible for a seed
+    assert np.array_equal(again, first_epoch)  # reproducible for a seed and an epoch
+    assert np.array_equal(first_labels(batches, 320), first_epoch)  # read again: the same order
     assert examples.shuffle_buffer(spec, "train") == count  # the whole split fits
 
 

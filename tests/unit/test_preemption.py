@@ -73,7 +73,7 @@ def test_fine_tune_killed_after_two_epochs_resumes_at_two_and_ends_like_an_unint
 
     run_and_kill_after(2, root, tmp_path / "tuned", config)
     left = training.resume_dir(tmp_path / "tuned")
-    assert (left / "frozen_part.npz").exists() and not (
+    assert (left / "frozen_part" / "complete.json").exists() and not (
         tmp_path / "tuned" / "training.json"
     ).exists()
 
@@ -83,7 +83,8 @@ def test_fine_tune_killed_after_two_epochs_resumes_at_two_and_ends_like_an_unint
     record = json.loads((tmp_path / "tuned" / "training.json").read_text())
     assert record["resumed_from_epoch"] == 2 and len(record["fine_tune_history"]["val_loss"]) == 4
     assert not left.exists()  # cleaned up once the outputs are written
-    # The first two epochs are the killed run's own; the rest differ only by the shuffle order.
+    # The first two epochs are the killed run's own; the resumed ones read the epochs' own
+    # order (training.shuffled_records: a function of the seed and the epoch).
     whole = json.loads((tmp_path / "whole" / "training.json").read_text())
     np.testing.assert_allclose(
         record["fine_tune_history"]["val_loss"], whole["fine_tune_history"]["val_loss"], rtol=0.05

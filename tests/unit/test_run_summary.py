@@ -50,3 +50,27 @@ def test_the_outcome_says_nothing_was_pushed_when_push_returned_the_served_versi
     assert summary == "nothing pushed: the served version 7 already holds this model"
     assert summarize_tasks(_tasks(tmp_path, 7, "9"), "9") == "pushed version 9"
     assert summarize_tasks(_tasks(tmp_path, None, "9"), "9") == "pushed version 9"
+
+
+def test_the_summary_says_how_many_images_each_step_reused_and_computed(tmp_path, capsys):
+    from components import datasets
+    from components.augment import augment_dataset, store_for
+    from components.config import GraftConfig
+
+    config = GraftConfig(image_size=16, views=1, val_fraction=0.2, test_fraction=0.2)
+    datasets.write_synthetic_dataset(str(tmp_path / "data"), num_classes=2, per_class=10, size=16, seed=0)  # fmt: skip
+    store = store_for(str(tmp_path / "repo"), config)
+    augment_dataset(str(tmp_path / "data"), tmp_path / "cold", config, store=store)
+    augment_dataset(str(tmp_path / "data"), tmp_path / "examples", config, store=store)
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "training.json").write_text(json.dumps({"reuse": {"reused": 12, "computed": 3, "evicted": 0, "store": store.uri}}))  # fmt: skip
+    tasks = {"augment": TaskResult("augment", True, artifacts={"examples": str(tmp_path / "examples")}),
+             "train-head": TaskResult("train-head", True, {"Output": True}, {"head_model": str(head)})}  # fmt: skip
+    summary = RunSummary("/runs/x", tasks, None, "finished without pushing")
+    assert {t: (r["reused"], r["computed"]) for t, r in summary.to_json()["reuse"].items()} == {
+        "augment": (20, 0), "train-head": (12, 3)}  # fmt: skip
+    print_summary(summary)
+    err = capsys.readouterr().err
+    assert "augment: 20 images reused, 0 computed" in err
+    assert "train-head: 12 images reused, 3 computed" in err

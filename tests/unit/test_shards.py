@@ -8,7 +8,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from components import datasets, shards
@@ -64,8 +63,9 @@ def test_four_augment_shards_gather_into_the_examples_one_task_writes_byte_for_b
     parts = [tmp_path / f"shard{k}" for k in range(4)]
     infos = [shards.augment_shard_dataset(many_images, p, config, rows, k, 4)
              for k, p in enumerate(parts)]  # fmt: skip
-    trains = [info["records"]["train"][0] for info in infos]
-    assert sum(trains) > VIEW_BATCH and all(0 < t < VIEW_BATCH for t in trains)
+    images = [info["records"]["train"] // 3 for info in infos]  # original + 2 views each
+    # the shards' VIEW_BATCH chunks start elsewhere than one task's: views must not care
+    assert sum(images) > VIEW_BATCH and all(0 < n < VIEW_BATCH for n in images)
     shards.gather_example_shards(list(reversed(parts)), tmp_path / "gathered", config, rows)
 
     one, gathered = digests(tmp_path / "one"), digests(tmp_path / "gathered")
@@ -73,7 +73,26 @@ def test_four_augment_shards_gather_into_the_examples_one_task_writes_byte_for_b
                         "val-00000-of-00001.tfrecord", "test-00000-of-00001.tfrecord"}  # fmt: skip
     assert gathered == one
     spec = json.loads((tmp_path / "one" / "spec.json").read_text())
-    assert spec["counts"]["train"] == 3 * sum(trains)  # originals + 2 views
+    assert spec["counts"]["train"] == 3 * sum(images)
+    assert spec["reuse"]["computed"] == len(rows) and spec["reuse"]["reused"] == 0
+
+
+def test_augment_shards_fill_the_reuse_store_one_task_then_reuses(tmp_path, many_images):
+    """The shards key records as augment does: after a fan-out, shards=1 computes nothing."""
+    from components.augment import store_for
+
+    config = _config()
+    rows = build_manifest(many_images, config)
+    repo = str(tmp_path / "repo")
+    parts = [tmp_path / f"shard{k}" for k in range(3)]
+    for k, part in enumerate(parts):
+        shards.augment_shard_dataset(many_images, part, config, rows, k, 3, store_for(repo, config))
+    fanned = shards.gather_example_shards(parts, tmp_path / "gathered", config, rows)
+    assert fanned["reuse"]["computed"] == len(rows) and fanned["reuse"]["reused"] == 0
+    one = augment_dataset(many_images, tmp_path / "one", config, rows, store_for(repo, config))
+    assert one["reuse"]["reused"] == len(rows) and one["reuse"]["computed"] == 0
+    tfrecords = lambda d: {k: v for k, v in digests(d).items() if k.endswith(".tfrecord")}  # noqa: E731
+    assert tfrecords(tmp_path / "one") == tfrecords(tmp_path / "gathered")
 
 
 def test_a_gather_refuses_shards_made_with_other_settings(tmp_path, many_images):
@@ -86,11 +105,12 @@ def test_a_gather_refuses_shards_made_with_other_settings(tmp_path, many_images)
         shards.gather_example_shards(parts, tmp_path / "gathered", config, rows)
 
 
-def test_feature_shards_gather_into_the_feature_pass_train_head_makes_byte_for_byte(
+def test_feature_shards_gather_into_the_feature_shards_train_head_makes_byte_for_byte(
     tmp_path, many_images
 ):
     import keras
 
+    from components.augment import store_for
     from components.backbones import build_base
     from components.train_head import cached_features
 
@@ -103,22 +123,39 @@ def test_feature_shards_gather_into_the_feature_pass_train_head_makes_byte_for_b
     rows = build_manifest(many_images, config)
     augment_dataset(many_images, tmp_path / "one", config, rows)
     base = build_base(config.base, image_size=16, channels=3, weights="none")
-    expected, labels, train_rows = cached_features(base, tmp_path / "one")
+    expected = cached_features(base, tmp_path / "one", tmp_path / "one-features")
 
+    repo = str(tmp_path / "repo")
     parts = []
     for k in range(3):
         shards.augment_shard_dataset(many_images, tmp_path / f"ex{k}", config, rows, k, 3)
-        shards.features_of_shard(tmp_path / f"ex{k}", tmp_path / f"f{k}", config)
+        store = store_for(repo, config)
+        shards.features_of_shard(tmp_path / f"ex{k}", tmp_path / f"f{k}", config, store)
         parts.append(tmp_path / f"f{k}")
     info = shards.gather_feature_shards(parts, tmp_path / "features")
     gathered = shards.read_gathered_features(tmp_path / "features", config)
 
-    assert info["records"] == len(expected) and int(gathered["train_rows"]) == train_rows
-    assert gathered["features"].shape == expected.shape == (len(labels), 8)
-    assert hashlib.sha256(gathered["features"].tobytes()).digest() == hashlib.sha256(expected.tobytes()).digest()  # fmt: skip
-    np.testing.assert_array_equal(gathered["labels"], labels)
+    assert gathered["counts"] == expected["counts"] and gathered["dim"] == expected["dim"] == 8
+    assert info["reuse"]["computed"] == len(rows) - len([r for r in rows if _split(r, config) == "test"])  # fmt: skip
+    feature_files = lambda d: {k: v for k, v in digests(d).items() if k.endswith(".tfrecord")}  # noqa: E731
+    assert set(feature_files(tmp_path / "one-features")) == {
+        "train-00000.tfrecord",
+        "val-00000.tfrecord",
+    }
+    assert feature_files(tmp_path / "features") == feature_files(tmp_path / "one-features")
+    # one task over the store the shards filled reuses every image's features, same bytes
+    again = cached_features(base, tmp_path / "one", tmp_path / "again",
+                            store=store_for(repo, config), policy="float32")  # fmt: skip
+    assert again["reuse"]["computed"] == 0 and again["reuse"]["reused"] == info["reuse"]["computed"]
+    assert feature_files(tmp_path / "again") == feature_files(tmp_path / "one-features")
     with pytest.raises(shards.ShardsError, match="made by base="):
         shards.read_gathered_features(tmp_path / "features", _config())
+
+
+def _split(row, config) -> str:
+    from components.augment import assign_split
+
+    return assign_split(row["sha256"], config.val_fraction, config.test_fraction)
 
 
 # --- validate: shards inspect, the gathered manifest is judged as a whole ------------------

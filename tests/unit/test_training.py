@@ -337,23 +337,28 @@ def test_graft_pretrain_saves_a_base_that_learned_labels_and_rotations(tmp_path)
     assert base.predict(np.zeros((1, 28, 28, 1), "float32"), verbose=0).shape == (1, 448)
 
 
-def test_cached_features_stream_the_shards_and_equal_one_pass_over_whole_arrays(
+def test_cached_features_go_to_shards_on_disk_and_equal_one_pass_over_whole_arrays(
     examples_dir, tmp_path, caplog
 ):
     import logging
 
+    from components import features
     from components.train_head import cached_features
 
     base = keras.models.load_model(tiny_base(tmp_path / "base.keras"))
-    x, y = examples.load_arrays(examples_dir, "train")
-    x_val, y_val = examples.load_arrays(examples_dir, "val")
-    expected = pooled_features(base, np.concatenate([x, x_val]), 256)
     with caplog.at_level(logging.INFO, logger="components.train_head"):
-        features, labels, train_rows = cached_features(base, examples_dir)
-    assert train_rows == len(x)
-    np.testing.assert_array_equal(labels, np.concatenate([y, y_val]))
-    np.testing.assert_array_equal(features, expected)
-    total = len(x) + len(x_val)
+        made = cached_features(base, examples_dir, tmp_path / "features")
+    for split in ("train", "val"):
+        x, y = examples.load_arrays(examples_dir, split)
+        expected = pooled_features(base, x, 256)
+        stored = list(features.dataset(tmp_path / "features", split, [(made["dim"],)]))
+        np.testing.assert_array_equal(np.stack([f.numpy() for f, _ in stored]), expected)
+        np.testing.assert_array_equal([int(label) for _, label in stored], y)
+    assert made["counts"] == {
+        s: examples.read_spec(examples_dir)["counts"][s] for s in ("train", "val")
+    }
+    assert made["reuse"]["computed"] > 0 and made["reuse"]["reused"] == 0  # no store given
+    total = sum(made["counts"].values())
     assert f"train_head: base features: {total}/{total} records (100.0%)" in caplog.text
 
 

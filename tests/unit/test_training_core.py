@@ -223,3 +223,52 @@ def test_mixed_precision_applies_to_both_steps_scales_the_loss_and_does_not_leak
     answered = served(pixels=tf.constant(pixels))["probabilities"].numpy()
     trained = keras.models.load_model(tmp_path / "tuned" / "model.keras").predict_on_batch(pixels)
     np.testing.assert_allclose(answered, np.asarray(trained, "float32"), atol=1e-3)
+
+
+def epoch_labels(stream, first: int, last: int) -> list[list[int]]:
+    """The labels ``stream`` feeds a one-device fit from epoch ``first`` to ``last - 1``."""
+    import tensorflow as tf
+
+    batches = [y.numpy().tolist() for _, y in stream.dataset(first, last, tf.distribute.get_strategy())]  # fmt: skip
+    return [sum(batches[e : e + stream.steps], []) for e in range(0, len(batches), stream.steps)]
+
+
+def test_a_run_resumed_at_epoch_two_reads_the_epochs_an_uninterrupted_run_reads(tmp_path):
+    from components import features, training
+
+    rows = [([np.full(2, i, "float32")], i) for i in range(21)]
+    features.write_shards(tmp_path, "train", iter(rows))
+    stream = training.Epochs(
+        lambda epoch: features.batches(tmp_path, "train", [(2,)], 21, 8, shuffle_seed=3, epoch=epoch),
+        steps=3,
+    )  # fmt: skip
+    whole = epoch_labels(stream, 0, 4)
+    assert len(whole) == 4 and all(sorted(epoch) == list(range(21)) for epoch in whole)
+    assert len({tuple(epoch) for epoch in whole}) == 4  # every epoch its own order
+    assert epoch_labels(stream, 2, 4) == whole[2:]  # a resumed run continues the same orders
+    other_seed = training.Epochs(
+        lambda epoch: features.batches(tmp_path, "train", [(2,)], 21, 8, shuffle_seed=4, epoch=epoch),
+        steps=3,
+    )  # fmt: skip
+    assert epoch_labels(other_seed, 0, 1) != whole[:1]
+
+
+@pytest.mark.parametrize("n, replicas", [(8, 2), (5, 2), (1, 2), (7, 3), (2, 3)])
+def test_a_global_batch_splits_into_replica_batches_whose_mirrored_loss_is_the_batch_mean(n, replicas):  # fmt: skip
+    """Keras under tf.distribute: each replica divides its weighted loss sum by its element
+    count, and the replicas' losses are summed divided by ``replicas``. With the split's
+    weights that is the mean over the global batch, and no replica batch is empty."""
+    import tensorflow as tf
+
+    from components.training import _split_evenly
+
+    losses = np.arange(1.0, n + 1, dtype="float32") ** 2  # any per-record loss
+    x, y = tf.constant(losses[:, None]), tf.range(n)
+    pieces = list(_split_evenly(replicas)(x, y))
+    assert len(pieces) == replicas and all(len(piece[1]) >= 1 for piece in pieces)
+    sizes = [len(piece[1]) for piece in pieces]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == max(n, replicas)
+    mirrored = sum(float(tf.reduce_sum(piece[2] * piece[0][:, 0])) / len(piece[1]) for piece in pieces) / replicas  # fmt: skip
+    np.testing.assert_allclose(mirrored, losses.mean(), rtol=1e-6)
+    real = sorted(int(v) for piece in pieces for v, w in zip(piece[1], piece[2], strict=True) if w > 0)  # fmt: skip
+    assert real == list(range(n))  # every record once, padding weighted 0
