@@ -8,7 +8,8 @@ Three runs, each in its own process (seconds measured inside the steps, imports 
 1. cold: N images, an empty store;
 2. warm: the same N plus new images (5%), the store the cold run filled;
 3. control: the same N + 5% images, a second, empty store (a cold run on the warm run's data).
-Each runs validate's manifest, augment and train_head (the head on the base's features).
+Each runs validate's manifest (keeping its inspections beside the model, as the pipeline's
+validate_data does), augment and train_head (the head on the base's features).
 
 Data: Fashion-MNIST target classes 1,3,5,7,9 (Debian's dataset-fashion-mnist), N/5 per class
 as PNG class folders. Base: the shipped offline base (components/bases/, pretrained on the
@@ -48,14 +49,24 @@ def child_run(data: Path, work: Path, repo: Path) -> dict:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    import tensorflow  # noqa: F401 (imports excluded from every step's seconds)
+
     from components.augment import augment_dataset, store_for
     from components.train_head import train_head_model
-    from components.validate import build_manifest
+    from components.validate import (
+        build_manifest,
+        inspections_uri,
+        read_inspections,
+        write_inspections,
+    )
 
     cfg = config()
     store = store_for(str(repo), cfg)
-    started = time.perf_counter()
-    rows = build_manifest(str(data), cfg)
+    started = time.perf_counter()  # as the pipeline's validate_data: the model's inspections
+    saved = inspections_uri(str(repo), "incremental")
+    inspections = read_inspections(saved)
+    rows = build_manifest(str(data), cfg, inspections=inspections)
+    write_inspections(saved, inspections)
     manifest = time.perf_counter() - started
     started = time.perf_counter()
     spec = augment_dataset(str(data), work / "examples", cfg, rows, store)

@@ -154,11 +154,10 @@ def inspection_key(config: GraftConfig) -> str:
     """What an inspection depends on beyond the file's bytes: the limits that stop reading
     or decoding, and the decoders (PIL for the header, TensorFlow for the serving decode).
     An earlier inspection is reused only under the same key."""
-    import PIL
-    import tensorflow as tf
+    from importlib.metadata import version  # not `import tensorflow`: seconds, when all is reused
 
     return (f"max_pixels={config.max_pixels};max_file_bytes={config.max_file_bytes};"
-            f"pillow={PIL.__version__};tensorflow={tf.__version__}")  # fmt: skip
+            f"pillow={version('pillow')};tensorflow={version('tensorflow')}")  # fmt: skip
 
 
 def read_inspections(uri: str) -> dict[str, dict]:

@@ -226,6 +226,8 @@ def test_a_record_has_the_same_bytes_in_every_process():
     import subprocess
     import sys
 
+    import numpy as np
+
     from components.examples import _example
 
     code = (
