@@ -15,8 +15,6 @@ and the dev server (which versions to load). What lives there::
         .refusals/<key>.json           a candidate evaluate refused: data fingerprint + settings
         .rejected/<version>.json       a version a canary rollout rolled back: never served again
         .rollout/history.jsonl         canary rollouts: every step and decision (serving/rollout.py)
-        .validate/inspections.jsonl    what validate found in each data file, by its listing
-                                       identity: unchanged files are not read again
         models.config                  TF Serving's ModelServerConfig while a rollout runs
         .staging-<version>-<owner>/    a local push being copied, renamed into place in one step
 

@@ -17,6 +17,8 @@ Layout, beside the versions in the model repository (local or gs://, through com
     <model_repo>/.graft-reuse/records/<kk>/<key>     raw uint8 [(1 + views), H, W, C]
     <model_repo>/.graft-reuse/features/<kk>/<key>    raw float32 [(1 + views), D]
     <model_repo>/.graft-reuse/usage/<ms>-<kind>-<id>.keys   "<unix ms> <key>" per line
+    <model_repo>/.graft-reuse/inspections/<model>.jsonl  what validate found in each data
+        file, by its listing identity (components/validate.py): not evicted, one per model
 
 An entry is written whole (a rename locally, one upload on GCS), so a reader sees all of it or
 nothing. Past the size budget, entries go least recently used first (their last use is read

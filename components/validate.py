@@ -138,16 +138,17 @@ def inspect_image(data: bytes, config: GraftConfig) -> dict:
 # tick without its identity changing (git's "racy" entries): it is inspected again next time.
 SETTLED_NS = 2_000_000_000
 INSPECTIONS_FILE = "inspections.jsonl"  # beside a report's manifest.jsonl (graft validate)
-INSPECTIONS_DIR = ".validate"  # in the model's folder, for the pipeline's validate steps
+INSPECTIONS_DIR = "inspections"  # in the reuse store, for the pipeline's validate steps
 
 
 def inspections_uri(model_repo: str, model_name: str) -> str:
-    """Where the pipeline keeps the last run's inspections: beside the versions they led to
-    (a dot-folder, never a version), so any run of this model on any worker finds them."""
-    from common import model_repository
+    """Where the pipeline keeps a model's last inspections: in the reuse store beside the
+    model repository (common/reuse_store.py), not in the model's folder, which holds only
+    what a push made; any run of this model on any worker finds them there."""
+    from common import model_repository, reuse_store
 
-    return storage.join(model_repository.model_root(model_repo, model_name), INSPECTIONS_DIR,
-                        INSPECTIONS_FILE)  # fmt: skip
+    name = model_repository.check_model_name(model_name)
+    return storage.join(model_repo, reuse_store.STORE_DIR, INSPECTIONS_DIR, f"{name}.jsonl")
 
 
 def inspection_key(config: GraftConfig) -> str:
