@@ -17,6 +17,7 @@ back to the image it came from).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -159,12 +160,14 @@ def dataset(
     *,
     originals_only: bool = False,
     shuffle_seed: int | None = None,
+    epoch: int | None = None,
 ):
     """A tf.data.Dataset of ``(image uint8 HxWxC, label int64)`` for one split.
 
     With ``shuffle_seed``, shards are read in a shuffled order, interleaved record by record,
     and records pass a ``shuffle_buffer`` (a new order each epoch, reproducible for a seed);
-    without, records come in stored order."""
+    without, records come in stored order. With ``epoch``, each
+    image comes once, as the view ``rotated_view`` picks for that epoch."""
     import tensorflow as tf
 
     spec = read_spec(examples_dir)
@@ -173,12 +176,17 @@ def dataset(
         "image": tf.io.FixedLenFeature([], tf.string),
         "label": tf.io.FixedLenFeature([], tf.int64),
         "view": tf.io.FixedLenFeature([], tf.int64),
+        "sha256": tf.io.FixedLenFeature([], tf.string),
     }
 
     def parse(record):
         parsed = tf.io.parse_single_example(record, features)
         image = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), shape)
-        return image, parsed["label"], parsed["view"]
+        if epoch is None:
+            return image, parsed["label"], parsed["view"]
+        # the view this epoch reads stands in as view 0, so the filter below keeps it alone
+        wanted = rotated_view(epoch, parsed["sha256"], spec["views"])
+        return image, parsed["label"], parsed["view"] - wanted
 
     paths = shard_paths(examples_dir, split)
     if shuffle_seed is None:
@@ -190,11 +198,44 @@ def dataset(
             block_length=1, deterministic=True,
         )  # fmt: skip
     ds = records.map(parse)
-    if originals_only:
+    if originals_only or epoch is not None:
         ds = ds.filter(lambda image, label, view: tf.equal(view, 0))
     if shuffle_seed is not None:
         ds = ds.shuffle(shuffle_buffer(spec, split), seed=shuffle_seed)
     return ds.map(lambda image, label, view: (image, label))
+
+
+def rotated_view(epoch, sha256, views: int):
+    """The view of one image an epoch reads: (epoch + the image's offset) mod (views + 1), the
+    offset a hash of its sha256, so every epoch mixes originals and views and views + 1
+    epochs read every stored record once."""
+    import tensorflow as tf
+
+    offset = tf.strings.to_hash_bucket_fast(sha256, views + 1)
+    return (tf.cast(epoch, tf.int64) + offset) % (views + 1)
+
+
+def rotating_batches(
+    examples_dir: str | Path, split: str, batch_size: int, *, shuffle_seed: int, epochs: range
+):
+    """``batches`` for the given ``epochs`` in a row, where epoch e holds each image once, as
+    ``rotated_view``(e), shuffled with seed ``shuffle_seed + e``. Fit it with
+    ``steps_per_epoch=rotating_steps(...)``: an epoch costs one pass over the originals, not
+    views + 1 of them, and early stopping looks views + 1 times as often. A resumed run
+    starts ``epochs`` where it stopped and reads what an uninterrupted run would."""
+    import tensorflow as tf
+
+    def one_epoch(epoch: int):
+        ds = dataset(examples_dir, split, shuffle_seed=shuffle_seed + epoch, epoch=epoch)
+        return ds.batch(batch_size)
+
+    ds = functools.reduce(tf.data.Dataset.concatenate, (one_epoch(e) for e in epochs))
+    return ds.map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)
+
+
+def rotating_steps(spec: dict, split: str, batch_size: int) -> int:
+    """Batches in one epoch of ``rotating_batches``: one per ``batch_size`` images."""
+    return -(-spec["images"][split] // batch_size)
 
 
 def batches(

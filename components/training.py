@@ -350,6 +350,12 @@ def _load_state(folder: Path, epochs_done: int):
     return meta, weights
 
 
+def epochs_done(out_dir: str | Path, name: str = "fit") -> int:
+    """Epochs a killed earlier run of ``fit(..., name=name)`` in ``out_dir`` completed: where
+    data that changes by epoch resumes."""
+    return _epochs_done(resume_dir(out_dir) / name / "backup")
+
+
 def _epochs_done(backup: Path) -> int:
     """Epochs Keras' BackupAndRestore has saved in ``backup`` (0: none)."""
     metadata = backup / "training_metadata.json"
