@@ -185,7 +185,7 @@ def dataset(
         if epoch is None:
             return image, parsed["label"], parsed["view"]
         # the view this epoch reads stands in as view 0, so the filter below keeps it alone
-        wanted = rotated_view(epoch, parsed["sha256"], spec["views"])
+        wanted = rotated_view(epoch, parsed["sha256"], spec.get("views", 0))
         return image, parsed["label"], parsed["view"] - wanted
 
     paths = shard_paths(examples_dir, split)
@@ -233,9 +233,15 @@ def rotating_batches(
     return ds.map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)
 
 
+def images(spec: dict, split: str) -> int:
+    """Images in a split: its records over the 1 + views each image has (augment writes them
+    all, so this is exact)."""
+    return spec["counts"][split] // (1 + spec.get("views", 0))
+
+
 def rotating_steps(spec: dict, split: str, batch_size: int) -> int:
     """Batches in one epoch of ``rotating_batches``: one per ``batch_size`` images."""
-    return -(-spec["images"][split] // batch_size)
+    return -(-images(spec, split) // batch_size)
 
 
 def batches(

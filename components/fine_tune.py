@@ -181,7 +181,7 @@ def fine_tune_model(
         run = training.fit(
             trained, train, val, config=config, epochs=config.fine_tune_max_epochs,
             out_dir=out_dir, what="fine_tune", name="fine_tune",
-            records=counts["train"] if cached else spec["images"]["train"],
+            records=counts["train"] if cached else examples.images(spec, "train"),
         )  # fmt: skip
         tuned_correct = val_correct()
         steps = int(trained.optimizer.iterations.numpy())

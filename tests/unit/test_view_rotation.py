@@ -16,7 +16,7 @@ def _examples_dir(tmp_path):
     ]
     examples.write_split(tmp_path, "train", records, per_shard=5)
     spec = {"image_size": 2, "channels": 1, "views": VIEWS,
-            "counts": {"train": len(records)}, "images": {"train": IMAGES}}  # fmt: skip
+            "counts": {"train": len(records)}}  # fmt: skip
     examples.write_metadata(tmp_path, [str(i) for i in range(IMAGES)], spec)
     return tmp_path, spec
 
