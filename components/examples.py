@@ -166,8 +166,11 @@ def dataset(
 
     With ``shuffle_seed``, shards are read in a shuffled order, interleaved record by record,
     and records pass a ``shuffle_buffer`` (a new order each epoch, reproducible for a seed);
-    without, records come in stored order. With ``epoch``, each
-    image comes once, as the view ``rotated_view`` picks for that epoch."""
+    without, records come in stored order. With ``epoch``, each image comes once, as the view
+    ``rotated_view`` picks for that epoch, and every iteration of the dataset gives the same
+    order: it depends on the seed and the epoch, never on how many iterators were made
+    before (Keras' mirrored fit makes more than a one-device fit, so a reshuffle per
+    iteration trained 1 and 2 replicas on different orders)."""
     import tensorflow as tf
 
     spec = read_spec(examples_dir)
@@ -189,10 +192,13 @@ def dataset(
         return image, parsed["label"], parsed["view"] - wanted
 
     paths = shard_paths(examples_dir, split)
+    reshuffle = epoch is None  # an epoch's own order is fixed by its seed
     if shuffle_seed is None:
         records = tf.data.TFRecordDataset(paths)
     else:
-        files = tf.data.Dataset.from_tensor_slices(paths).shuffle(len(paths), seed=shuffle_seed)
+        files = tf.data.Dataset.from_tensor_slices(paths).shuffle(
+            len(paths), seed=shuffle_seed, reshuffle_each_iteration=reshuffle
+        )
         records = files.interleave(
             tf.data.TFRecordDataset, cycle_length=min(len(paths), MAX_OPEN_SHARDS),
             block_length=1, deterministic=True,
@@ -201,7 +207,7 @@ def dataset(
     if originals_only or epoch is not None:
         ds = ds.filter(lambda image, label, view: tf.equal(view, 0))
     if shuffle_seed is not None:
-        ds = ds.shuffle(shuffle_buffer(spec, split), seed=shuffle_seed)
+        ds = ds.shuffle(shuffle_buffer(spec, split), seed=shuffle_seed, reshuffle_each_iteration=reshuffle)  # fmt: skip
     return ds.map(lambda image, label, view: (image, label))
 
 

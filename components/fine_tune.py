@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 CANDIDATE_FILE = "finetuned_candidate.keras"  # the fine-tuned model, whether chosen or not
 # Above this many bytes of cached frozen activations, every epoch runs the whole base again.
 FROZEN_CACHE_BYTES = 1 << 30
+# Validation images held in memory (float32) while the whole model trains; above, streamed.
+VALIDATION_ARRAY_BYTES = 256 << 20
 
 
 class HeadNotConvergedError(ValueError):
@@ -62,6 +64,20 @@ class FineTuneResult:
     replicas: int = 1
     optimizer: str = ""  # LossScaleOptimizer under mixed_float16 (float16 gradients underflow)
     guard: dict = field(default_factory=dict)  # evaluate.GuardDecision: counts, McNemar p-value
+
+
+def _validation(examples_dir, spec: dict, config: GraftConfig):
+    """The validation images as in-memory arrays (float32, as the model is fed) where they
+    take at most VALIDATION_ARRAY_BYTES, so each epoch's validation is one pass of the model
+    over them (training.in_memory_validation); else streamed batches."""
+    image_bytes = 4 * spec["image_size"] ** 2 * spec["channels"]
+    if spec["counts"]["val"] * image_bytes > VALIDATION_ARRAY_BYTES:
+        return examples.batches(examples_dir, "val", config.batch_size)
+    images, labels = [], []
+    for x, y in examples.dataset(examples_dir, "val").batch(1024).as_numpy_iterator():
+        images.append(x.astype("float32"))
+        labels.append(y)
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: Path):
@@ -96,7 +112,7 @@ def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: 
                                              shuffle_seed=config.seed, epochs=epochs)  # fmt: skip
         steps = examples.rotating_steps(spec, "train", config.batch_size)
         train = {"x": rotating, "steps_per_epoch": steps, "shuffle": False}  # shuffled already
-        return model, train, examples.batches(examples_dir, "val", config.batch_size), {}, reason
+        return model, train, _validation(examples_dir, spec, config), {}, reason
 
     started = time.perf_counter()
     names = frozen.frontier_names(part)
