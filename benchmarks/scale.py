@@ -170,12 +170,12 @@ def write_dataset(uri: str, n: int, concurrency: int) -> int:
     return storage.write_many(files, concurrency=concurrency)
 
 
-def measure_local(n: int, work: Path, concurrency: int) -> dict:
+def measure_local(n: int, work: Path, concurrency: int, steps=STEPS) -> dict:
     data = work / "data"
     if not data.exists():
         write_dataset(str(data), n, concurrency)
     results = {}
-    for step in STEPS:
+    for step in steps:
         result = run_child([step, "--data", str(data), "--work", str(work),
                             "--concurrency", str(concurrency)])  # fmt: skip
         result["images_per_second"] = n / result["seconds"]
@@ -234,25 +234,28 @@ def measure_gcs(n: int, work: Path, latency_ms: float, concurrency: int, repeats
         stop(emulator)
 
 
-def local_summary(local: dict) -> dict:
+def local_summary(local: dict, measured=STEPS) -> dict:
     small, large = min(local), max(local)
-    steps = STEPS[:3]
-    return {
-        "peak_rss_mb": {n: {s: round(r[s]["peak_rss_mb"]) for s in STEPS} for n, r in local.items()},
-        "ms_per_image": {n: {s: round(r[s]["ms_per_image"], 3) for s in STEPS} for n, r in local.items()},
-        "seconds": {n: {s: round(r[s]["seconds"], 1) for s in STEPS} for n, r in local.items()},
+    steps = [s for s in measured if s != "floor"]  # the pipeline's steps; the floor is a reference
+    summary = {
+        "peak_rss_mb": {n: {s: round(r[s]["peak_rss_mb"]) for s in measured} for n, r in local.items()},
+        "ms_per_image": {n: {s: round(r[s]["ms_per_image"], 3) for s in measured} for n, r in local.items()},
+        "seconds": {n: {s: round(r[s]["seconds"], 1) for s in measured} for n, r in local.items()},
         "rss_growth_mb": {s: round(local[large][s]["peak_rss_mb"] - local[small][s]["peak_rss_mb"])
                           for s in steps},
         "ms_per_image_ratio": {s: round(local[large][s]["ms_per_image"] / local[small][s]["ms_per_image"], 2)
                                for s in steps},
-        "train_head_over_floor": {n: round(r["train_head"]["seconds"] / r["floor"]["seconds"], 2)
-                                  for n, r in local.items()},
+    }  # fmt: skip
+    if "floor" in measured:
+        summary["train_head_over_floor"] = {
+            n: round(r["train_head"]["seconds"] / r["floor"]["seconds"], 2) for n, r in local.items()}  # fmt: skip
+    if "train_head" in measured:
         # the same ratio inside one process (the feature pass is the floor's work), which the
         # other helpers' load on the shared cores cannot skew between two processes
-        "train_head_over_its_feature_pass": {
+        summary["train_head_over_its_feature_pass"] = {
             n: round(r["train_head"]["seconds"] / r["train_head"]["feature_seconds"], 2)
-            for n, r in local.items()},
-    }  # fmt: skip
+            for n, r in local.items()}  # fmt: skip
+    return summary
 
 
 def main() -> None:
@@ -263,6 +266,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="alternating GCS read pairs")
     parser.add_argument("--work", default=".graft/bench-scale")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help="local steps to measure, in order (the floor is a reference pass, "
+                             "not a pipeline step: leave it out to save its time at large N)")  # fmt: skip
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -282,7 +288,11 @@ def main() -> None:
     work = Path(args.work).resolve()
     print(f"base: {BASE_NOTE}; image_size 96, channels 3, views 4, head_max_epochs 2; "
           f"io_concurrency {args.concurrency}; sizes {sizes}; GCS sizes {gcs_sizes}", flush=True)  # fmt: skip
-    local = {n: measure_local(n, work / f"local-{n}", args.concurrency) for n in sizes}
+    steps = [s for s in args.steps.split(",") if s]
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        parser.error(f"--steps: unknown {unknown}; expected some of {','.join(STEPS)}")
+    local = {n: measure_local(n, work / f"local-{n}", args.concurrency, steps) for n in sizes}
     gcs = {n: measure_gcs(n, work / f"gcs-{n}", args.latency_ms, args.concurrency, args.repeats)
            for n in gcs_sizes}  # fmt: skip
 
@@ -299,7 +309,7 @@ def main() -> None:
                 for n, g in gcs.items()},
     }  # fmt: skip
     if local:
-        summary.update(local_summary(local))
+        summary.update(local_summary(local, steps))
     print(json.dumps(summary))
 
 
