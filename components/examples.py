@@ -153,51 +153,8 @@ def shuffle_buffer(spec: dict, split: str) -> int:
     return max(1, min(records, SHUFFLE_BUFFER_BYTES // record_bytes))
 
 
-def dataset(
-    examples_dir: str | Path,
-    split: str,
-    *,
-    originals_only: bool = False,
-    shuffle_seed: int | None = None,
-    epoch=0,
-):
-    """A tf.data.Dataset of ``(image uint8 HxWxC, label int64)`` for one split.
-
-    With ``shuffle_seed``, records come in epoch ``epoch``'s order for that seed
-    (``training.shuffled_records``: shards in a shuffled order, interleaved record by record,
-    runs of ``shuffle_buffer`` records permuted), the same order every time it is read;
-    without, records come in stored order."""
-    import tensorflow as tf
-
-    from components import training
-
-    spec = read_spec(examples_dir)
-    shape = (spec["image_size"], spec["image_size"], spec["channels"])
-    features = {
-        "image": tf.io.FixedLenFeature([], tf.string),
-        "label": tf.io.FixedLenFeature([], tf.int64),
-        "view": tf.io.FixedLenFeature([], tf.int64),
-    }
-
-    def parse(record):
-        parsed = tf.io.parse_single_example(record, features)
-        image = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), shape)
-        return image, parsed["label"], parsed["view"]
-
-    keep = (lambda image, label, view: tf.equal(view, 0)) if originals_only else None
-    paths = shard_paths(examples_dir, split)
-    if shuffle_seed is None:
-        ds = tf.data.TFRecordDataset(paths).map(parse)
-        ds = ds if keep is None else ds.filter(keep)
-    else:
-        ds = training.shuffled_records(paths, parse, seed=shuffle_seed, epoch=epoch,
-                                       block=shuffle_buffer(spec, split), keep=keep)  # fmt: skip
-    return ds.map(lambda image, label, view: (image, label))
-
-
-def keyed_dataset(examples_dir: str | Path, split: str):
-    """``(image uint8 HxWxC, label, view, sha256)`` records of one split, in stored order:
-    what the feature pass needs to key each image's features in the reuse store."""
+def _parser(examples_dir: str | Path):
+    """The record parse: ``(image uint8 HxWxC, label, view, sha256)`` from one record."""
     import tensorflow as tf
 
     spec = read_spec(examples_dir)
@@ -214,7 +171,71 @@ def keyed_dataset(examples_dir: str | Path, split: str):
         image = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), shape)
         return image, parsed["label"], parsed["view"], parsed["sha256"]
 
-    return tf.data.TFRecordDataset(shard_paths(examples_dir, split)).map(parse)
+    return parse
+
+
+def dataset(
+    examples_dir: str | Path,
+    split: str,
+    *,
+    originals_only: bool = False,
+    shuffle_seed: int | None = None,
+    epoch=0,
+    rotate: bool = False,
+):
+    """A tf.data.Dataset of ``(image uint8 HxWxC, label int64)`` for one split.
+
+    With ``shuffle_seed``, records come in epoch ``epoch``'s order for that seed
+    (``training.shuffled_records``: shards in a shuffled order, interleaved record by record,
+    runs of ``shuffle_buffer`` records permuted), the same order every time it is read;
+    without, records come in stored order. With ``rotate``, each image comes once, as the
+    view ``rotated_view`` picks for ``epoch``."""
+    import tensorflow as tf
+
+    from components import training
+
+    spec = read_spec(examples_dir)
+    parse_record = _parser(examples_dir)
+
+    def parse(record):
+        image, label, view, sha256 = parse_record(record)
+        if rotate:  # the view this epoch reads stands in as view 0, so ``keep`` keeps it alone
+            view = view - rotated_view(epoch, sha256, spec.get("views", 0))
+        return image, label, view
+
+    keep = (lambda image, label, view: tf.equal(view, 0)) if originals_only or rotate else None
+    paths = shard_paths(examples_dir, split)
+    if shuffle_seed is None:
+        ds = tf.data.TFRecordDataset(paths).map(parse)
+        ds = ds if keep is None else ds.filter(keep)
+    else:
+        ds = training.shuffled_records(paths, parse, seed=shuffle_seed, epoch=epoch,
+                                       block=shuffle_buffer(spec, split), keep=keep)  # fmt: skip
+    return ds.map(lambda image, label, view: (image, label))
+
+
+def rotated_view(epoch, sha256, views: int):
+    """The view of one image an epoch reads: (epoch + the image's offset) mod (views + 1), the
+    offset a hash of its sha256, so every epoch mixes originals and views and views + 1
+    epochs read every stored record once. ``epoch`` may be a tensor (``training.Epochs``)."""
+    import tensorflow as tf
+
+    offset = tf.strings.to_hash_bucket_fast(sha256, views + 1)
+    return (tf.cast(epoch, tf.int64) + offset) % (views + 1)
+
+
+def images(spec: dict, split: str) -> int:
+    """Images in a split: its records over the 1 + views each image has (augment writes them
+    all, so this is exact)."""
+    return spec["counts"][split] // (1 + spec.get("views", 0))
+
+
+def keyed_dataset(examples_dir: str | Path, split: str):
+    """``(image uint8 HxWxC, label, view, sha256)`` records of one split, in stored order:
+    what the feature pass needs to key each image's features in the reuse store."""
+    import tensorflow as tf
+
+    return tf.data.TFRecordDataset(shard_paths(examples_dir, split)).map(_parser(examples_dir))
 
 
 def batches(
@@ -224,16 +245,19 @@ def batches(
     *,
     shuffle_seed: int | None = None,
     epoch=0,
+    rotate: bool = False,
 ):
     """``(images float32 [B,H,W,C], labels)`` batches streamed from the shards, for Keras.
 
     With ``shuffle_seed``, records come in epoch ``epoch``'s order as ``dataset`` says (memory
     bounded by SHUFFLE_BUFFER_BYTES whatever the split's size). The record count from
-    spec.json is attached, so Keras knows an epoch's length."""
+    spec.json is attached, so Keras knows an epoch's length. With ``rotate``, an epoch holds
+    each image once (``dataset``): one pass over the originals' count, not views + 1."""
     import tensorflow as tf
 
-    ds = dataset(examples_dir, split, shuffle_seed=shuffle_seed, epoch=epoch)
-    records = read_spec(examples_dir).get("counts", {}).get(split)
+    ds = dataset(examples_dir, split, shuffle_seed=shuffle_seed, epoch=epoch, rotate=rotate)
+    spec = read_spec(examples_dir)
+    records = images(spec, split) if rotate else spec.get("counts", {}).get(split)
     if records:  # TFRecords hide their size; telling tf.data keeps Keras' epochs exact
         ds = ds.apply(tf.data.experimental.assert_cardinality(records))
     return ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)

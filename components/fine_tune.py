@@ -2,8 +2,9 @@
 
 Runs only from a converged head (the pipeline gates on it and this step checks again).
 BatchNorm layers stay frozen, so their moving statistics are never rewritten by a few
-small batches. It trains on every stored record, the originals and the augmented views
-augment wrote, as the head did. The result is compared with the head-only model on
+small batches. It trains on the stored records, the originals and the augmented views
+augment wrote, as the head did; where the whole model trains, an epoch reads each image
+once, its view rotating from epoch to epoch (examples.rotated_view). The result is compared with the head-only model on
 validation: on small data fine-tuning can lose (the Keras guide's own run does), and
 unless it gets more validation images right than the head, the head-only model is what
 this step outputs, saying so. (A stricter "more than one standard error" rule kept the
@@ -86,12 +87,15 @@ def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: 
                       f"(> FROZEN_CACHE_BYTES {FROZEN_CACHE_BYTES / 1e9:.1f} GB)")  # fmt: skip
     if reason:
         log.info("fine_tune: the whole model trains every epoch: %s", reason)
-        # Every stored record, originals and their augmented views, as the head saw them.
-        # Originals alone with fresh augmentation each epoch (the tutorials' way) stayed 1
-        # point under scratch at 100 labels/class; see benchmarks/RESULTS.md.
+        # The stored records, originals and their augmented views, as the head saw them, but
+        # each image once per epoch, its view rotating: an epoch of all of them cost views + 1
+        # passes of the whole model. Originals alone with fresh augmentation each epoch (the
+        # tutorials' way) stayed 1 point under scratch at 100 labels/class (RESULTS.md). The
+        # order and the view are functions of (seed, epoch): a resumed run and two replicas
+        # read what one uninterrupted device does.
         train = training.Epochs(
-            lambda epoch: examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed, epoch=epoch),
-            steps=-(-counts["train"] // config.batch_size),
+            lambda epoch: examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed, epoch=epoch, rotate=True),
+            steps=-(-examples.images(spec, "train") // config.batch_size),
         )  # fmt: skip
         return model, train, examples.batches(examples_dir, "val", config.batch_size), {}, reason
 
@@ -193,7 +197,8 @@ def fine_tune_model(
         head_correct = val_correct()  # the weights are still the head model's
         run = training.fit(
             trained, train, val, config=config, epochs=config.fine_tune_max_epochs,
-            out_dir=out_dir, what="fine_tune", records=counts["train"], name="fine_tune",
+            out_dir=out_dir, what="fine_tune", name="fine_tune",
+            records=counts["train"] if cached else examples.images(spec, "train"),
         )  # fmt: skip
         tuned_correct = val_correct()
         steps = int(trained.optimizer.iterations.numpy())

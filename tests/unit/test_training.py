@@ -211,7 +211,8 @@ def test_fine_tune_streams_every_epoch_when_the_cache_would_not_fit(
     assert train_head_model(examples_dir, tmp_path / "head", config).converged
     monkeypatch.setattr(fine_tune, "FROZEN_CACHE_BYTES", 0)
     result = fine_tune_model(examples_dir, tmp_path / "head", tmp_path / "tuned", config)
-    counts = examples.read_spec(examples_dir)["counts"]
+    spec = examples.read_spec(examples_dir)
+    counts = spec["counts"]
     tuned = keras.models.load_model(tmp_path / "tuned" / "finetuned_candidate.keras")
     seen = float(tuned.get_layer("tiny").get_layer("counter").seen.numpy())
     assert result.cached == {} and result.epochs == 2
@@ -221,9 +222,12 @@ def test_fine_tune_streams_every_epoch_when_the_cache_would_not_fit(
         "val_loss"
     ]
     best = 1 if losses[1] < losses[0] - config.min_delta else 0
-    # head pass + validation before fitting + (train + val) per epoch up to the best + after
-    records = counts["train"] + counts["val"]
-    assert seen == records + counts["val"] + (best + 1) * records + counts["val"]
+    # head pass (every record) + validation before fitting + (each train image once, as one
+    # of its views, + val) per epoch up to the best + validation after
+    head_pass = counts["train"] + counts["val"]
+    epoch = spec["images"]["train"] + counts["val"]
+    assert epoch < head_pass
+    assert seen == head_pass + counts["val"] + (best + 1) * epoch + counts["val"]
 
 
 def test_the_top_on_cached_activations_computes_what_the_whole_model_does():
