@@ -72,7 +72,8 @@ class GraftConfig:
     fine_tune_layers: int = 20  # top N base layers unfrozen (BatchNorm stays frozen)
     fine_tune_from_layer: str = ""  # or unfreeze from this named layer upward
     fine_tune_learning_rate: float = 1e-5  # low, so pretrained features are nudged, not erased
-    fine_tune_max_epochs: int = 10  # an epoch is every stored record: originals + their views;
+    fine_tune_max_epochs: int = 10  # an epoch reads each image once, its view rotating by
+    # epoch, where the whole model trains; every stored record where the frozen part is cached;
     # 0 skips fine-tuning (the head-only model goes on: benchmarks/RESULTS.md, recipe)
     scratch_baseline: bool = False  # also train the same net from random init, for comparison
     precision: str = "auto"  # one dtype policy for every training step (a step that trained in
