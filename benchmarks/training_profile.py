@@ -5,7 +5,8 @@
 Runs exactly what benchmarks.recipe times as "graft" (views, train_head, fine_tune on the
 demo base with its own settings) and splits it: the feature pass and the head's fit (from
 train_head's training.json), fine_tune (and whether its frozen part was cached, with why
-not), and the time spent inside Keras' per-epoch callbacks (BackupAndRestore's checkpoint,
+not), and the time spent inside the per-epoch callbacks (graft's epoch backup, or Keras'
+BackupAndRestore where a build still uses it; in-memory validation, or Keras' evaluate;
 TensorBoard, early stopping), model saves, loads and predictions, measured by wrapping
 those methods. Last line: one JSON object with every budget's figures.
 """
@@ -40,6 +41,19 @@ def time_methods(spent: dict, owner, methods, label: str) -> None:
         setattr(owner, method, wrapped)
 
 
+def time_callbacks(spent: dict, module, factory: str, label: str) -> None:
+    """Wrap ``module.<factory>`` (a function returning a Keras callback) so the callbacks it
+    makes add their wall time in ``CALLBACK_METHODS`` to ``spent[label]``."""
+    original = getattr(module, factory)
+
+    def wrapped(*args, **kwargs):
+        callback = original(*args, **kwargs)
+        time_methods(spent, callback, CALLBACK_METHODS, label)
+        return callback
+
+    setattr(module, factory, wrapped)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budgets", default="10,30,100")
@@ -49,7 +63,12 @@ def main() -> None:
     import keras
 
     spent = collections.defaultdict(float)
+    from components import training
+
     time_methods(spent, keras.callbacks.BackupAndRestore, CALLBACK_METHODS, "backup_and_restore")
+    time_callbacks(spent, training, "epoch_backup", "epoch_backup")
+    time_callbacks(spent, training, "in_memory_validation", "in_memory_validation")
+    time_methods(spent, keras.Model, ("evaluate",), "keras_validation")
     time_methods(spent, keras.callbacks.TensorBoard, CALLBACK_METHODS, "tensorboard")
     time_methods(spent, keras.callbacks.EarlyStopping, ("on_epoch_end",), "early_stopping_state")
     time_methods(spent, keras.Model, ("save",), "model_save")

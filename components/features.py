@@ -151,3 +151,22 @@ def batches(
     ds = dataset(folder, split, shapes, shuffle_seed=shuffle_seed, epoch=epoch)
     ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     return ds.batch(batch_size).prefetch(2)
+
+
+def training_data(folder, shapes: list[tuple], counts: dict, config):
+    """(``training.Epochs`` over the train shards, validation data) for ``training.fit``: what
+    the head and fine_tune's cached top train on (each epoch's order from the seed and the
+    epoch; validation in memory where it fits)."""
+    from components import training
+
+    train = training.Epochs(
+        lambda epoch: batches(folder, "train", shapes, counts["train"], config.batch_size,
+                              shuffle_seed=config.seed, epoch=epoch),
+        steps=-(-counts["train"] // config.batch_size),
+    )  # fmt: skip
+    val = training.validation_data(
+        dataset(folder, "val", shapes), rows=counts["val"],
+        row_bytes=4 * sum(int(np.prod(shape)) for shape in shapes),
+        batches=lambda: batches(folder, "val", shapes, counts["val"], config.batch_size),
+    )  # fmt: skip
+    return train, val

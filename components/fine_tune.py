@@ -65,6 +65,16 @@ class FineTuneResult:
     guard: dict = field(default_factory=dict)  # evaluate.GuardDecision: counts, McNemar p-value
 
 
+def _validation(examples_dir, spec: dict, config: GraftConfig):
+    """The validation images for the whole model's fit: in memory where they fit
+    (training.validation_data), else streamed batches."""
+    return training.validation_data(
+        examples.dataset(examples_dir, "val"), rows=spec["counts"]["val"],
+        row_bytes=4 * spec["image_size"] ** 2 * spec["channels"],
+        batches=lambda: examples.batches(examples_dir, "val", config.batch_size),
+    )  # fmt: skip
+
+
 def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: Path):
     """(the model fit trains, fit's data arguments, validation data, the cache's record, why
     there is no cache).
@@ -97,7 +107,7 @@ def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: 
             lambda epoch: examples.batches(examples_dir, "train", config.batch_size, shuffle_seed=config.seed, epoch=epoch, rotate=True),
             steps=-(-examples.images(spec, "train") // config.batch_size),
         )  # fmt: skip
-        return model, train, examples.batches(examples_dir, "val", config.batch_size), {}, reason
+        return model, train, _validation(examples_dir, spec, config), {}, reason
 
     started = time.perf_counter()
     names = frozen.frontier_names(part)
@@ -120,12 +130,7 @@ def _what_to_fit(model, examples_dir, spec: dict, config: GraftConfig, out_dir: 
               "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
     log.info("fine_tune: the frozen part ran once over %d records (%.1f MB cached on disk, %.1fs); "
              "only the top trains each epoch", records, cache_bytes / 1e6, cached["seconds"])  # fmt: skip
-    train = training.Epochs(
-        lambda epoch: features.batches(folder, "train", shapes, counts["train"], config.batch_size,
-                                       shuffle_seed=config.seed, epoch=epoch),
-        steps=-(-counts["train"] // config.batch_size),
-    )  # fmt: skip
-    val = features.batches(folder, "val", shapes, counts["val"], config.batch_size)
+    train, val = features.training_data(folder, shapes, counts, config)
     return frozen.cached_top(part, [(None, *s) for s in shapes]), train, val, cached, ""
 
 
@@ -191,6 +196,9 @@ def fine_tune_model(
 
         def val_correct() -> np.ndarray:
             """One bool per validation image, in order: does the model being trained get it right."""
+            if isinstance(val, tuple):
+                predicted = trained.predict(val[0], batch_size=config.batch_size, verbose=0)
+                return predicted.argmax(axis=1) == val[1]
             truth = np.concatenate([labels for _, labels in val.as_numpy_iterator()])
             return trained.predict(val, verbose=0).argmax(axis=1) == truth
 

@@ -273,12 +273,7 @@ def train_head_model(
         log.info("feature cache: %d train + %d val examples on disk in %.1fs (%s)",
                  counts["train"], counts["val"], feature_seconds, made["reuse"])  # fmt: skip
         shapes = [(dim,)]
-        train = training.Epochs(
-            lambda epoch: features.batches(folder, "train", shapes, counts["train"], config.batch_size,
-                                           shuffle_seed=config.seed, epoch=epoch),
-            steps=-(-counts["train"] // config.batch_size),
-        )  # fmt: skip
-        val = features.batches(folder, "val", shapes, counts["val"], config.batch_size)
+        train, val = features.training_data(folder, shapes, counts, config)
         with setup.strategy.scope():
             adapt_to = features.dataset(folder, "train", shapes).map(lambda x, y: x).batch(4096)
             head = build_head(dim, len(labels), config, adapt_to=adapt_to)

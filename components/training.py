@@ -10,8 +10,9 @@
   read the same batches, and a run resumed at epoch k reads epoch k's order.
 - ``fit``: the one fit-with-early-stopping (head, scratch baseline, fine-tune): Keras'
   EarlyStopping decides convergence and the epoch whose weights are kept; a step killed and
-  run again resumes from its last completed epoch (Keras' BackupAndRestore plus the early
-  stopping state and history, in ``resume_dir(out_dir)``).
+  run again resumes from its last completed epoch (``epoch_backup``: the weights, the
+  optimizer's state and the epoch in one .npz, plus the early stopping state and history,
+  in ``resume_dir(out_dir)``).
 
     with training_setup(config.precision, config.replicas) as setup:
         with setup.strategy.scope():
@@ -420,10 +421,131 @@ def _load_state(folder: Path, epochs_done: int):
     return meta, weights
 
 
+BACKUP_FILE = "state.npz"  # in a fit's backup folder: epochs done, weights, optimizer state
+
+
 def _epochs_done(backup: Path) -> int:
-    """Epochs Keras' BackupAndRestore has saved in ``backup`` (0: none)."""
-    metadata = backup / "training_metadata.json"
-    return json.loads(metadata.read_text())["epoch"] if metadata.exists() else 0
+    """Epochs ``epoch_backup`` has saved in ``backup`` (0: none)."""
+    if not (backup / BACKUP_FILE).exists():
+        return 0
+    with np.load(backup / BACKUP_FILE) as stored:
+        return int(stored["epochs_done"])
+
+
+def epoch_backup(backup: Path):
+    """A Keras callback doing BackupAndRestore's job for ``fit``: after every epoch, the
+    model's variables, the optimizer's and the epochs done go to one .npz (written then
+    renamed, so a kill mid-write leaves the previous epoch's); at the start of a fit it puts
+    a saved state back (fit is passed ``initial_epoch=_epochs_done(backup)``).
+
+    BackupAndRestore writes an HDF5 file through ``save_weights`` every epoch: 2.4 s of a
+    31 s benchmark run on a quiet machine, 8.6 s at load 9 (RESULTS.md), most of it for a
+    head of one Dense layer; this is one ``np.savez`` of the same values
+    (benchmarks/epoch_backup.py)."""
+    import keras
+
+    path = backup / BACKUP_FILE
+
+    def variables(model) -> tuple[list, list]:
+        return list(model.variables), list(model.optimizer.variables)
+
+    class EpochBackup(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if not path.exists():
+                return
+            if not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            model_vars, optimizer_vars = variables(self.model)
+            with np.load(path) as stored:
+                saved = (int(stored["model_variables"]), int(stored["optimizer_variables"]))
+                if saved != (len(model_vars), len(optimizer_vars)):
+                    raise RuntimeError(
+                        f"The backup {path} holds {saved[0]} model and {saved[1]} optimizer "
+                        f"variables, this model has {len(model_vars)} and {len(optimizer_vars)}: "
+                        f"it was made by another model; delete {backup.parent} to start over"
+                    )
+                for i, variable in enumerate(model_vars):
+                    variable.assign(stored[f"model_{i}"])
+                for i, variable in enumerate(optimizer_vars):
+                    variable.assign(stored[f"optimizer_{i}"])
+
+        def on_epoch_end(self, epoch, logs=None):
+            model_vars, optimizer_vars = variables(self.model)
+            arrays = {f"model_{i}": np.asarray(v) for i, v in enumerate(model_vars)}
+            arrays.update({f"optimizer_{i}": np.asarray(v) for i, v in enumerate(optimizer_vars)})
+            counts = {"model_variables": len(model_vars), "optimizer_variables": len(optimizer_vars)}  # fmt: skip
+            _write_atomically(path, lambda tmp: _savez(tmp, epochs_done=epoch + 1, **counts, **arrays))  # fmt: skip
+
+    return EpochBackup()
+
+
+# Validation rows held in memory (float32) for ``in_memory_validation``; above, streamed.
+VALIDATION_ARRAY_BYTES = 256 << 20
+
+
+def validation_data(records, *, rows: int, row_bytes: int, batches: Callable):
+    """Validation for ``fit``: ``(x_val, y_val)`` arrays read from ``records`` (unbatched
+    ``(x, label)``, x one tensor or a tuple) where ``rows`` of ``row_bytes`` take at most
+    VALIDATION_ARRAY_BYTES, so each epoch's validation is one pass of the model over them;
+    else ``batches()``, a dataset Keras evaluates every epoch."""
+    if rows * row_bytes > VALIDATION_ARRAY_BYTES:
+        return batches()
+    xs, ys = [], []
+    for x, y in records.batch(1024).as_numpy_iterator():
+        xs.append(x)
+        ys.append(y)
+    if isinstance(xs[0], tuple):  # a model with several inputs
+        x_val = [np.concatenate(parts).astype("float32") for parts in zip(*xs, strict=True)]
+    else:
+        x_val = np.concatenate(xs).astype("float32")
+    return x_val, np.concatenate(ys)
+
+
+VALIDATION_CHUNK = 1024  # validation rows per call of the model in ``in_memory_validation``
+
+
+def in_memory_validation(x_val, y_val):
+    """A Keras callback computing ``val_loss`` and ``val_accuracy`` (the metrics graft
+    compiles: sparse categorical cross-entropy, accuracy) at the end of every epoch on
+    validation arrays held in memory, and adding them to the epoch's logs before early
+    stopping reads them. ``x_val``: one array or a list of arrays (a model with several
+    inputs); rows go through the model VALIDATION_CHUNK at a time, in inference mode.
+
+    What Keras' own validation computes, without its per-epoch cost: ``fit(validation_data=)``
+    builds an iterator and runs ``evaluate`` (callbacks, metric resets) every epoch, ~0.1 s on
+    2 cores, the larger part of an epoch of the head on 250 feature rows
+    (benchmarks/training_profile.py). The loss is Keras' own function on the model's output,
+    so a softmax output is read through its logits as compiled losses read it."""
+    import keras
+    import tensorflow as tf
+
+    inputs = list(x_val) if isinstance(x_val, list | tuple) else [x_val]
+    rows = len(y_val)
+
+    class InMemoryValidation(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            model = self.model
+
+            @tf.function(reduce_retracing=True)
+            def sums(xs, y):
+                xs = [tf.cast(x, "float32") if x.dtype != tf.float32 else x for x in xs]
+                probabilities = model(xs if len(xs) > 1 else xs[0], training=False)
+                losses = keras.losses.sparse_categorical_crossentropy(y, probabilities)
+                right = tf.equal(tf.argmax(probabilities, axis=-1), tf.cast(y, tf.int64))
+                return tf.reduce_sum(tf.cast(losses, "float64")), tf.reduce_sum(tf.cast(right, "int64"))  # fmt: skip
+
+            self.sums = sums
+
+        def on_epoch_end(self, epoch, logs=None):
+            loss, right = 0.0, 0
+            for start in range(0, rows, VALIDATION_CHUNK):
+                chunk = slice(start, start + VALIDATION_CHUNK)
+                chunk_loss, chunk_right = self.sums([x[chunk] for x in inputs], y_val[chunk])
+                loss, right = loss + float(chunk_loss), right + int(chunk_right)
+            if logs is not None:
+                logs.update(val_loss=loss / rows, val_accuracy=right / rows)
+
+    return InMemoryValidation()
 
 
 def progress_callback(what: str, records: int, batch_size: int):
@@ -450,7 +572,9 @@ def fit(
     records: int, monitor: str = "val_loss", name: str = "fit",
 ) -> Fit:  # fmt: skip
     """``model.fit`` on the epochs of ``train`` (batches of ``config.batch_size``) with early
-    stopping on ``monitor`` (best weights restored), TensorBoard logs under ``out_dir``,
+    stopping on ``monitor`` (best weights restored), validation on ``validation`` every epoch
+    (arrays ``(x_val, y_val)`` in memory through ``in_memory_validation``, else a dataset
+    through Keras), TensorBoard logs under ``out_dir``,
     progress lines, and resumption: a rerun after a kill continues from the last completed
     epoch, with the same early-stopping state and that epoch's order of the data, so it
     trains the epochs an uninterrupted run would. ``name`` keeps two fits of one step apart."""
@@ -465,14 +589,16 @@ def fit(
     state = _load_state(folder, done)
     if state is not None and state[0]["stopped_epoch"] > 0:
         epochs = done  # the previous run had stopped: nothing more to train, weights restored
+    in_memory = isinstance(validation, tuple)  # (x_val, y_val) arrays, else a dataset
     callbacks = [
+        *([in_memory_validation(*validation)] if in_memory else []),  # before what reads val_*
         stopping,  # before the backup: its state is never behind the weights it resumes with
-        keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False),
+        epoch_backup(backup),
         keras.callbacks.TensorBoard(str(Path(out_dir) / "tensorboard" / name)),
         progress_callback(what, records, config.batch_size),
     ]
-    # Keras starts at epoch `done` (BackupAndRestore restores it): so does the data
+    # Keras starts at epoch `done` (epoch_backup restores its state): so does the data
     data = train.dataset(done, max(done, epochs), model.distribute_strategy)
-    model.fit(data, steps_per_epoch=train.steps, shuffle=False, validation_data=validation, epochs=epochs,
-              verbose=2, callbacks=callbacks)  # fmt: skip
+    model.fit(data, steps_per_epoch=train.steps, shuffle=False, epochs=epochs, initial_epoch=done,
+              validation_data=None if in_memory else validation, verbose=2, callbacks=callbacks)  # fmt: skip
     return Fit(stopping.history, stopping.best_epoch, stopping.stopped_epoch, done)

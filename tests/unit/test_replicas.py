@@ -44,8 +44,9 @@ head = train_head_model(examples_dir, f"{out}/head{replicas}", config)
 # fine_tune in the same process, after train_head (the tests and benchmarks do that): the top
 # layer on the cached frozen part, then both layers on the whole model (nothing left frozen)
 tuned = fine_tune_model(examples_dir, f"{out}/head{replicas}", f"{out}/tuned{replicas}", config)
-# every run shuffles: each epoch's order is a function of the seed and the epoch, whatever
-# the strategy (tf.data's seeded reshuffle gave mirrored fit another permutation)
+# every run shuffles: each epoch's order, and the view of each image it reads, is a function
+# of the seed and the epoch, whatever the strategy (tf.data's seeded reshuffle gave mirrored
+# fit another permutation)
 whole = fine_tune_model(examples_dir, f"{out}/head{replicas}", f"{out}/whole{replicas}",
                         replace(config, fine_tune_layers=2))
 print(json.dumps({"replicas": replicas, "head": head.replicas, "tuned": tuned.replicas,
