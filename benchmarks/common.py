@@ -30,6 +30,16 @@ def target_images(per_class: int, seed: int, split: str = "train"):
     return images[index][..., None], np.searchsorted(TARGET, labels[index])
 
 
+def train_records(x, y, views: int, seed: int) -> list[tuple]:
+    """``examples.write_split`` records of the training images as augment writes them: each
+    image's original, then its ``views`` augmented views, adjacent (the feature pass reads an
+    image's records together and refuses them apart)."""
+    from components.augment import make_views
+
+    made = [x, *make_views(x, views, seed)]
+    return [(made[view][i], int(y[i]), view, f"t{i}") for i in range(len(y)) for view in range(1 + views)]  # fmt: skip
+
+
 def validation_per_class(budget: int) -> int:
     """Validation images per class for a label budget: in proportion to the labels one has."""
     return max(5, budget // 5)

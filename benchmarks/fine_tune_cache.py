@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Timer, pretrained_base, target_images
+from benchmarks.common import Timer, pretrained_base, target_images, train_records
 
 
 def write_examples(out: Path, args) -> None:
@@ -26,7 +26,6 @@ def write_examples(out: Path, args) -> None:
     import tensorflow as tf
 
     from components import examples
-    from components.augment import make_views
 
     channels = 1 if args.base == "demo" else 3
     x, y = target_images(args.per_class, args.seed)
@@ -37,9 +36,7 @@ def write_examples(out: Path, args) -> None:
         return np.repeat(out, channels, axis=-1).round().astype("uint8")
 
     x, x_val = resized(x), resized(x_val)
-    train = [(img, int(lbl), 0, f"t{i}") for i, (img, lbl) in enumerate(zip(x, y, strict=True))]
-    for view, augmented in enumerate(make_views(x, args.views, args.seed), start=1):
-        train += [(img, int(lbl), view, f"t{i}") for i, (img, lbl) in enumerate(zip(augmented, y, strict=True))]  # fmt: skip
+    train = train_records(x, y, args.views, args.seed)
     val = [(img, int(lbl), 0, f"v{i}") for i, (img, lbl) in enumerate(zip(x_val, y_val, strict=True))]  # fmt: skip
     counts = {"train": examples.write_split(out, "train", train)}
     counts["val"] = examples.write_split(out, "val", val)

@@ -18,19 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import pretrained_base, target_images, train_and_validation
+from benchmarks.common import pretrained_base, target_images, train_and_validation, train_records
 
 
 def write_examples(out: Path, x, y, x_val, y_val, views: int, seed: int) -> None:
     from components import examples
-    from components.augment import make_views
 
-    train = [(img, int(lbl), 0, f"t{i}") for i, (img, lbl) in enumerate(zip(x, y, strict=True))]
-    for view, augmented in enumerate(make_views(x, views, seed), start=1):
-        train += [
-            (img, int(lbl), view, f"t{i}")
-            for i, (img, lbl) in enumerate(zip(augmented, y, strict=True))
-        ]
+    train = train_records(x, y, views, seed)
     counts = {"train": examples.write_split(out, "train", train)}
     counts["val"] = examples.write_split(
         out,
