@@ -17,12 +17,22 @@ Layout, beside the versions in the model repository (local or gs://, through com
     <model_repo>/.graft-reuse/records/<kk>/<key>     raw uint8 [(1 + views), H, W, C]
     <model_repo>/.graft-reuse/features/<kk>/<key>    raw float32 [(1 + views), D]
     <model_repo>/.graft-reuse/usage/<ms>-<kind>-<id>.keys   "<unix ms> <key>" per line
+    <model_repo>/.graft-reuse/sizes/<ms>-scan-<id>.json  {"total": bytes} a full listing found
+    <model_repo>/.graft-reuse/sizes/<ms>-put-<id>.json   {"bytes": n} one step put
     <model_repo>/.graft-reuse/inspections/<model>.jsonl  what validate found in each data
         file, by its listing identity (components/validate.py): not evicted, one per model
 
 An entry is written whole (a rename locally, one upload on GCS), so a reader sees all of it or
 nothing. Past the size budget, entries go least recently used first (their last use is read
 from the usage files), never one the finishing step used: what no recent run used goes.
+Whether the store is past its budget is known without listing it (60k entries at 30k images,
+~0.8 s a step at 3k): the last full listing's total plus the bytes every step put since
+(``sizes/``); only when that sum is over the budget, or the usage files need merging, is the
+store listed and its least recently used entries evicted. A step records the bytes it put
+after writing them, then checks; a listing deletes the put records it saw (their entries are
+in its total). So the sum can over-count (a re-put entry counts twice), not miss a finished
+step's puts, except on machines whose clocks disagree (records are ordered by their stamps):
+the next listing corrects it.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ STORE_DIR = ".graft-reuse"  # hidden: TF Serving and the dev server only read <r
 KINDS = ("records", "features")
 USAGE_DIR = "usage"
 USAGE_FILES_KEPT = 16  # more usage files than this are merged into one when a step finishes
+SIZES_DIR = "sizes"  # the last full listing's total and the bytes each step put since
 
 
 def key(**facts) -> str:
@@ -69,6 +80,8 @@ class ReuseStore:
     budget_bytes: int
     concurrency: int = storage.DEFAULT_CONCURRENCY
     _now: float | None = field(default=None, repr=False)  # tests order runs without sleeping
+    _put_bytes: int = field(default=0, repr=False)  # put since this store's last finish
+    listings: int = field(default=0, repr=False)  # full listings of the store (tests count them)
 
     @classmethod
     def beside(
@@ -95,8 +108,12 @@ class ReuseStore:
         return storage.map_bounded(get, keys, concurrency=self.concurrency)
 
     def put_many(self, kind: str, items: Iterable[tuple[str, bytes]]) -> int:
-        items = ((self.entry_uri(kind, entry), data) for entry, data in items)
-        return storage.write_many(items, concurrency=self.concurrency)
+        def counted():
+            for entry, data in items:
+                self._put_bytes += len(data)
+                yield self.entry_uri(kind, entry), data
+
+        return storage.write_many(counted(), concurrency=self.concurrency)
 
     def _time_ms(self) -> int:
         return int(1000 * (self._now if self._now is not None else time.time()))
@@ -109,9 +126,42 @@ class ReuseStore:
         name = f"{now:013d}-{kind}-{uuid.uuid4().hex[:8]}.keys"
         lines = "".join(f"{now} {entry}\n" for entry in sorted(used))
         storage.write_text(storage.join(self.uri, USAGE_DIR, name), lines)
+        put, self._put_bytes = self._put_bytes, 0
+        if put:
+            self._write_size(now, "put", {"bytes": put})
+        if self._known_under_budget():
+            return 0
         return self._evict(used)
 
+    def _write_size(self, stamp: int, what: str, facts: dict) -> None:
+        name = f"{stamp:013d}-{what}-{uuid.uuid4().hex[:8]}.json"
+        storage.write_text(storage.join(self.uri, SIZES_DIR, name), json.dumps(facts))
+
+    def _known_under_budget(self) -> bool:
+        """True when the newest full listing's total plus every put recorded since fits the
+        budget and the usage files need no merging: then the store is not listed. False when
+        it is not known (no listing recorded yet)."""
+        try:
+            usage = storage.list_files(storage.join(self.uri, USAGE_DIR), checksums=False)
+            sizes = storage.list_files(storage.join(self.uri, SIZES_DIR), checksums=False)
+        except storage.StorageError:  # no sizes/ yet: a store older than it, or a new one
+            return False
+        if len(usage) > USAGE_FILES_KEPT:
+            return False
+        records = [(int(f.relpath[:13]), f.relpath[14:].split("-", 1)[0], f) for f in sizes]
+        scans = [(stamp, f.relpath, f) for stamp, what, f in records if what == "scan"]
+        if not scans:
+            return False
+        _, _, scan = max(scans)
+        recent = [f for _, what, f in records if what == "put"]
+        texts = storage.map_bounded(lambda f: storage.read_text(f.uri), [scan, *recent],
+                                    concurrency=self.concurrency)  # fmt: skip
+        facts = [json.loads(text) for text in texts]
+        return facts[0]["total"] + sum(f["bytes"] for f in facts[1:]) <= self.budget_bytes
+
     def _evict(self, keep: set[str]) -> int:
+        started = self._time_ms()
+        self.listings += 1
         files = storage.list_files(self.uri, checksums=False, concurrency=self.concurrency)
         entries = {f.relpath.rsplit("/", 1)[-1]: f for f in files
                    if f.relpath.split("/", 1)[0] in KINDS}  # fmt: skip
@@ -148,4 +198,10 @@ class ReuseStore:
             storage.write_text(storage.join(self.uri, USAGE_DIR, merged), text)
             storage.run_bounded(storage.delete_file, [f.uri for f in usage],
                                 concurrency=self.concurrency)  # fmt: skip
+        self._write_size(started, "scan", {"total": total})
+        # puts recorded before this listing started are in its total, and so are older totals
+        # (a record written while the store was listed may have missed its entries: kept)
+        seen = [f.uri for f in files if f.relpath.startswith(SIZES_DIR + "/")
+                and int(f.relpath.split("/", 1)[1][:13]) <= started]  # fmt: skip
+        storage.run_bounded(storage.delete_file, seen, concurrency=self.concurrency)
         return len(evicted)

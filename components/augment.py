@@ -7,10 +7,10 @@ is refused, by name (``classes_short_of_a_split``), not silently left out of the
 Keras preprocessing layers, so the head's feature cache can cover every view.
 """
 
-import functools
 import hashlib
 import logging
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -85,16 +85,25 @@ def load_image(data: bytes, image_size: int, channels: int) -> np.ndarray:
     return _square_decoder(image_size, channels)(tf.constant(data)).numpy()
 
 
-@functools.cache
+_DECODERS: dict[tuple[int, int], object] = {}
+_DECODERS_LOCK = threading.Lock()
+
+
 def _square_decoder(image_size: int, channels: int):
-    """``decode_square`` traced once per size, here (threads calling a tf.function for the
-    first time would each trace it): one graph call per image, from any thread."""
+    """``decode_square`` traced once per size, here: one graph call per image, from any
+    thread. Under a lock: the storage pool's threads all ask for it at once, and an unlocked
+    cache (functools.cache) let each of them trace it (16 traces, ~2 s of a warm augment)."""
     import tensorflow as tf
 
     from common.images import decode_square
 
-    decode = tf.function(lambda encoded: decode_square(encoded, image_size, channels))
-    return decode.get_concrete_function(tf.TensorSpec([], tf.string))
+    with _DECODERS_LOCK:
+        if (image_size, channels) not in _DECODERS:
+            decode = tf.function(lambda encoded: decode_square(encoded, image_size, channels))
+            _DECODERS[image_size, channels] = decode.get_concrete_function(
+                tf.TensorSpec([], tf.string)
+            )
+        return _DECODERS[image_size, channels]
 
 
 def augmenter(seed: int):

@@ -355,3 +355,35 @@ def test_no_image_changes_split_as_a_class_grows_and_a_met_guarantee_stays_met()
             met_at = size
         assert not (met_at and short), f"refused again at {size} images after passing at {met_at}"
     assert met_at is not None and {"train", "val", "test"} == set(first_split.values())
+
+
+def test_threads_asking_for_the_decoder_at_once_trace_it_once(monkeypatch):
+    """The storage pool's threads all decode their first image at the same moment: the
+    decoder must be traced once, not once per thread (each trace cost ~0.4 s)."""
+    import threading
+
+    from common import images
+    from components import augment
+
+    traced, real = [], images.decode_square
+
+    def counting(encoded, size, channels):
+        traced.append(threading.get_ident())
+        return real(encoded, size, channels)
+
+    monkeypatch.setattr(images, "decode_square", counting)
+    monkeypatch.setattr(augment, "_DECODERS", {})
+    png = datasets.encode_png(np.full((20, 20, 3), 7, np.uint8))
+    start, out = threading.Barrier(8), []
+
+    def decode():
+        start.wait()
+        out.append(augment.load_image(png, 13, 1))
+
+    threads = [threading.Thread(target=decode) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(traced) == 1
+    assert len(out) == 8 and all(o.shape == (13, 13, 1) and (o == out[0]).all() for o in out)

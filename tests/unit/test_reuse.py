@@ -177,6 +177,29 @@ def test_the_budget_never_evicts_what_the_finishing_step_used(store_root):
     assert list(store.get_many("features", ["a" * 64, "b" * 64])) == [None, b"y" * 10]
 
 
+def test_a_store_known_to_fit_its_budget_is_not_listed_and_one_past_it_is(store_root):
+    """finish lists the whole store only when the last listing's total plus the bytes put
+    since could be over the budget: two steps (two store objects, as two shards) that
+    together go past it still evict."""
+    entry = lambda n: (f"{n:064x}", bytes(100))  # noqa: E731
+    one = reuse_store.ReuseStore.beside(store_root, budget_gb=250e-9)  # 250 bytes
+    other = reuse_store.ReuseStore.beside(store_root, budget_gb=250e-9)
+    one._now = other._now = 1000.0
+    one.put_many("records", [entry(1)])
+    assert one.finish("records", [entry(1)[0]]) == 0 and one.listings == 1  # no total known yet
+    other.put_many("records", [entry(2)])
+    assert other.finish("records", [entry(2)[0]]) == 0 and other.listings == 0  # 200 <= 250
+    assert one.finish("records", [entry(1)[0]]) == 0 and one.listings == 1  # nothing put
+    one._now = other._now = 1001.0
+    one.put_many("records", [entry(3)])
+    assert one.finish("records", [entry(3)[0]]) == 1 and one.listings == 2  # 300 > 250
+    left = {f.relpath.rsplit("/", 1)[-1] for f in storage.list_files(store_root + "/.graft-reuse")
+            if f.relpath.startswith("records/")}  # fmt: skip
+    assert left == {entry(2)[0], entry(3)[0]}  # 1 and 2 were last used at 1000: 1 goes (name)
+    other.put_many("records", [entry(4)])  # the listing's total (200) + 100 put since
+    assert other.finish("records", [entry(4)[0]]) == 1 and other.listings == 1
+
+
 def test_usage_files_are_merged_and_keep_each_entrys_last_use(tmp_path):
     store = reuse_store.ReuseStore.beside(str(tmp_path / "repo"), budget_gb=1)
     for run in range(reuse_store.USAGE_FILES_KEPT + 1):
