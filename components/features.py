@@ -8,7 +8,7 @@ runs the base only over the rest; fine_tune's frozen-part cache writes the same 
 shards (one tensor per output of the frozen part).
 
     write_shards(folder, "train", ((arrays, label) for ...))   # arrays: one float32 per tensor
-    ds = dataset(folder, "train", shapes, shuffle_seed=0, epoch=3)  # (x or [x0, ...], label)
+    ds = dataset(folder, "train", shapes, shuffle_seed=0, epoch=3, count=n)  # (x or [x0, ...], label)
 
 A folder is complete once ``mark_complete(folder, key)`` ran; ``is_complete`` says whether a
 complete folder was made with the same key (a rerun after a kill reuses it).
@@ -112,12 +112,13 @@ def clear(folder: str | Path) -> None:
 
 def dataset(
     folder: str | Path, split: str, shapes: list[tuple], *, shuffle_seed: int | None = None,
-    epoch=0,
+    epoch=0, count: int | None = None,
 ):  # fmt: skip
     """``(x, label)`` records of ``split`` (x: one tensor, or a tuple of one per shape), in
     stored order, or with ``shuffle_seed`` in epoch ``epoch``'s order for that seed
     (``training.shuffled_records``: shard order shuffled, shards interleaved record by record,
-    runs of SHUFFLE_BUFFER_BYTES of records permuted), the same order every time it is read."""
+    runs of SHUFFLE_BUFFER_BYTES of records permuted, or of the whole split where ``count``,
+    its number of records, is less), the same order every time it is read."""
     import tensorflow as tf
 
     from components import training
@@ -136,8 +137,10 @@ def dataset(
 
     if shuffle_seed is None:
         return tf.data.TFRecordDataset(paths).map(parse)
+    if count is None:
+        raise TypeError("a shuffled read needs count=, the split's records (its block's bound)")
     record_bytes = 4 * sum(int(np.prod(shape)) for shape in shapes)
-    block = max(1, SHUFFLE_BUFFER_BYTES // record_bytes)
+    block = max(1, min(count, SHUFFLE_BUFFER_BYTES // record_bytes))
     return training.shuffled_records(paths, parse, seed=shuffle_seed, epoch=epoch, block=block)
 
 
@@ -148,7 +151,7 @@ def batches(
     """``dataset`` batched for Keras, its length (``count`` records) told to tf.data."""
     import tensorflow as tf
 
-    ds = dataset(folder, split, shapes, shuffle_seed=shuffle_seed, epoch=epoch)
+    ds = dataset(folder, split, shapes, shuffle_seed=shuffle_seed, epoch=epoch, count=count)
     ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     return ds.batch(batch_size).prefetch(2)
 

@@ -194,7 +194,9 @@ def shuffled_records(paths: list[str], parse, *, seed: int, epoch=0, block: int,
     """The records of the TFRecord shards ``paths``, parsed (and filtered by ``keep``), in
     epoch ``epoch``'s order for ``seed``: shard order permuted, shards interleaved record by
     record, then each run of ``block`` records permuted (``block``: the bound on records held
-    at once, about two blocks in memory). ``epoch`` may be a tensor (``Epochs``).
+    at once, about two blocks in memory; keep it at most the split's size: tf.data's batch
+    sets aside room for ``block`` records, and 8.4M slots for 21 records cost 5 s an epoch).
+    ``epoch`` may be a tensor (``Epochs``).
 
     The order is a pure function of (seed, epoch): stateless random ops, no seed generator.
     tf.data's seeded ``shuffle`` keeps its reshuffle state in the dataset, and

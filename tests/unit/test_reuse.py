@@ -240,10 +240,29 @@ def test_feature_shards_are_shuffled_across_shards_and_hold_every_record(tmp_pat
     assert len(list(tmp_path.glob("train-*.tfrecord"))) == 5
     stored = [int(y) for _, y in features.dataset(tmp_path, "train", [(3,)])]
     assert stored == list(range(45))
-    epochs = [[int(y) for _, y in features.dataset(tmp_path, "train", [(3,)], shuffle_seed=0, epoch=e)] for e in (0, 1, 0)]  # fmt: skip
+    epochs = [[int(y) for _, y in features.dataset(tmp_path, "train", [(3,)], shuffle_seed=0, epoch=e, count=45)] for e in (0, 1, 0)]  # fmt: skip
     assert sorted(epochs[0]) == list(range(45)) and epochs[0] != stored
     assert epochs[0] != epochs[1] and sorted(epochs[1]) == list(range(45))  # a new order each epoch
     assert epochs[2] == epochs[0]  # an epoch's order is a function of the seed and the epoch
     assert {y // 10 for y in epochs[0][:5]} != {0}  # the first records come from several shards
-    for x, y in features.dataset(tmp_path, "train", [(3,)], shuffle_seed=0):
+    for x, y in features.dataset(tmp_path, "train", [(3,)], shuffle_seed=0, count=45):
         assert float(x[0]) == float(y)  # features stay with their labels
+
+
+def test_a_shuffled_feature_read_permutes_blocks_no_larger_than_the_split(tmp_path, monkeypatch):
+    """tf.data's batch sets aside room for a whole block, so a block sized by bytes alone
+    (64 MiB of 3-float rows: 5.6M records) made every epoch of 45 records cost seconds."""
+    from components import training
+
+    rows = [([np.full(3, i, "float32")], i) for i in range(45)]
+    features.write_shards(tmp_path, "train", iter(rows))
+    blocks = []
+    shuffled = training.shuffled_records
+    monkeypatch.setattr(training, "shuffled_records", lambda *a, **k: blocks.append(k["block"]) or shuffled(*a, **k))  # fmt: skip
+    epoch = [int(y) for _, y in features.batches(tmp_path, "train", [(3,)], 45, 8, shuffle_seed=0).unbatch()]  # fmt: skip
+    assert sorted(epoch) == list(range(45)) and blocks == [45]
+    monkeypatch.setattr(features, "SHUFFLE_BUFFER_BYTES", 12 * 10)  # ten rows: below the split
+    features.dataset(tmp_path, "train", [(3,)], shuffle_seed=0, count=45)
+    assert blocks == [45, 10]
+    with pytest.raises(TypeError, match="count="):
+        features.dataset(tmp_path, "train", [(3,)], shuffle_seed=0)
