@@ -4,8 +4,9 @@ chooses (and of its fine-tuned candidate) and the step's seconds.
 
     .venv/bin/python -m benchmarks.fine_tune_variants [--budgets 100,30,10] [--seeds 3,4] [--variants graft,patience3,top4]
 
-Base, data, views and every other setting are what `graft run --base <the demo base>` uses
-(benchmarks/recipe.py's graft side). Variants run in the order given, each from the same
+Base, data (validation drawn with the labelled images, never one of them:
+common.train_and_validation), views and every other setting are what `graft run --base <the
+demo base>` uses (benchmarks/recipe.py's graft side). Variants run in the order given, each from the same
 head; the first is the reference of the ratios. Last line: one JSON object with per-budget
 means and, per variant, the largest accuracy loss against the reference (points) and the
 mean seconds ratio.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import pretrained_base, target_images
+from benchmarks.common import pretrained_base, target_images, train_and_validation
 
 # fine_tune stops on `patience` too; the head is already trained (with the base's patience 10)
 # when a variant runs, so a variant's patience is fine_tune's alone.
@@ -31,6 +32,7 @@ VARIANTS = {
     "top8": {"fine_tune_layers": 8},  # the last two blocks
     "top4_patience3": {"fine_tune_layers": 4, "patience": 3},
     "epochs5": {"fine_tune_max_epochs": 5},
+    "epochs10": {"fine_tune_max_epochs": 10},  # the guide's fine-tuning epochs
     "batch128": {"batch_size": 128},
 }
 
@@ -57,8 +59,7 @@ def main() -> None:
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
-            x, y = target_images(budget, seed)
-            x_val, y_val = target_images(max(5, budget // 5), seed + 100)
+            x, y, x_val, y_val = train_and_validation(budget, seed)  # disjoint, as recipe's
             work, run = (
                 Path(tempfile.mkdtemp(prefix="graft-ft-variants-")),
                 replace(config, seed=seed),
