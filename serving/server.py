@@ -58,6 +58,7 @@ from serving.savedmodel import SessionModel
 from serving.tensors import RequestError
 
 log = logging.getLogger(__name__)
+SIGNAL_POLL_SECONDS = 0.1  # how often serve_forever looks for a recorded SIGTERM/SIGINT
 DEFAULT_SIGNATURE = "serving_default"
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MAX_LOAD_ATTEMPTS = 5  # then only a change to the version's files brings another try
@@ -632,7 +633,16 @@ class ModelServer:
         self.request_log.close()  # after in-flight requests: every answered one is written
 
     def serve_forever(self) -> None:
-        """Serve on the configured ports until SIGTERM/SIGINT, then drain gracefully."""
+        """Serve on the configured ports until SIGTERM/SIGINT, then drain gracefully.
+
+        The handlers go in before a port opens, so a signal as soon as a client is answered
+        stops the server gracefully instead of killing it, and they only record the signal:
+        a handler runs in the main thread between two of its bytecodes, so one that set a
+        threading.Event could block on the Event's lock held by that thread's own wait (a
+        SIGTERM sent right after the first answer hung `graft serve` for over 60 s)."""
+        received: list[int] = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, _frame: received.append(signum))
         rest = self.config.rest_api_port or None  # 0 switches REST off, as in TF Serving
         bound = self.start(self.config.port, rest)
         names = ",".join(sorted(self.models))  # one word: infra-validation reads this line
@@ -643,10 +653,8 @@ class ModelServer:
         if self.prometheus_path and self.rest_port is not None:
             where += f", metrics http://{self.host}:{self.rest_port}{self.prometheus_path}"
         print(f"graft serve: {names} on {where} (Ctrl-C to stop)", flush=True)
-        stopped = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stopped.set())
-        stopped.wait()
+        while not received:
+            time.sleep(SIGNAL_POLL_SECONDS)  # the handler runs at once; the loop sees it after
         self.stop()
         print("graft serve: stopped", flush=True)
 

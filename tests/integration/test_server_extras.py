@@ -118,7 +118,7 @@ def test_sigterm_drains_and_exits_cleanly(repo):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", "--model-repo", str(repo), "--model-name", NAME, "--port", str(port)],
+        [sys.executable, "-m", "pipeline.cli", "serve", "--model-repo", str(repo), "--model-name", NAME, "--port", str(port), "--rest-api-port", "0"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

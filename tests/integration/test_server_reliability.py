@@ -72,13 +72,43 @@ def test_graft_serve_on_a_busy_port_prints_one_line_and_exits_2(repo):
         env = {"PYTHONPATH": str(Path(__file__).parents[2]), "PATH": "/usr/bin:/bin"}
         done = subprocess.run(
             [sys.executable, "-m", "pipeline.cli", "serve", "--model-repo", str(repo),
-             "--model-name", NAME, "--port", str(port)],
+             "--model-name", NAME, "--port", str(port), "--rest-api-port", "0"],  # 8501 may be another test's
             env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     finally:
         first.stop(grace=1)
     assert done.returncode == 2
     assert f"error: Cannot serve on 127.0.0.1:{port}: address in use" in done.stderr
+
+
+STOPPED_BY_A_SIGNAL_WHILE_STARTING = """
+import os, signal, sys
+from serving.server import ModelServer
+
+server = ModelServer(sys.argv[1], sys.argv[2], port=0, rest_api_port=0)
+start = server.start
+def start_then_signal(port, rest):  # the signal as a client's first answer may bring it
+    bound = start(port, rest)
+    os.kill(os.getpid(), getattr(signal, sys.argv[3]))
+    return bound
+server.start = start_then_signal
+server.serve_forever()
+print("serve_forever returned")
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_the_moment_the_port_opens_stops_the_server_gracefully(repo, signum):
+    """The handlers were installed after the port opened and set a threading.Event: a SIGTERM
+    right after the first answer killed the server undrained (the default action), or hung it
+    when the handler ran inside the Event's own wait (60 s in `make test-fast`)."""
+    env = {"PYTHONPATH": str(Path(__file__).parents[2]), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED_BY_A_SIGNAL_WHILE_STARTING, str(repo), NAME, signum],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "graft serve: stopped" in done.stdout and "serve_forever returned" in done.stdout
     assert "Traceback" not in done.stderr
 
 

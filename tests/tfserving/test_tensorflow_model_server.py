@@ -382,7 +382,7 @@ def test_graft_serve_cli_serves_a_model_config_file_with_typed_answers(testdata,
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "serve", "--model-config-file", str(config),
-         "--model-config-file-poll-wait-seconds", "1", "--port", str(port)],
+         "--model-config-file-poll-wait-seconds", "1", "--port", str(port), "--rest-api-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
