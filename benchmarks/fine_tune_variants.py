@@ -73,7 +73,7 @@ def main() -> None:
                 result = fine_tune_model(work / "ex", work / "head", work / name, replace(run, **VARIANTS[name]))  # fmt: skip
                 row[name] = {
                     "seconds": round(time.perf_counter() - started, 1), "epochs": result.epochs,
-                    "chosen": result.chosen, "cached": bool(result.cached),
+                    "chosen": result.chosen, "cached": bool(result.cached), "guard": result.guard,
                     "candidate": accuracy_on(keras.models.load_model(work / name / CANDIDATE_FILE), x_test, y_test),
                     "accuracy": accuracy_on(keras.models.load_model(work / name / MODEL_FILE), x_test, y_test),
                 }  # fmt: skip

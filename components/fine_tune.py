@@ -194,26 +194,30 @@ def fine_tune_model(
                 compiled.compile(optimizer=setup.optimizer(config.fine_tune_learning_rate),
                                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
 
-        def val_correct() -> np.ndarray:
-            """One bool per validation image, in order: does the model being trained get it right."""
+        def val_outcomes() -> tuple[np.ndarray, float]:
+            """(one bool per validation image, in order: does the model being trained get it
+            right; the mean cross-entropy over them), for the guard."""
             if isinstance(val, tuple):
-                predicted = trained.predict(val[0], batch_size=config.batch_size, verbose=0)
-                return predicted.argmax(axis=1) == val[1]
-            truth = np.concatenate([labels for _, labels in val.as_numpy_iterator()])
-            return trained.predict(val, verbose=0).argmax(axis=1) == truth
+                predicted, truth = trained.predict(val[0], batch_size=config.batch_size, verbose=0), val[1]  # fmt: skip
+            else:
+                truth = np.concatenate([labels for _, labels in val.as_numpy_iterator()])
+                predicted = trained.predict(val, verbose=0)
+            losses = keras.losses.sparse_categorical_crossentropy(truth, predicted)
+            loss = float(np.mean(keras.ops.convert_to_numpy(losses)))
+            return predicted.argmax(axis=1) == truth, loss
 
-        head_correct = val_correct()  # the weights are still the head model's
+        head_correct, head_loss = val_outcomes()  # the weights are still the head model's
         run = training.fit(
             trained, train, val, config=config, epochs=config.fine_tune_max_epochs,
             out_dir=out_dir, what="fine_tune", name="fine_tune",
             records=counts["train"] if cached else examples.images(spec, "train"),
         )  # fmt: skip
-        tuned_correct = val_correct()
+        tuned_correct, tuned_loss = val_outcomes()
         steps = int(trained.optimizer.iterations.numpy())
         model.save(out_dir / CANDIDATE_FILE)  # kept either way, so the comparison can be inspected
     head_accuracy, tuned_accuracy = float(head_correct.mean()), float(tuned_correct.mean())
 
-    guard = guard_decision(head_correct, tuned_correct)
+    guard = guard_decision(head_correct, tuned_correct, head_loss=head_loss, tuned_loss=tuned_loss)
     chosen, reason = guard.chosen, guard.reason
     log.info("fine_tune: chose %s: %s", chosen, reason)
     result = FineTuneResult(

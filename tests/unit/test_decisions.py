@@ -232,6 +232,22 @@ def test_guard_decision_table(counts, chosen, beyond_noise):
     assert ("beyond noise" if beyond_noise else "within noise") in decision.reason
 
 
+@pytest.mark.parametrize(
+    "head_loss, tuned_loss, chosen",
+    [(0.40, 0.35, "fine_tuned"), (0.35, 0.40, "head"), (0.40, 0.40, "head"), (None, 0.35, "head")],
+)
+def test_a_tie_in_images_right_goes_to_the_lower_validation_loss(head_loss, tuned_loss, chosen):
+    """25-100 validation images tie often (4 of 9 benchmark runs): the loss on the same images,
+    which early stopping chose the fine-tuned weights by, decides; without both, the head."""
+    from components.evaluate import guard_decision
+
+    decision = guard_decision(*outcomes(5, 2, 2, 1), head_loss=head_loss, tuned_loss=tuned_loss)
+    assert decision.chosen == chosen and (decision.head_loss, decision.tuned_loss) == (head_loss, tuned_loss)  # fmt: skip
+    assert ("lower val loss" in decision.reason) is (chosen == "fine_tuned")
+    more = guard_decision(*outcomes(5, 1, 2, 2), head_loss=0.9, tuned_loss=0.1)  # fewer right
+    assert more.chosen == "head"  # a lower loss never outweighs fewer images right
+
+
 def test_guard_decision_refuses_unpaired_results():
     from components.evaluate import guard_decision
 
