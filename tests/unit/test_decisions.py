@@ -207,7 +207,7 @@ def outcomes(both: int, only_tuned: int, only_head: int, neither: int):
     "counts, chosen, beyond_noise",
     [
         ((6, 1, 0, 3), "fine_tuned", False),  # one image of ten: the choice is noise, recorded
-        ((5, 2, 2, 1), "head", False),  # a tie keeps the head
+        ((5, 2, 2, 1), "head", False),  # a tie keeps the head (no losses given)
         ((20, 10, 0, 10), "fine_tuned", True),  # 10 to 0: p = 2/1024
         ((20, 5, 0, 15), "fine_tuned", False),  # 5 to 0: p = 2/32 = 0.0625
         ((20, 0, 6, 14), "head", True),  # fine-tuning lost 6 to 0: p = 2/64
