@@ -636,10 +636,11 @@ class ModelServer:
         """Serve on the configured ports until SIGTERM/SIGINT, then drain gracefully.
 
         The handlers go in before a port opens, so a signal as soon as a client is answered
-        stops the server gracefully instead of killing it, and they only record the signal:
-        a handler runs in the main thread between two of its bytecodes, so one that set a
-        threading.Event could block on the Event's lock held by that thread's own wait (a
-        SIGTERM sent right after the first answer hung `graft serve` for over 60 s)."""
+        stops the server gracefully instead of killing it. Python runs a handler only when the
+        main thread is back in the interpreter, so the main thread sleeps in short steps
+        instead of an untimed ``threading.Event.wait``: a `graft serve` sent SIGTERM right after
+        its first answer stayed parked there for over an hour (py-spy: MainThread in
+        Condition.wait, the handler that would set the Event never run)."""
         received: list[int] = []
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, _frame: received.append(signum))

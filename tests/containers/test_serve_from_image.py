@@ -31,15 +31,17 @@ def served(docker_client, image, first_run, gcs_emulator):
     container = docker_client.containers.run(
         image,
         ["graft", "serve", "--model-repo", repo, "--model-name", MODEL, "--port", str(port),
-         "--poll-seconds", "0.5"],
+         "--poll-seconds", "0.5", "--rest-api-port", "0"],  # host network: 8501 may be taken
         name=f"graft-serve-{uuid.uuid4().hex[:8]}", detach=True, network_mode="host",
         user="10001", read_only=True, tmpfs={"/tmp": "rw,size=512m"}, cap_drop=["ALL"],
         security_opt=["no-new-privileges"], environment={"STORAGE_EMULATOR_HOST": gcs_emulator},
     )  # fmt: skip
     target = f"127.0.0.1:{port}"
     try:
-        up = wait_until_available(target, MODEL, timeout=180)(int(summary.pushed_version))
-        assert up, container.logs().decode()[-3000:]
+        deadline, available = time.monotonic() + 180, wait_until_available(target, MODEL, timeout=2)
+        while not available(int(summary.pushed_version)):  # a container that exited fails at once
+            container.reload()
+            assert container.status == "running" and time.monotonic() < deadline, container.logs().decode()[-3000:]  # fmt: skip
         yield container, target, repo, int(summary.pushed_version)
     finally:
         container.remove(force=True)
