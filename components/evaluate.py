@@ -53,8 +53,8 @@ FIRST_MODEL_RULE = (
 )
 GUARD_RULE = (
     "fine_tune keeps the fine-tuned model only if it gets more validation images right than "
-    "the head, or as many at a lower validation loss; the exact McNemar test on the images one gets right and the other wrong says "
-    "whether that difference is beyond noise (p < 0.05), and is recorded either way"
+    "the head, or as many at a lower validation loss; the exact McNemar test on the images "
+    "one gets right and the other wrong says whether that difference is beyond noise (p < 0.05), and is recorded either way"
 )
 GUARD_ALPHA = 0.05  # two-sided level at which the guard's choice counts as beyond noise
 

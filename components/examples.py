@@ -148,9 +148,10 @@ SHUFFLE_BUFFER_BYTES = 256 << 20
 def shuffle_buffer(spec: dict, split: str) -> int:
     """Records in the training shuffle's buffer: the whole split where it fits in
     SHUFFLE_BUFFER_BYTES, else as many as do (at least 1)."""
+    from components.training import shuffle_block
+
     record_bytes = spec["image_size"] ** 2 * spec["channels"]
-    records = spec.get("counts", {}).get(split) or 1
-    return max(1, min(records, SHUFFLE_BUFFER_BYTES // record_bytes))
+    return shuffle_block(spec.get("counts", {}).get(split) or 1, record_bytes, SHUFFLE_BUFFER_BYTES)
 
 
 def _parser(examples_dir: str | Path):

@@ -140,7 +140,7 @@ def dataset(
     if count is None:
         raise TypeError("a shuffled read needs count=, the split's records (its block's bound)")
     record_bytes = 4 * sum(int(np.prod(shape)) for shape in shapes)
-    block = max(1, min(count, SHUFFLE_BUFFER_BYTES // record_bytes))
+    block = training.shuffle_block(count, record_bytes, SHUFFLE_BUFFER_BYTES)
     return training.shuffled_records(paths, parse, seed=shuffle_seed, epoch=epoch, block=block)
 
 

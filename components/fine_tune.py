@@ -7,9 +7,9 @@ augment wrote, as the head did; where the whole model trains, an epoch reads eac
 once, its view rotating from epoch to epoch (examples.rotated_view). The result is compared with the head-only model on
 validation: on small data fine-tuning can lose (the Keras guide's own run does), and
 unless it gets more validation images right than the head (or as many at a lower
-validation loss), the head-only model is what this step outputs, saying so. (A stricter "more than one standard error" rule kept the
-head on 18 of 27 benchmark runs, though fine-tuning won on test in 24; see
-benchmarks/RESULTS.md.)
+validation loss), the head-only model is what this step outputs, saying so. (A stricter
+"more than one standard error" rule kept the head on 18 of 27 benchmark runs, though
+fine-tuning won on test in 24; see benchmarks/RESULTS.md.)
 
 The layers below the unfrozen top do not change while it trains, so what they hand up is
 computed once and only the top trains each epoch, where that is the same computation

@@ -190,12 +190,18 @@ def pooled_features(base, images: np.ndarray, batch_size: int) -> np.ndarray:
 # --- the order of an epoch ------------------------------------------------------------------
 
 
+def shuffle_block(records: int, record_bytes: int, budget_bytes: int) -> int:
+    """Records ``shuffled_records`` permutes together: the whole split of ``records`` where it
+    fits in ``budget_bytes``, else as many as do (at least 1)."""
+    return max(1, min(records, budget_bytes // record_bytes))
+
+
 def shuffled_records(paths: list[str], parse, *, seed: int, epoch=0, block: int, keep=None):
     """The records of the TFRecord shards ``paths``, parsed (and filtered by ``keep``), in
     epoch ``epoch``'s order for ``seed``: shard order permuted, shards interleaved record by
     record, then each run of ``block`` records permuted (``block``: the bound on records held
-    at once, about two blocks in memory; keep it at most the split's size: tf.data's batch
-    sets aside room for ``block`` records, and 8.4M slots for 21 records cost 5 s an epoch).
+    at once, about two blocks in memory; ``shuffle_block`` keeps it at most the split: tf.data's
+    batch sets aside room for ``block`` records, and 8.4M slots for 21 records cost 5 s an epoch).
     ``epoch`` may be a tensor (``Epochs``).
 
     The order is a pure function of (seed, epoch): stateless random ops, no seed generator.

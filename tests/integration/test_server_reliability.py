@@ -79,6 +79,7 @@ def test_graft_serve_on_a_busy_port_prints_one_line_and_exits_2(repo):
         first.stop(grace=1)
     assert done.returncode == 2
     assert f"error: Cannot serve on 127.0.0.1:{port}: address in use" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 STOPPED_BY_A_SIGNAL_WHILE_STARTING = """
