@@ -25,7 +25,14 @@ side's training.
   gate, fine_tune with its guard (the tuned model only if it gets more validation images
   right). The time counts the views, both training steps and their model saves.
 
-The sides take turns going first per (budget, seed), in one process. Last line: one JSON
+The sides take turns going first per (budget, seed), in one process, after an untimed warm-up
+of every side on 2 labels/class (1-2 epochs a phase): the first training in a process pays
+once for TensorFlow's and Keras' lazy loading and first-call setup (about 4 s here), which
+is neither recipe's cost and would land on whichever side happens to go first. Each side
+starts from a clean Keras state (``keras.backend.clear_session()`` and a garbage collection),
+as each of graft's steps does in its own process: without it, the tf.functions and models of
+every earlier side stay in the process, and graft's fine_tune at 100 labels/class took 23 s in
+the ninth row of a run against 13 s on its own (RESULTS, 2026-12-07). Last line: one JSON
 object with mean accuracies and seconds, `min_margin_points` (smallest over budgets of graft's
 mean accuracy minus the MOST accurate guide variant's, in points) and `min_speedup` (smallest
 over budgets of the FASTEST guide variant's mean training time over graft's): both figures
@@ -37,6 +44,7 @@ guide_standardised_early_stopping alone.
 """
 
 import argparse
+import gc
 import json
 import tempfile
 import time
@@ -117,6 +125,25 @@ def graft_training(work: Path, x, y, x_val, y_val, config) -> tuple[Path, dict]:
     return work / "tuned" / MODEL_FILE, phases
 
 
+def warm_up(base: str, config, variants: dict) -> float:
+    """Every side once on 2 labels/class with 1-2 epochs a phase, untimed; returns its seconds."""
+    import keras
+
+    started = time.perf_counter()
+    x, y, x_val, y_val = train_and_validation(2, seed=99)
+    short = replace(config, head_max_epochs=20, patience=1, fine_tune_max_epochs=1)
+    work = Path(tempfile.mkdtemp(prefix="graft-recipe-warmup-"))
+    models = [keras.models.load_model(graft_training(work, x, y, x_val, y_val, short)[0])]
+    for variant in variants.values():
+        epochs = {"head_epochs": 1, "tune_epochs": 1}
+        if "patience" in variant:
+            epochs = {**epochs, "standardise": variant.get("standardise", False), "patience": 1}
+        models.append(guide_recipe(base, x, y, x_val, y_val, seed=99, **epochs))
+    for model in models:
+        accuracy_on(model, x_val, y_val)
+    return time.perf_counter() - started
+
+
 def accuracy_on(model, x_test, y_test) -> float:
     scores = model.predict(x_test.astype("float32"), batch_size=512, verbose=0)
     return float((scores.argmax(1) == y_test).mean())
@@ -162,6 +189,7 @@ def main() -> None:
           f"patience={config.patience} fine_tune_layers={config.fine_tune_layers} "
           f"fine_tune_lr={config.fine_tune_learning_rate}; "
           f"guide variants {list(variants)}", flush=True)  # fmt: skip
+    print(f"warm-up (untimed): {warm_up(base, config, variants):.1f}s", flush=True)
     rows = []
     for index, (budget, seed) in enumerate(
         (int(b), int(s)) for b in args.budgets.split(",") for s in args.seeds.split(",")
@@ -171,6 +199,8 @@ def main() -> None:
         sides = ["graft", *variants]
         sides = sides[index % len(sides) :] + sides[: index % len(sides)]  # rotate who goes first
         for side in sides:
+            keras.backend.clear_session()  # each side starts from a clean Keras state,
+            gc.collect()  # as each of graft's steps does in its own process
             started = time.perf_counter()
             if side == "graft":
                 work = Path(tempfile.mkdtemp(prefix=f"graft-recipe-{budget}-{seed}-"))

@@ -105,7 +105,8 @@ class ReuseStore:
             except storage.StorageError:
                 return None
 
-        return storage.map_bounded(get, keys, concurrency=self.concurrency)
+        # a local store's entries are read one at a time, faster than through the pool
+        return storage.map_bounded(get, keys, concurrency=storage.read_concurrency(self.uri, self.concurrency))  # fmt: skip
 
     def put_many(self, kind: str, items: Iterable[tuple[str, bytes]]) -> int:
         def counted():

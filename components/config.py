@@ -37,7 +37,8 @@ class GraftConfig:
     max_imbalance_ratio: float = 20.0  # largest/smallest class; beyond it accuracy lies
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG")  # what the serving signature decodes
     io_concurrency: int = 16  # storage reads/writes in flight at once: a GCS read waits tens of
-    # ms; 16 in flight read 10x faster than one at a time at 20 ms/request (RESULTS.md "Scale")
+    # ms; 16 in flight read 10x faster than one at a time at 20 ms/request (RESULTS.md "Scale").
+    # A local reuse store's entries are read one at a time (storage.read_concurrency).
 
     # --- fan-out: the DAG's shape, fixed when the pipeline is built (not a run parameter) ---
     shards: int = 1  # validate, augment and the feature pass run as this many parallel tasks

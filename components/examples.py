@@ -31,15 +31,17 @@ SPEC_FILE = "spec.json"
 
 
 def _example(image: np.ndarray, label: int, view: int, sha256: str) -> bytes:
+    """One record's tf.train.Example bytes. Filled in place (``.value.append``), which builds
+    the same bytes 3x faster than nested constructors (17 -> 5 us a record, ~1.6 s of a warm
+    augment at 30k images; benchmarks/RESULTS.md 2026-12-07)."""
     import tensorflow as tf
 
-    feature = {
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-        "view": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(view)])),
-        "sha256": tf.train.Feature(bytes_list=tf.train.BytesList(value=[sha256.encode()])),
-    }
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    example = tf.train.Example()
+    feature = example.features.feature
+    feature["image"].bytes_list.value.append(image.tobytes())
+    feature["label"].int64_list.value.append(int(label))
+    feature["view"].int64_list.value.append(int(view))
+    feature["sha256"].bytes_list.value.append(sha256.encode())
     # deterministic: the feature map's order otherwise follows the process's string hash
     # seed, so the same record had other bytes in every process (a fan-out's shards, reruns)
     return example.SerializeToString(deterministic=True)

@@ -54,12 +54,14 @@ def feature_key(record_key: str, fingerprint: str, policy: str) -> str:
 
 
 def _example(arrays: list[np.ndarray], label: int) -> bytes:
+    """One feature record's tf.train.Example bytes, filled in place as examples._example."""
     import tensorflow as tf
 
-    feature = {f"x{i}": tf.train.Feature(bytes_list=tf.train.BytesList(
-        value=[np.ascontiguousarray(a, "float32").tobytes()])) for i, a in enumerate(arrays)}  # fmt: skip
-    feature["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    example = tf.train.Example()
+    feature = example.features.feature
+    for i, a in enumerate(arrays):
+        feature[f"x{i}"].bytes_list.value.append(np.ascontiguousarray(a, "float32").tobytes())
+    feature["label"].int64_list.value.append(int(label))
     return example.SerializeToString(deterministic=True)  # same bytes in every process
 
 

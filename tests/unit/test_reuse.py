@@ -2,6 +2,7 @@
 keyed by everything that shapes them; byte-identical whether reused or computed; evicted
 least recently used past a size budget; the same on gs:// (the GCS emulator)."""
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -177,6 +178,22 @@ def test_the_budget_never_evicts_what_the_finishing_step_used(store_root):
     assert list(store.get_many("features", ["a" * 64, "b" * 64])) == [None, b"y" * 10]
 
 
+def test_a_local_store_reads_in_the_callers_thread_and_a_gcs_one_through_the_pool(
+    store_root, monkeypatch
+):
+    """A local entry is a few KB: read one at a time, not by 16 threads (benchmarks/local_io.py)."""
+    readers, read = set(), storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: readers.add(threading.current_thread().name) or read(uri))  # fmt: skip
+    store = reuse_store.ReuseStore.beside(store_root, budget_gb=1, concurrency=8)
+    entries = [(f"{n:064x}", bytes([n]) * 10) for n in range(40)]
+    store.put_many("records", entries)
+    assert list(store.get_many("records", [name for name, _ in entries])) == [d for _, d in entries]
+    if store_root.startswith("gs://"):
+        assert readers and all(name.startswith("graft-io") for name in readers)
+    else:
+        assert readers == {threading.current_thread().name}
+
+
 def test_a_store_known_to_fit_its_budget_is_not_listed_and_one_past_it_is(store_root):
     """finish lists the whole store only when the last listing's total plus the bytes put
     since could be over the budget: two steps (two store objects, as two shards) that
@@ -266,3 +283,29 @@ def test_a_shuffled_feature_read_permutes_blocks_no_larger_than_the_split(tmp_pa
     assert blocks == [45, 10]
     with pytest.raises(TypeError, match="count="):
         features.dataset(tmp_path, "train", [(3,)], shuffle_seed=0)
+
+
+def test_records_keep_the_bytes_of_tf_examples_built_with_constructors():
+    """Shards made by an earlier run (and a fan-out's other tasks) are compared and reused byte
+    for byte: filling the Example in place must give the bytes the constructors give."""
+    import tensorflow as tf
+
+    def nested(feature: dict) -> bytes:
+        example = tf.train.Example(features=tf.train.Features(feature=feature))
+        return example.SerializeToString(deterministic=True)
+
+    image = np.arange(28 * 28, dtype=np.uint32).astype(np.uint8).reshape(28, 28, 1)
+    record = nested({
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[3])),
+        "view": tf.train.Feature(int64_list=tf.train.Int64List(value=[2])),
+        "sha256": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"ab" * 32])),
+    })  # fmt: skip
+    assert examples._example(image, 3, 2, "ab" * 32) == record
+    rows = [np.linspace(-1, 1, 7, dtype=np.float32), np.float32([5.0, 6.0])]
+    feature_record = nested({
+        "x0": tf.train.Feature(bytes_list=tf.train.BytesList(value=[rows[0].tobytes()])),
+        "x1": tf.train.Feature(bytes_list=tf.train.BytesList(value=[rows[1].tobytes()])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[4])),
+    })  # fmt: skip
+    assert features._example(rows, 4) == feature_record
