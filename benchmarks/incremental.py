@@ -12,8 +12,9 @@ Each runs validate's manifest (keeping its inspections beside the model, as the 
 validate_data does), augment and train_head (the head on the base's features).
 
 Data: Fashion-MNIST target classes 1,3,5,7,9 (Debian's dataset-fashion-mnist, its train and
-test splits together: at most 7,000 a class), N/5 per class as PNG class folders. Base: the shipped offline base (components/bases/, pretrained on the
-other five classes) with its recorded settings (28 px, 1 channel), views 4.
+test splits together: at most 7,000 a class), N/5 per class as PNG class folders. Base: the
+shipped offline base (components/bases/, pretrained on the other five classes) with its
+recorded settings (28 px, 1 channel), views 4.
 
 Reports the warm run's cost over the cold run's (goal <= 0.15), the warm and control val
 accuracy (same data: the chosen accuracy within noise), and whether the old images' records

@@ -32,7 +32,7 @@ is neither recipe's cost and would land on whichever side happens to go first. E
 starts from a clean Keras state (``keras.backend.clear_session()`` and a garbage collection),
 as each of graft's steps does in its own process: without it, the tf.functions and models of
 every earlier side stay in the process, and graft's fine_tune at 100 labels/class took 23 s in
-the ninth row of a run against 13 s on its own (RESULTS, 2026-12-07). Last line: one JSON
+the seventh row of a run against 13-14 s on its own (RESULTS, 2026-12-07). Last line: one JSON
 object with mean accuracies and seconds, `min_margin_points` (smallest over budgets of graft's
 mean accuracy minus the MOST accurate guide variant's, in points) and `min_speedup` (smallest
 over budgets of the FASTEST guide variant's mean training time over graft's): both figures
